@@ -1,0 +1,36 @@
+# gptq-tools: `make demo` runs the main job on a built-in tiny model, `make test` runs the tests.
+# Both create .venv on first use (torch pinned to the local CPU build through constraints.txt).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench bench-join lint clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+bench: bench-join
+
+bench-join: $(STAMP)
+	$(PY) scripts/bench_join.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check gptq_tools scripts tests
+
+clean:
+	rm -rf demo-out bench-out .pytest_cache

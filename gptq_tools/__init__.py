@@ -1,0 +1,45 @@
+"""gptq-tools: take very large GPTQ models from the Hub to GPUs, and make new GPTQ checkpoints.
+
+The public API is importable from here (``gptq_tools.join_parts``, ``gptq_tools.verify``, ...); modules
+are imported on first use so that ``import gptq_tools`` stays cheap (no torch import for file work).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+#: public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # errors
+    "GptqToolsError": "errors", "ChecksumMismatchError": "errors", "PartSetError": "errors",
+    "ManifestError": "errors", "OutputExistsError": "errors", "InsufficientSpaceError": "errors",
+    "LfsPointerError": "errors", "SafetensorsFormatError": "errors", "CheckpointError": "errors",
+    "UnsupportedArchitectureError": "errors", "CalibrationError": "errors", "QuantizationError": "errors",
+    "HubError": "errors", "IncompleteDownloadError": "errors", "PlacementError": "errors",
+    "UnsafeCheckpointError": "errors", "UsageError": "errors",
+    # foundation
+    "parse_size": "units", "format_size": "units",
+    "read_header": "safetensors_format",
+    "load_preset": "presets", "list_presets": "presets",
+    "get_arch": "architectures",
+    "pack_qweight": "packing", "pack_qzeros": "packing", "dequantize": "packing",
+    "set_progress": "progress",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gptq_tools' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

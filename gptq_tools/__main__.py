@@ -1,0 +1,5 @@
+"""``python -m gptq_tools`` runs the CLI."""
+
+from .cli import run
+
+run()

@@ -1,0 +1,72 @@
+"""The ``gptq-tools`` command line: parses arguments and calls the library, nothing more.
+
+Each command module registers its sub-commands with ``register(subparsers)`` and sets ``func`` to a
+function taking the parsed arguments and returning the exit status. Known errors become one line on
+stderr and a non-zero exit; unknown errors keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import GptqToolsError
+from ..progress import set_progress
+
+#: Modules that register sub-commands, in the order their commands appear in ``--help``.
+COMMAND_MODULES: tuple[str, ...] = (
+
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptq-tools",
+        description="Download, join, verify, quantize, plan and load very large GPTQ models.")
+    parser.add_argument("--version", action="version", version=f"gptq-tools {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if verbose else "%(message)s"))
+    package_logger = logging.getLogger("gptq_tools")
+    package_logger.handlers[:] = [handler]
+    package_logger.setLevel(level)
+    package_logger.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (also used by the console script)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    if args.no_progress:
+        set_progress(False)
+    try:
+        return int(args.func(args) or 0)
+    except GptqToolsError as exc:
+        print(f"gptq-tools: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("gptq-tools: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+
+
+def run() -> None:
+    """Entry point for the console script."""
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Files on disk: atomic outputs, free-space checks, fast hashing.
+
+A file at its final name is always complete and verified: outputs are written to a uniquely named
+temporary file in the destination folder, fsynced, then renamed with ``os.replace``; the temporary is
+removed in ``finally`` if anything goes wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import queue
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from .constants import IO_CHUNK_BYTES
+from .errors import InsufficientSpaceError, OutputExistsError
+
+logger = logging.getLogger(__name__)
+
+TEMP_PREFIX = ".gptq-tools-tmp-"
+
+
+def temp_path_for(final: Path) -> Path:
+    """A fresh, unique temporary path next to ``final`` (same filesystem, so the rename is atomic)."""
+    handle, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{final.name}.", dir=final.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def check_output_free(path: Path, *, force: bool) -> None:
+    """Refuse to overwrite ``path`` unless ``force``."""
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path}: output already exists; pass --force (force=True) to overwrite it")
+
+
+def check_free_space(folder: Path, needed: int, *, what: str) -> None:
+    """Raise :class:`InsufficientSpaceError` when ``folder``'s filesystem has less than ``needed`` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        from .units import format_size
+
+        raise InsufficientSpaceError(
+            f"{folder}: {what} needs {format_size(needed)} but only {format_size(free)} is free; "
+            f"free some space or choose another output folder")
+
+
+@contextlib.contextmanager
+def atomic_output(final: str | os.PathLike[str], *, force: bool = False, mode: str = "wb") -> Iterator[BinaryIO]:
+    """Open a temporary file that becomes ``final`` only when the ``with`` block ends without error.
+
+    Raises:
+        OutputExistsError: ``final`` exists and ``force`` is False.
+        InsufficientSpaceError: the disk filled up while writing.
+    """
+    final = Path(final)
+    check_output_free(final, force=force)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temp = temp_path_for(final)
+    try:
+        with open(temp, mode) as handle:
+            try:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            except OSError as exc:
+                raise_if_no_space(exc, final)
+                raise
+        if final.exists() and not force:  # appeared while we were writing
+            raise OutputExistsError(f"{final}: output appeared while writing; pass --force to overwrite it")
+        os.replace(temp, final)
+        fsync_dir(final.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+
+
+def write_bytes_atomic(final: str | os.PathLike[str], data: bytes, *, force: bool = True) -> None:
+    """Write ``data`` to ``final`` atomically (used for small files: configs, manifests, indexes)."""
+    with atomic_output(final, force=force) as handle:
+        handle.write(data)
+
+
+def raise_if_no_space(exc: OSError, target: Path) -> None:
+    """Turn ENOSPC/EDQUOT into :class:`InsufficientSpaceError` naming ``target``."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise InsufficientSpaceError(
+            f"{target}: the disk filled up while writing; nothing was written at the final name. "
+            f"Free some space or choose another output folder") from exc
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a directory so a rename in it survives a crash (no-op where unsupported)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def iter_file_chunks(path: Path, *, chunk_bytes: int = IO_CHUNK_BYTES, start: int = 0,
+                     length: int | None = None, prefetch: int = 2) -> Iterator[memoryview]:
+    """Yield the bytes of ``path`` (from ``start``, ``length`` bytes) in chunks read ahead by a thread.
+
+    Reading happens in a background thread into ``prefetch + 1`` reused buffers, so that I/O overlaps
+    with whatever the caller does with each chunk (hashing releases the GIL). A yielded view is valid
+    only until the next one is requested.
+    """
+    size = os.path.getsize(path) - start if length is None else length
+    buffers = [bytearray(chunk_bytes) for _ in range(prefetch + 1)]
+    free: queue.Queue[int] = queue.Queue()
+    ready: queue.Queue[tuple[int, int] | BaseException | None] = queue.Queue()
+    for index in range(len(buffers)):
+        free.put(index)
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                handle.seek(start)
+                remaining = size
+                while remaining > 0 and not stop.is_set():
+                    index = free.get()
+                    if index < 0:
+                        return
+                    view = memoryview(buffers[index])[: min(chunk_bytes, remaining)]
+                    got = handle.readinto(view)
+                    if not got:
+                        ready.put(EOFError(f"{path}: file ended {remaining} bytes early (was it truncated?)"))
+                        return
+                    remaining -= got
+                    ready.put((index, got))
+            ready.put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, re-raised there
+            ready.put(exc)
+
+    thread = threading.Thread(target=reader, name=f"read:{Path(path).name}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            index, got = item
+            yield memoryview(buffers[index])[:got]
+            free.put(index)
+    finally:
+        stop.set()
+        free.put(-1)
+        thread.join()
+
+
+def sha256_file(path: str | os.PathLike[str], *, on_bytes: Callable[[int], None] | None = None,
+                chunk_bytes: int = IO_CHUNK_BYTES) -> str:
+    """Hex SHA256 of a file, read ahead in a thread so that reading and hashing overlap."""
+    digest = hashlib.sha256()
+    for chunk in iter_file_chunks(Path(path), chunk_bytes=chunk_bytes):
+        digest.update(chunk)
+        if on_bytes is not None:
+            on_bytes(len(chunk))
+    return digest.hexdigest()
