@@ -1,0 +1,320 @@
+"""GPTQ: pure tensor math (no hooks, no models, no files).
+
+Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers"
+(arXiv 2210.17323). Paper names are used inside the solver: ``W`` (out, in) weight, ``H`` (in, in)
+Hessian ``2/N sum x x^T``, ``Hinv`` the upper Cholesky factor of its inverse (section 3, "Cholesky
+reformulation"), ``i1/i2`` the lazy-update block (section 3, "lazy batch updates"), ``Err`` the scaled
+errors of a block.
+
+Group parameters are found on the error-updated columns when a group starts (dynamic groups) or up
+front on the original weight (static groups); a group that starts inside a block and runs past its end
+sees exactly the columns a column-by-column solver would (the pending block update is applied to those
+columns first), so the blocked solver equals :func:`gptq_reference` up to float rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import QuantizationError, UsageError
+from .config import QuantizeConfig
+
+logger = logging.getLogger(__name__)
+
+
+class HessianAccumulator:
+    """Running fp32 sum of ``x x^T`` over calibration rows plus the row count (divide once, at the end)."""
+
+    def __init__(self, in_features: int, *, device: torch.device | str = "cpu") -> None:
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        """Add calibration inputs of shape (..., in); every leading index is one row (token)."""
+        rows = inputs.reshape(-1, inputs.shape[-1]).to(device=self.sum.device, dtype=torch.float32)  # (n, in)
+        self.sum.addmm_(rows.t(), rows)
+        self.count += rows.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """``H = 2/N sum x x^T`` (fp32, in x in).
+
+        Raises:
+            QuantizationError: no rows were added.
+        """
+        if self.count == 0:
+            raise QuantizationError("no calibration rows reached this linear; check the calibration data")
+        return self.sum * (2.0 / self.count)
+
+
+@dataclass
+class QuantResult:
+    """What quantizing one linear produced.
+
+    Attributes:
+        intweight: int32 (out, in), each in ``[0, 2**bits)``.
+        scales: fp16 (groups, out).
+        zeros: int32 (groups, out), the true zero points (not v1-shifted).
+        g_idx: int32 (in,), the group of each input column.
+        error: mean squared output error per calibration row, ``tr(dW H dW^T) / 2`` with the undamped H.
+        damp_percent: the dampening finally used (0 for RTN).
+        method: ``"gptq"``, or ``"rtn"`` when round-to-nearest was used.
+    """
+
+    intweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    error: float
+    damp_percent: float
+    method: str
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight the checkpoint reconstructs, fp32 (out, in)."""
+        groups = self.g_idx.long()
+        scales = self.scales.float()[groups].t()  # (out, in)
+        zeros = self.zeros[groups].t()  # (out, in)
+        return scales * (self.intweight - zeros).float()
+
+
+class CholeskyFailure(QuantizationError):
+    """The Hessian stayed non positive-definite even at the largest dampening."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# grid parameters
+
+
+def find_params(W: torch.Tensor, *, bits: int, sym: bool, zero_min: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero of a min/max grid over ``W`` (out, cols): returns fp32 scale, fp32 zero (out,).
+
+    Scales are rounded to fp16 here, so the solver feeds back exactly the error the checkpoint will have.
+    """
+    maxq = 2**bits - 1
+    xmin = torch.clamp(W.min(dim=1).values, max=0)  # (out,)
+    xmax = torch.clamp(W.max(dim=1).values, min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    scale = (xmax - xmin) / maxq
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale)
+        if zero_min:
+            # Keep zero >= zero_min and widen the scale so the group's maximum still fits the grid.
+            zero = torch.clamp(zero, min=zero_min)
+            room = torch.clamp(maxq - zero, min=1)
+            scale = torch.where(zero < maxq, torch.maximum(scale, xmax / room), scale)
+    tiny = torch.finfo(torch.float16).tiny
+    scale = torch.clamp(scale, min=tiny).to(torch.float16).to(torch.float32)
+    return scale, zero
+
+
+def quantize_values(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer grid values of ``w`` (broadcast against ``scale``/``zero``), clamped to ``[0, maxq]``."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr(dW H dW^T) / 2``: the mean squared output error per row, ``H = 2/N sum x x^T``."""
+    delta = (W - Q).float()  # (out, in)
+    return float(((delta @ H) * delta).sum() / 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# preparation shared by the blocked solver and the reference
+
+
+def _prepare(W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate; zero dead inputs; return (W fp32 (out, in), H with dead diagonal set, perm (in,))."""
+    out_features, in_features = W.shape
+    if H.shape != (in_features, in_features):
+        raise UsageError(f"Hessian shape {tuple(H.shape)} does not match weight inputs {in_features}")
+    group_size = config.group_size
+    if group_size != -1 and in_features % group_size:
+        raise UsageError(f"group_size={group_size} does not divide the layer's {in_features} inputs; "
+                         f"pick a divisor or -1")
+    if not torch.isfinite(W).all():
+        raise QuantizationError("weight contains NaN or inf; the source checkpoint is damaged")
+    W = W.detach().to(torch.float32).clone()
+    H = H.detach().to(torch.float32).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if config.desc_act:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+    else:
+        perm = torch.arange(in_features, device=W.device)
+    return W, H, perm
+
+
+def _static_params(W: torch.Tensor, config: QuantizeConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Group parameters found up front on the unpermuted weight: (scales, zeros) each (groups, out)."""
+    group_size = W.shape[1] if config.group_size == -1 else config.group_size
+    if config.group_size != -1 and not config.static_groups:
+        return None
+    grouped = W.reshape(W.shape[0], W.shape[1] // group_size, group_size).transpose(0, 1)  # (groups, out, gs)
+    params = [find_params(block, bits=config.bits, sym=config.sym, zero_min=config.zero_min) for block in grouped]
+    return torch.stack([p[0] for p in params]), torch.stack([p[1] for p in params])
+
+
+def _inverse_hessian(H: torch.Tensor, config: QuantizeConfig, *, name: str) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp)^-1``, raising damp (x2, up to ``damp_max``) until it works.
+
+    Raises:
+        CholeskyFailure: no dampening up to ``damp_max`` makes H positive definite.
+    """
+    mean_diag = float(torch.mean(torch.diag(H)))
+    damp = config.damp_percent
+    eye = torch.arange(H.shape[0], device=H.device)
+    while True:
+        damped = H.clone()
+        damped[eye, eye] += damp * mean_diag
+        L, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and torch.isfinite(Hinv).all():
+                if damp != config.damp_percent:
+                    logger.warning("%s: Cholesky needed damp_percent %.4g (asked %.4g)", name, damp,
+                                   config.damp_percent)
+                return Hinv, damp
+        if damp >= config.damp_max:
+            raise CholeskyFailure(f"{name}: Hessian is not positive definite even with damp_percent={damp:.4g}")
+        damp = min(config.damp_max, damp * 2 if damp > 0 else 0.01)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the solver
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig, *, name: str = "linear") -> QuantResult:
+    """Quantize one linear with GPTQ.
+
+    Args:
+        W: weight (out, in), any float dtype.
+        H: Hessian (in, in), ``2/N sum x x^T`` (see :class:`HessianAccumulator`).
+        config: bits, group size, act-order, static groups, sym, damp, block size.
+        name: used in log lines and errors.
+
+    Returns:
+        A :class:`QuantResult`.
+
+    Raises:
+        UsageError: the group size does not divide the inputs, or shapes disagree.
+        QuantizationError: the weight has NaN/inf.
+        CholeskyFailure: H cannot be inverted at any dampening (callers fall back to RTN).
+    """
+    W_orig = W
+    H_input = H.float()
+    W, H, perm = _prepare(W, H, config)
+    static = _static_params(W, config)
+    Hinv, damp = _inverse_hessian(H[perm][:, perm], config, name=name)  # (in, in), permuted
+    W = W[:, perm]  # (out, in), permuted
+    Q, scales, zeros, g_idx = _solve(W, Hinv, perm, static, config)
+    invperm = torch.argsort(perm)
+    Q = Q[:, invperm]
+    g_idx = g_idx[invperm]
+    intweight = Q.to(torch.int32)
+    result = QuantResult(intweight=intweight, scales=scales.to(torch.float16), zeros=zeros.to(torch.int32),
+                         g_idx=g_idx.to(torch.int32), error=0.0, damp_percent=damp, method="gptq")
+    result.error = output_error(W_orig.float(), result.dequantized(), H_input)
+    return result
+
+
+def _solve(W: torch.Tensor, Hinv: torch.Tensor, perm: torch.Tensor, static: tuple[torch.Tensor, torch.Tensor] | None,
+           config: QuantizeConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The blocked column loop on permuted ``W``; returns (Q ints (out, in) permuted, scales, zeros, g_idx permuted)."""
+    out_features, columns = W.shape
+    maxq = 2**config.bits - 1
+    gs = columns if config.group_size == -1 else config.group_size
+    dynamic = static is None
+    Q = torch.zeros_like(W)  # (out, in) grid integers, permuted order
+    g_idx = torch.empty(columns, dtype=torch.int64, device=W.device)
+    new_scales: list[torch.Tensor] = []
+    new_zeros: list[torch.Tensor] = []
+    scale = zero = torch.empty(0)
+    for i1 in range(0, columns, config.block_size):
+        i2 = min(i1 + config.block_size, columns)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()  # (out, count)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(count):
+            column = i1 + i
+            if dynamic:
+                if column % gs == 0:
+                    group_cols = W1[:, i:i + gs]
+                    if column + gs > i2:  # the group runs past this block: apply the pending update first
+                        tail = W[:, i2:column + gs] - Err1 @ Hinv[i1:i2, i2:column + gs]
+                        group_cols = torch.cat([group_cols, tail], dim=1)
+                    scale, zero = find_params(group_cols, bits=config.bits, sym=config.sym, zero_min=config.zero_min)
+                    new_scales.append(scale)
+                    new_zeros.append(zero)
+                g_idx[column] = column // gs
+            else:
+                group = int(perm[column]) // gs
+                scale, zero = static[0][group], static[1][group]
+                g_idx[column] = group
+            w = W1[:, i]  # (out,)
+            d = Hinv1[i, i]
+            q = quantize_values(w, scale, zero, maxq)
+            Q[:, column] = q
+            err = (w - scale * (q - zero)) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if dynamic:
+        return Q, torch.stack(new_scales), torch.stack(new_zeros), g_idx
+    return Q, static[0], static[1], g_idx
+
+
+def gptq_reference(W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig) -> QuantResult:
+    """Plain column-by-column GPTQ (no lazy blocks, no tricks): the oracle the tests compare against.
+
+    Each column is quantized, its error spread over all remaining columns at once, and a dynamic group's
+    parameters are found on the fully updated columns.
+    """
+    W_orig = W
+    H_input = H.float()
+    W, H, perm = _prepare(W, H, config)
+    Hp = H[perm][:, perm]
+    Hp = Hp + config.damp_percent * torch.mean(torch.diag(Hp)) * torch.eye(Hp.shape[0], dtype=Hp.dtype)
+    Hinv = torch.linalg.cholesky(torch.linalg.inv(Hp), upper=True)
+    static = _static_params(W, config)
+    W = W[:, perm]
+    maxq = 2**config.bits - 1
+    columns = W.shape[1]
+    gs = columns if config.group_size == -1 else config.group_size
+    Q = torch.zeros_like(W)
+    g_idx = torch.empty(columns, dtype=torch.int64)
+    scales, zeros = [], []
+    for j in range(columns):
+        if static is None:
+            if j % gs == 0:
+                scale, zero = find_params(W[:, j:j + gs], bits=config.bits, sym=config.sym, zero_min=config.zero_min)
+                scales.append(scale)
+                zeros.append(zero)
+            g_idx[j] = j // gs
+        else:
+            g_idx[j] = int(perm[j]) // gs
+            scale, zero = static[0][g_idx[j]], static[1][g_idx[j]]
+        q = quantize_values(W[:, j], scale, zero, maxq)
+        Q[:, j] = q
+        err = (W[:, j] - scale * (q - zero)) / Hinv[j, j]
+        W[:, j:] -= torch.outer(err, Hinv[j, j:])
+    invperm = torch.argsort(perm)
+    if static is None:
+        scale_t, zero_t = torch.stack(scales), torch.stack(zeros)
+    else:
+        scale_t, zero_t = static
+    result = QuantResult(intweight=Q[:, invperm].to(torch.int32), scales=scale_t.to(torch.float16),
+                         zeros=zero_t.to(torch.int32), g_idx=g_idx[invperm].to(torch.int32), error=0.0,
+                         damp_percent=config.damp_percent, method="gptq")
+    result.error = output_error(W_orig.float(), result.dequantized(), H_input)
+    return result
