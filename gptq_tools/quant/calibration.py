@@ -1,0 +1,115 @@
+"""Calibration data from local files: ``.txt``, ``.jsonl``, or already tokenized ``.safetensors``/``.pt``.
+
+Text is tokenized as one stream; ``nsamples`` windows of ``seqlen`` tokens are drawn at seeded random
+offsets (as the GPTQ paper's samplers do), so the same file, tokenizer and seed give the same batch.
+Tokenized files hold an integer tensor ``input_ids`` of shape (n, L) or (L,); rows of exactly
+``seqlen`` tokens are used as they are, anything else is treated as one stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CalibrationError
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+JSONL_SUFFIXES = (".jsonl",)
+TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"{path}: not UTF-8 text (byte {exc.start}); convert it or pass a tokenized "
+                               f".safetensors file") from exc
+
+
+def _read_jsonl(path: Path) -> str:
+    texts = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CalibrationError(f"{path}:{number}: not valid JSON ({exc.msg}); each line must be an object "
+                                   f"with a \"text\" field") from exc
+        text = record.get("text") if isinstance(record, dict) else record if isinstance(record, str) else None
+        if not isinstance(text, str):
+            raise CalibrationError(f"{path}:{number}: no string \"text\" field; each line must be an object "
+                                   f"with a \"text\" field")
+        texts.append(text)
+    return "\n\n".join(texts)
+
+
+def _read_tokens(path: Path) -> torch.Tensor:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise CalibrationError(f"{path}: cannot read as safetensors ({exc})") from exc
+    else:
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch.load raises many unrelated types for bad files
+            raise CalibrationError(f"{path}: cannot read as a tensor file ({type(exc).__name__}: {exc})") from exc
+    ids = tensors.get("input_ids") if isinstance(tensors, dict) else tensors
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dim() not in (1, 2):
+        raise CalibrationError(f"{path}: expected an integer tensor 'input_ids' of shape (n, L) or (L,)")
+    return ids.to(torch.long)
+
+
+def load_calibration(path: str | Path, tokenizer: Any, *, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """Read calibration data and return ``nsamples`` token windows of ``seqlen`` tokens.
+
+    Args:
+        path: ``.txt``/``.md``, ``.jsonl`` (a ``"text"`` field per line), ``.safetensors`` or ``.pt``
+            (integer ``input_ids``).
+        tokenizer: a transformers tokenizer (used for text files only).
+        nsamples: windows to draw.
+        seqlen: tokens per window.
+        seed: seeds the window offsets.
+
+    Returns:
+        int64 tensor (nsamples, seqlen).
+
+    Raises:
+        CalibrationError: missing, empty, unreadable, unknown format, or fewer than ``seqlen`` tokens.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"{path}: calibration file not found")
+    suffix = path.suffix.lower()
+    if suffix in TENSOR_SUFFIXES:
+        ids = _read_tokens(path)
+        if ids.dim() == 2 and ids.shape[1] == seqlen and ids.shape[0] >= nsamples:
+            return ids[:nsamples].clone()
+        ids = ids.reshape(-1)
+    elif suffix in TEXT_SUFFIXES or suffix in JSONL_SUFFIXES:
+        text = _read_jsonl(path) if suffix in JSONL_SUFFIXES else _read_text(path)
+        if not text.strip():
+            raise CalibrationError(f"{path}: calibration file is empty; give a file with at least {seqlen} tokens of text")
+        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    else:
+        raise CalibrationError(f"{path}: unknown calibration format {path.suffix!r}; use .txt, .jsonl, "
+                               f".safetensors or .pt")
+    if ids.numel() < seqlen:
+        raise CalibrationError(f"{path}: only {ids.numel()} tokens, fewer than seqlen={seqlen}; give more text "
+                               f"or a smaller --seqlen")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=generator)
+    if ids.numel() < nsamples * seqlen:
+        logger.warning("%s: %d tokens for %d x %d calibration tokens; windows will overlap", path, ids.numel(),
+                       nsamples, seqlen)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])

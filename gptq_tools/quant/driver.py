@@ -1,0 +1,462 @@
+"""The quantization driver: calibration, layer-by-layer streaming, resume, and the checkpoint at the end.
+
+Flow: build the model skeleton on meta; load only the modules before the first layer and run the
+calibration batch until it reaches layer 0 (a pre-hook records the layer's inputs and stops the
+forward); then for each layer: read its tensors from the source, quantize its linears group by group
+(true-sequential, each group's Hessians taken with the earlier groups already quantized), run the
+calibration through the quantized layer to get the next layer's inputs, persist the layer and those
+inputs in the work folder, free the layer. Everything is written into a staging folder next to the
+output and renamed to the output at the very end.
+
+Resume: the work folder's ``state.json`` is the commit record; a layer counts as done only once its
+packed tensors and the next inputs are on disk. A resumed run recomputes the (cheap) layer-0 call
+arguments, loads the saved inputs and continues, giving byte-identical tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CalibrationError, QuantizationError, UsageError
+from ..packing import pack_qweight, pack_qzeros
+from ..progress import tqdm
+from ..units import parse_size
+from .calibration import load_calibration
+from .config import QuantizeConfig
+from .gptq import CholeskyFailure, HessianAccumulator, QuantResult, gptq_quantize
+from .rtn import rtn_quantize
+from .save import (TensorRef, check_output_folder, copy_tokenizer, publish, single_file_name, write_json,
+                   write_manifest, write_tensors)
+from .source import SourceModel
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "state.json"
+WORK_DIR = ".work"
+
+
+@dataclass(frozen=True)
+class LinearReport:
+    """How one linear was quantized."""
+
+    layer: int
+    name: str
+    method: str  # "gptq" or "rtn" (fallback after Cholesky failed)
+    error: float  # mean squared output error per calibration token
+    rtn_error: float  # the same for round-to-nearest, for comparison
+    damp_percent: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class QuantizeSummary:
+    """The result of :func:`quantize_model`."""
+
+    output: Path
+    config: QuantizeConfig
+    linears: tuple[LinearReport, ...]
+    files: tuple[str, ...]
+    seconds: float
+    resumed_from_layer: int = 0
+    fallbacks: tuple[str, ...] = field(default=())
+
+
+class _Captured(Exception):
+    """Raised by the layer-0 pre-hook to stop the forward once the inputs are recorded."""
+
+
+@dataclass
+class _Calibration:
+    hidden: list[torch.Tensor]  # one (1, seq, hidden) tensor per sample
+    args: list[tuple[Any, ...]]  # positional arguments after hidden_states, per sample
+    kwargs: list[dict[str, Any]]  # keyword arguments, per sample
+
+
+def _staging_folder(output: Path) -> Path:
+    return output.parent / f".{output.name}.gptq-tools-partial"
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _capture_layer0(source: SourceModel, ids: torch.Tensor, device: torch.device,
+                    store: torch.device) -> _Calibration:
+    """Run ``ids`` through the modules before layer 0 and record layer 0's call arguments per sample."""
+    before = source.existing_modules(source.spec.before_layers)
+    for path in before:
+        source.load_module(path, device)
+    layer0 = source.model.get_submodule(source.spec.layers_path)[0]
+
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise _Captured(args, kwargs)
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    captured = _Calibration([], [], [])
+    try:
+        with torch.no_grad():
+            for row in ids:
+                try:
+                    source.model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+                except _Captured as stop:
+                    args, kwargs = stop.args
+                    hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+                    captured.hidden.append(hidden.to(store))
+                    captured.args.append(tuple(args[1:]) if "hidden_states" not in kwargs and args else ())
+                    captured.kwargs.append(kwargs)
+                else:
+                    raise QuantizationError(f"{source.folder}: the forward never reached layer 0; the "
+                                            f"architecture table entry for {source.spec.name!r} is wrong")
+    finally:
+        handle.remove()
+        for path in before:
+            source.unload_module(path)
+    return captured
+
+
+def _run_layer(layer: torch.nn.Module, calib: _Calibration, device: torch.device) -> list[torch.Tensor]:
+    """Outputs of ``layer`` for every calibration sample (kept where the inputs are kept)."""
+    outputs = []
+    with torch.no_grad():
+        for hidden, args, kwargs in zip(calib.hidden, calib.args, calib.kwargs):
+            out = layer(hidden.to(device), *args, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            outputs.append(out.to(hidden.device))
+    return outputs
+
+
+def _linear_weight(module: torch.nn.Module, conv1d: bool) -> torch.Tensor:
+    """The weight as (out, in) (transformers' Conv1D stores (in, out))."""
+    return module.weight.t() if conv1d else module.weight
+
+
+def _quantize_linear(name: str, W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig) -> tuple[QuantResult, float]:
+    """GPTQ, falling back to RTN when the Hessian cannot be inverted; returns (result, rtn_error)."""
+    rtn = rtn_quantize(W, config, H=H)
+    try:
+        return gptq_quantize(W, H, config, name=name), rtn.error
+    except CholeskyFailure as exc:
+        logger.warning("%s; falling back to round-to-nearest for this linear", exc)
+        return rtn, rtn.error
+
+
+def _quantize_layer(source: SourceModel, index: int, calib: _Calibration, config: QuantizeConfig,
+                    device: torch.device) -> tuple[dict[str, torch.Tensor], list[LinearReport]]:
+    """Quantize layer ``index`` in place (weights replaced by their dequantized values).
+
+    Returns the checkpoint tensors of the layer and one report per linear.
+    """
+    spec = source.spec
+    prefix = f"{spec.layers_path}.{index}"
+    layer = source.load_module(prefix, device)
+    tensors: dict[str, torch.Tensor] = {}
+    reports = []
+    groups = spec.sequential if config.true_sequential else (spec.quantized_linears,)
+    for group in groups:
+        modules = {name: layer.get_submodule(name) for name in group}
+        accumulators = {name: HessianAccumulator(_linear_weight(m, spec.conv1d).shape[1], device=device)
+                        for name, m in modules.items()}
+        handles = [m.register_forward_hook(lambda mod, inp, out, acc=accumulators[name]: acc.add(inp[0]))
+                   for name, m in modules.items()]
+        try:
+            _run_layer(layer, calib, device)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name, module in modules.items():
+            started = time.perf_counter()
+            full = f"{prefix}.{name}"
+            W = _linear_weight(module, spec.conv1d).float()
+            result, rtn_error = _quantize_linear(full, W, accumulators.pop(name).hessian(), config)
+            dequantized = result.dequantized().to(module.weight.dtype)
+            module.weight.data = dequantized.t().contiguous() if spec.conv1d else dequantized
+            tensors.update(_pack(full, result, config))
+            reports.append(LinearReport(index, full, result.method, result.error, rtn_error, result.damp_percent,
+                                        time.perf_counter() - started))
+    quantized = {f"{name}.weight" for name in spec.quantized_linears}
+    for name, param in layer.named_parameters():
+        if name not in quantized:
+            tensors[f"{prefix}.{name}"] = param.detach().to("cpu", torch.float16)
+    return tensors, reports
+
+
+def _pack(name: str, result: QuantResult, config: QuantizeConfig) -> dict[str, torch.Tensor]:
+    """The AutoGPTQ tensors of one linear (CPU)."""
+    return {
+        f"{name}.qweight": pack_qweight(result.intweight.t().contiguous(), config.bits).cpu(),
+        f"{name}.qzeros": pack_qzeros(result.zeros, config.bits, checkpoint_format=config.checkpoint_format).cpu(),
+        f"{name}.scales": result.scales.cpu(),
+        f"{name}.g_idx": result.g_idx.cpu(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# work folder (resume)
+
+
+def _fingerprint(source: SourceModel, ids: torch.Tensor, config: QuantizeConfig, dtype: torch.dtype) -> str:
+    """What a resumed run must share with the interrupted one."""
+    digest = hashlib.sha256()
+    digest.update((source.folder / "config.json").read_bytes())
+    digest.update(json.dumps(config.to_dict(), sort_keys=True).encode())
+    digest.update(str(dtype).encode())
+    digest.update(ids.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _save_inputs(hidden: list[torch.Tensor], path: Path) -> None:
+    from .save import _save_safetensors
+
+    _save_safetensors({"hidden": torch.cat([h.cpu() for h in hidden])}, path)
+
+
+def _load_inputs(path: Path, store: torch.device) -> list[torch.Tensor]:
+    from safetensors.torch import load_file
+
+    hidden = load_file(str(path))["hidden"]
+    return [row.unsqueeze(0).to(store) for row in hidden]
+
+
+def _read_state(work: Path, fingerprint: str) -> dict[str, Any]:
+    state_path = work / STATE_NAME
+    if not state_path.is_file():
+        return {"fingerprint": fingerprint, "done": 0, "linears": []}
+    state = json.loads(state_path.read_text())
+    if state.get("fingerprint") != fingerprint:
+        raise QuantizationError(f"{work}: the interrupted run used another model, calibration or settings; "
+                                f"delete {work.parent} to start over, or resume with the same arguments")
+    return state
+
+
+def _commit_layer(work: Path, state: dict[str, Any], index: int, tensors: dict[str, torch.Tensor],
+                  outputs: list[torch.Tensor], reports: list[LinearReport], last: bool) -> None:
+    """Persist layer ``index`` and the next inputs, then record it as done (state.json is the commit)."""
+    from .save import _save_safetensors
+
+    _save_safetensors(tensors, work / f"layer-{index:05d}.safetensors")
+    if not last:
+        _save_inputs(outputs, work / f"inputs-{index + 1:05d}.safetensors")
+    state["done"] = index + 1
+    state["linears"].extend(asdict(report) for report in reports)
+    write_json(work / STATE_NAME, state)
+    previous = work / f"inputs-{index:05d}.safetensors"
+    if previous.exists():
+        previous.unlink()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the public entry point
+
+
+def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration: str | Path,
+                   config: QuantizeConfig | None = None, nsamples: int = 128, seqlen: int | None = None,
+                   device: str = "cpu", resume: bool = False, max_shard_size: int | str = "5GB",
+                   single_file: bool = False, seed: int = 0,
+                   on_layer_done: Callable[[int], None] | None = None) -> QuantizeSummary:
+    """Quantize a Hugging Face causal LM with GPTQ, layer by layer, into an AutoGPTQ checkpoint folder.
+
+    Args:
+        model_dir: source folder (config.json, safetensors weights, tokenizer).
+        output_dir: output folder; must not exist or be empty.
+        calibration: calibration file (.txt, .jsonl, .safetensors, .pt).
+        config: quantization settings (default :class:`QuantizeConfig`).
+        nsamples: calibration windows.
+        seqlen: tokens per window (default: 2048 capped by the model's maximum).
+        device: compute device (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        resume: continue an interrupted run from its last finished layer.
+        max_shard_size: largest shard (bytes or ``"5GB"``); ignored with ``single_file``.
+        single_file: write AutoGPTQ's single ``gptq_model-{bits}bit-{gs}g.safetensors``.
+        seed: seeds the calibration windows.
+        on_layer_done: called with each layer index once it is persisted.
+
+    Returns:
+        A :class:`QuantizeSummary` (per-linear errors, files, time).
+
+    Raises:
+        OutputExistsError, UnsupportedArchitectureError, CalibrationError, UsageError,
+        QuantizationError, InsufficientSpaceError, CheckpointError.
+    """
+    started = time.perf_counter()
+    config = config or QuantizeConfig()
+    model_dir, output = Path(model_dir), Path(output_dir)
+    check_output_folder(output)
+    shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    compute = torch.device(device)
+    source = SourceModel(model_dir, dtype=_compute_dtype(compute))
+    ids = _calibration_ids(source, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    _check_group_size(source, config)
+    staging = _prepare_staging(output, resume=resume)
+    work = staging / WORK_DIR
+    work.mkdir(parents=True, exist_ok=True)
+    state = _read_state(work, _fingerprint(source, ids, config, source.dtype))
+    first = state["done"]
+    store = _activation_store(source, ids, compute)
+    _run_layers(source, ids, config, compute, store, work, state, on_layer_done)
+    files = _finish(source, staging, output, config, work, model_dir, single_file=single_file, shard_bytes=shard_bytes)
+    linears = tuple(LinearReport(**entry) for entry in state["linears"])
+    fallbacks = tuple(entry.name for entry in linears if entry.method != "gptq")
+    return QuantizeSummary(output, config, linears, tuple(files), time.perf_counter() - started, first, fallbacks)
+
+
+def _calibration_ids(source: SourceModel, calibration: str | Path, *, nsamples: int, seqlen: int | None,
+                     seed: int) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    limit = source.max_length()
+    if seqlen is None:
+        seqlen = min(2048, limit) if limit else 2048
+    elif limit and seqlen > limit:
+        raise UsageError(f"--seqlen {seqlen} is longer than {source.folder} allows ({limit} positions); "
+                         f"use --seqlen {limit} or less")
+    if nsamples < 1 or seqlen < 1:
+        raise UsageError(f"nsamples={nsamples} and seqlen={seqlen} must both be positive")
+    tokenizer = None
+    if Path(calibration).suffix.lower() not in (".safetensors", ".pt", ".pth"):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.folder)
+        except (OSError, ValueError) as exc:
+            raise CalibrationError(f"{source.folder}: no usable tokenizer for text calibration ({exc}); "
+                                   f"pass tokenized .safetensors calibration instead") from exc
+    return load_calibration(calibration, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
+
+
+def _check_group_size(source: SourceModel, config: QuantizeConfig) -> None:
+    """Fail before any work when the group size does not divide some linear's input size."""
+    if config.group_size == -1:
+        return
+    layer = source.model.get_submodule(source.spec.layers_path)[0]
+    for name in source.spec.quantized_linears:
+        inputs = _linear_weight(layer.get_submodule(name), source.spec.conv1d).shape[1]
+        if inputs % config.group_size:
+            raise UsageError(f"--group-size {config.group_size} does not divide the {inputs} inputs of {name}; "
+                             f"use a divisor of {inputs} or -1")
+
+
+def _prepare_staging(output: Path, *, resume: bool) -> Path:
+    staging = _staging_folder(output)
+    if staging.exists() and not resume:
+        raise QuantizationError(f"{staging}: an interrupted run left this folder; pass --resume to continue it "
+                                f"or delete it to start over")
+    if resume and not staging.exists():
+        logger.info("%s: nothing to resume, starting from layer 0", staging)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir(exist_ok=True)
+    return staging
+
+
+def _activation_store(source: SourceModel, ids: torch.Tensor, compute: torch.device) -> torch.device:
+    """Keep calibration activations on the compute device when two copies fit, else on CPU."""
+    if compute.type != "cuda":
+        return compute
+    itemsize = torch.finfo(source.dtype).bits // 8
+    needed = 2 * ids.numel() * source.config.hidden_size * itemsize
+    free, _ = torch.cuda.mem_get_info(compute)
+    if needed < free // 2:
+        return compute
+    logger.info("calibration activations (%d MiB) kept on CPU", needed >> 20)
+    return torch.device("cpu")
+
+
+def _run_layers(source: SourceModel, ids: torch.Tensor, config: QuantizeConfig, compute: torch.device,
+                store: torch.device, work: Path, state: dict[str, Any],
+                on_layer_done: Callable[[int], None] | None) -> None:
+    total = source.num_layers()
+    if state["done"] >= total:
+        return
+    calib = _capture_layer0(source, ids, compute, store)
+    if state["done"] > 0:
+        calib.hidden = _load_inputs(work / f"inputs-{state['done']:05d}.safetensors", store)
+        logger.info("resuming at layer %d of %d", state["done"], total)
+    bar = tqdm(range(state["done"], total), desc="quantizing layers", unit="layer", dynamic_ncols=True)
+    for index in bar:
+        tensors, reports = _quantize_layer(source, index, calib, config, compute)
+        last = index == total - 1
+        layer = source.model.get_submodule(f"{source.spec.layers_path}.{index}")
+        outputs = [] if last else _run_layer(layer, calib, compute)
+        source.unload_module(f"{source.spec.layers_path}.{index}")
+        _commit_layer(work, state, index, tensors, outputs, reports, last)
+        calib.hidden = outputs
+        worst = max(reports, key=lambda r: r.error)
+        bar.set_postfix(err=f"{sum(r.error for r in reports):.4g}", worst=worst.name.rsplit(".", 1)[-1])
+        logger.info("layer %d: error %s", index, ", ".join(f"{r.name.rsplit('.', 1)[-1]}={r.error:.4g}"
+                                                          for r in reports))
+        if on_layer_done is not None:
+            on_layer_done(index)
+
+
+def _finish(source: SourceModel, staging: Path, output: Path, config: QuantizeConfig, work: Path, model_dir: Path,
+            *, single_file: bool, shard_bytes: int) -> list[str]:
+    """Write tensors, configs, tokenizer and SHA256SUMS into ``staging``; rename it to ``output``."""
+    from safetensors import safe_open
+
+    refs = _outer_refs(source, before=True)
+    for index in range(source.num_layers()):
+        path = work / f"layer-{index:05d}.safetensors"
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():
+                shape = handle.get_slice(key).get_shape()
+                dtype_bytes = 2 if handle.get_slice(key).get_dtype() in ("F16", "BF16") else 4
+                refs.append(TensorRef(key, dtype_bytes * _prod(shape), _file_loader(path, key)))
+    refs.extend(_outer_refs(source, before=False))
+    file_name = single_file_name(config.bits, config.group_size) if single_file else None
+    files = write_tensors(refs, staging, max_shard_size=shard_bytes, single_file=file_name)
+    base = file_name.removesuffix(".safetensors") if file_name else "model"
+    quantize_config = config.quantize_config_dict(model_name_or_path=None, model_file_base_name=base)
+    write_json(staging / "quantize_config.json", quantize_config)
+    model_config = json.loads((model_dir / "config.json").read_text())
+    model_config["quantization_config"] = quantize_config
+    model_config["torch_dtype"] = model_config["dtype"] = "float16"
+    write_json(staging / "config.json", model_config)
+    files += ["quantize_config.json", "config.json"] + copy_tokenizer(model_dir, staging)
+    shutil.rmtree(work)
+    write_manifest(staging)
+    publish(staging, output)
+    return sorted(files + ["SHA256SUMS"])
+
+
+def _prod(shape: list[int]) -> int:
+    result = 1
+    for dim in shape:
+        result *= dim
+    return result
+
+
+def _file_loader(path: Path, key: str) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            return handle.get_tensor(key)
+    return load
+
+
+def _outer_refs(source: SourceModel, *, before: bool) -> list[TensorRef]:
+    """Non-layer tensors in fp16: embeddings first (``before``), final norm and ``lm_head`` after."""
+    after_prefixes = tuple(source.spec.after_layers) + (source.spec.lm_head,)
+    refs = []
+    for name in source.outer_tensor_names():
+        is_after = name.startswith(after_prefixes)
+        if is_after == before:
+            continue
+        shape = source.model.get_parameter(name).shape if _is_param(source, name) else None
+        nbytes = 2 * _prod(list(shape)) if shape is not None else 0
+        refs.append(TensorRef(name, nbytes, lambda name=name: source.read(name).to(torch.float16).clone()))
+    return refs
+
+
+def _is_param(source: SourceModel, name: str) -> bool:
+    try:
+        source.model.get_parameter(name)
+    except AttributeError:
+        return False
+    return True

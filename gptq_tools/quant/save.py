@@ -1,0 +1,160 @@
+"""The checkpoint writer: AutoGPTQ format tensors, sharded with an index (or one file), configs,
+tokenizer, ``SHA256SUMS``; everything goes into a staging folder next to the output that is renamed
+to the output only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InsufficientSpaceError, OutputExistsError
+from ..fileio import fsync_dir, raise_if_no_space, sha256_file, write_bytes_atomic
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+MANIFEST_NAME = "SHA256SUMS"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json")
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor to write: its checkpoint name, size in bytes, and how to load it."""
+
+    name: str
+    nbytes: int
+    load: Callable[[], torch.Tensor]
+
+
+def single_file_name(bits: int, group_size: int) -> str:
+    """AutoGPTQ's file name, ``gptq_model-4bit-128g.safetensors`` (group -1 gives ``--1g``)."""
+    return f"gptq_model-{bits}bit-{group_size}g.safetensors"
+
+
+def plan_shards(refs: Sequence[TensorRef], max_shard_size: int) -> list[list[TensorRef]]:
+    """Split ``refs`` in order into shards of at most ``max_shard_size`` bytes (a bigger tensor gets its own)."""
+    shards: list[list[TensorRef]] = [[]]
+    size = 0
+    for ref in refs:
+        if shards[-1] and size + ref.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(ref)
+        size += ref.nbytes
+    return shards
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp), metadata={"format": "pt"})
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except OSError as exc:
+        raise_if_no_space(exc, path)
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+
+
+def write_tensors(refs: Sequence[TensorRef], folder: Path, *, max_shard_size: int,
+                  single_file: str | None = None) -> list[str]:
+    """Write ``refs`` into ``folder`` as one file (``single_file``) or HF-style shards plus an index.
+
+    Returns:
+        The file names written (tensor files and index).
+
+    Raises:
+        InsufficientSpaceError: the disk filled up.
+    """
+    if single_file:
+        _save_safetensors({ref.name: ref.load() for ref in refs}, folder / single_file)
+        return [single_file]
+    shards = plan_shards(refs, max_shard_size)
+    weight_map: dict[str, str] = {}
+    names = []
+    for number, shard in enumerate(shards, start=1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        _save_safetensors({ref.name: ref.load() for ref in shard}, folder / name)
+        weight_map.update({ref.name: name for ref in shard})
+        names.append(name)
+        logger.debug("wrote %s (%d tensors)", name, len(shard))
+    index = {"metadata": {"total_size": sum(ref.nbytes for ref in refs)}, "weight_map": weight_map}
+    write_bytes_atomic(folder / INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+    return names + [INDEX_NAME]
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def copy_tokenizer(source: Path, folder: Path) -> list[str]:
+    """Copy the tokenizer (and generation config) files that exist in ``source``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+            copied.append(name)
+    return copied
+
+
+def write_manifest(folder: Path) -> Path:
+    """``SHA256SUMS`` (sha256sum format) over every file in ``folder`` except itself, sorted by name."""
+    lines = [f"{sha256_file(path)}  {path.name}\n" for path in sorted(folder.iterdir())
+             if path.is_file() and path.name != MANIFEST_NAME]
+    write_bytes_atomic(folder / MANIFEST_NAME, "".join(lines).encode())
+    return folder / MANIFEST_NAME
+
+
+def publish(staging: Path, output: Path) -> None:
+    """Rename the finished ``staging`` folder to ``output`` (which may exist only as an empty folder).
+
+    Raises:
+        OutputExistsError: ``output`` appeared and is not empty.
+    """
+    mode = 0o666 & ~_umask()
+    for path in staging.iterdir():
+        path.chmod(mode)
+    if output.exists():
+        if any(output.iterdir()):
+            raise OutputExistsError(f"{output}: output folder is not empty; choose another or empty it "
+                                    f"(the finished checkpoint is kept in {staging})")
+        output.rmdir()
+    os.replace(staging, output)
+    fsync_dir(output.parent)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def check_output_folder(output: Path) -> None:
+    """Refuse an output folder that exists and is not empty, or is a file.
+
+    Raises:
+        OutputExistsError: it is not empty (or is a file).
+    """
+    if output.is_file() or (output.is_dir() and any(output.iterdir())):
+        raise OutputExistsError(f"{output}: output folder is not empty; choose another or empty it")
+
+
+__all__ = ["TensorRef", "single_file_name", "plan_shards", "write_tensors", "write_json", "copy_tokenizer",
+           "write_manifest", "publish", "check_output_folder", "InsufficientSpaceError"]

@@ -1,0 +1,152 @@
+"""Streaming access to a source model: an empty (meta) skeleton plus tensors read one module at a time.
+
+The fp16 model is never materialised whole: the skeleton is built on the meta device, and a module's
+parameters are read from the source safetensors (``safe_open``) onto the compute device only while it
+is needed, then put back on meta.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..architectures import ArchSpec, get_arch
+from ..errors import CheckpointError, QuantizationError
+
+logger = logging.getLogger(__name__)
+
+
+class SourceModel:
+    """A Hugging Face model folder opened for streaming.
+
+    Attributes:
+        folder: the model folder.
+        config: the transformers config.
+        spec: the architecture table entry.
+        model: the skeleton (parameters on meta until loaded).
+    """
+
+    def __init__(self, folder: Path, *, dtype: torch.dtype) -> None:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.folder = folder
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"{folder}: no config.json; give a Hugging Face model folder")
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        self.spec: ArchSpec = get_arch(model_type, source=str(folder))
+        self.config = AutoConfig.from_pretrained(folder)
+        self.dtype = dtype
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        self.model.eval()
+        self._weight_map = self._read_weight_map()
+        self._handles: dict[str, Any] = {}
+        self.base_prefix = self.spec.layers_path.split(".")[0]
+
+    def _read_weight_map(self) -> dict[str, str]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            return dict(json.loads(index.read_text())["weight_map"])
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.folder}: no .safetensors weights; convert the model to safetensors first")
+        from safetensors import safe_open
+
+        weight_map = {}
+        for path in files:
+            with safe_open(str(path), "pt") as handle:
+                weight_map.update({key: path.name for key in handle.keys()})
+        return weight_map
+
+    def source_name(self, name: str) -> str | None:
+        """The checkpoint key of model tensor ``name`` (some checkpoints drop the base model prefix)."""
+        if name in self._weight_map:
+            return name
+        prefix = self.base_prefix + "."
+        if name.startswith(prefix) and name[len(prefix):] in self._weight_map:
+            return name[len(prefix):]
+        return None
+
+    def has(self, name: str) -> bool:
+        """Whether the source checkpoint holds tensor ``name``."""
+        return self.source_name(name) is not None
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read tensor ``name`` from the source (CPU, stored dtype); a tied ``lm_head`` reads the embedding.
+
+        Raises:
+            CheckpointError: the tensor is missing.
+            QuantizationError: it holds NaN or inf.
+        """
+        from safetensors import safe_open
+
+        key = self.source_name(name)
+        if key is None and name == f"{self.spec.lm_head}.weight" and self.spec.input_embedding:
+            key = self.source_name(f"{self.spec.input_embedding}.weight")
+        if key is None:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the source checkpoint")
+        file = self._weight_map[key]
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(self.folder / file), "pt")
+        tensor = self._handles[file].get_tensor(key)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise QuantizationError(f"{self.folder / file}: tensor {key!r} contains NaN or inf; the source "
+                                    f"checkpoint is damaged, re-download or re-export it")
+        return tensor
+
+    def load_module(self, path: str, device: torch.device) -> torch.nn.Module:
+        """Put the parameters of module ``path`` on ``device`` (in the compute dtype), read from the source."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        module = self.model.get_submodule(path)
+        for name, _ in module.named_parameters():
+            value = self.read(f"{path}.{name}").to(self.dtype)
+            set_module_tensor_to_device(self.model, f"{path}.{name}", device, value=value)
+        for name, _ in module.named_buffers():
+            set_module_tensor_to_device(self.model, f"{path}.{name}", device)
+        return module
+
+    def unload_module(self, path: str) -> None:
+        """Put module ``path``'s parameters back on meta (frees their memory)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        module = self.model.get_submodule(path)
+        for name, _ in module.named_parameters():
+            set_module_tensor_to_device(self.model, f"{path}.{name}", "meta")
+
+    def existing_modules(self, paths: tuple[str, ...]) -> list[str]:
+        """Those of ``paths`` that exist in this model (optional modules such as OPT's project_in may be None)."""
+        found = []
+        for path in paths:
+            try:
+                module = self.model.get_submodule(path)
+            except AttributeError:
+                continue
+            if module is not None:
+                found.append(path)
+        return found
+
+    def max_length(self) -> int | None:
+        """The longest sequence the model accepts (None when unbounded, as with ALiBi)."""
+        for key in ("max_position_embeddings", "n_positions"):
+            value = getattr(self.config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def num_layers(self) -> int:
+        return len(self.model.get_submodule(self.spec.layers_path))
+
+    def outer_tensor_names(self) -> list[str]:
+        """State-dict names outside the decoder layers, in model order (``lm_head.weight`` always included)."""
+        layers_prefix = self.spec.layers_path + "."
+        names = [name for name in self.model.state_dict() if not name.startswith(layers_prefix)]
+        head = f"{self.spec.lm_head}.weight"
+        if head not in names:
+            names.append(head)
+        return names
