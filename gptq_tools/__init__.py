@@ -27,6 +27,11 @@ _EXPORTS: dict[str, str] = {
     "get_arch": "architectures",
     "pack_qweight": "packing", "pack_qzeros": "packing", "dequantize": "packing",
     "set_progress": "progress",
+    # quantizer
+    "QuantizeConfig": "quant.config", "quantize_model": "quant.driver", "QuantizeSummary": "quant.driver",
+    "LinearReport": "quant.driver", "gptq_quantize": "quant.gptq", "rtn_quantize": "quant.rtn",
+    "HessianAccumulator": "quant.gptq", "load_calibration": "quant.calibration",
+    "build_tiny_model": "tiny", "load_for_eval": "quant.evaluate", "folder_perplexity": "quant.evaluate",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

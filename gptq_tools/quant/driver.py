@@ -140,9 +140,12 @@ def _linear_weight(module: torch.nn.Module, conv1d: bool) -> torch.Tensor:
     return module.weight.t() if conv1d else module.weight
 
 
-def _quantize_linear(name: str, W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig) -> tuple[QuantResult, float]:
+def _quantize_linear(name: str, W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig,
+                     method: str) -> tuple[QuantResult, float]:
     """GPTQ, falling back to RTN when the Hessian cannot be inverted; returns (result, rtn_error)."""
     rtn = rtn_quantize(W, config, H=H)
+    if method == "rtn":
+        return rtn, rtn.error
     try:
         return gptq_quantize(W, H, config, name=name), rtn.error
     except CholeskyFailure as exc:
@@ -151,7 +154,7 @@ def _quantize_linear(name: str, W: torch.Tensor, H: torch.Tensor, config: Quanti
 
 
 def _quantize_layer(source: SourceModel, index: int, calib: _Calibration, config: QuantizeConfig,
-                    device: torch.device) -> tuple[dict[str, torch.Tensor], list[LinearReport]]:
+                    device: torch.device, method: str) -> tuple[dict[str, torch.Tensor], list[LinearReport]]:
     """Quantize layer ``index`` in place (weights replaced by their dequantized values).
 
     Returns the checkpoint tensors of the layer and one report per linear.
@@ -177,7 +180,7 @@ def _quantize_layer(source: SourceModel, index: int, calib: _Calibration, config
             started = time.perf_counter()
             full = f"{prefix}.{name}"
             W = _linear_weight(module, spec.conv1d).float()
-            result, rtn_error = _quantize_linear(full, W, accumulators.pop(name).hessian(), config)
+            result, rtn_error = _quantize_linear(full, W, accumulators.pop(name).hessian(), config, method)
             dequantized = result.dequantized().to(module.weight.dtype)
             module.weight.data = dequantized.t().contiguous() if spec.conv1d else dequantized
             tensors.update(_pack(full, result, config))
@@ -204,12 +207,13 @@ def _pack(name: str, result: QuantResult, config: QuantizeConfig) -> dict[str, t
 # work folder (resume)
 
 
-def _fingerprint(source: SourceModel, ids: torch.Tensor, config: QuantizeConfig, dtype: torch.dtype) -> str:
+def _fingerprint(source: SourceModel, ids: torch.Tensor, config: QuantizeConfig, dtype: torch.dtype,
+                 method: str) -> str:
     """What a resumed run must share with the interrupted one."""
     digest = hashlib.sha256()
     digest.update((source.folder / "config.json").read_bytes())
     digest.update(json.dumps(config.to_dict(), sort_keys=True).encode())
-    digest.update(str(dtype).encode())
+    digest.update(f"{dtype} {method}".encode())
     digest.update(ids.numpy().tobytes())
     return digest.hexdigest()
 
@@ -261,7 +265,7 @@ def _commit_layer(work: Path, state: dict[str, Any], index: int, tensors: dict[s
 def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration: str | Path,
                    config: QuantizeConfig | None = None, nsamples: int = 128, seqlen: int | None = None,
                    device: str = "cpu", resume: bool = False, max_shard_size: int | str = "5GB",
-                   single_file: bool = False, seed: int = 0,
+                   single_file: bool = False, seed: int = 0, method: str = "gptq",
                    on_layer_done: Callable[[int], None] | None = None) -> QuantizeSummary:
     """Quantize a Hugging Face causal LM with GPTQ, layer by layer, into an AutoGPTQ checkpoint folder.
 
@@ -277,6 +281,7 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
         max_shard_size: largest shard (bytes or ``"5GB"``); ignored with ``single_file``.
         single_file: write AutoGPTQ's single ``gptq_model-{bits}bit-{gs}g.safetensors``.
         seed: seeds the calibration windows.
+        method: ``"gptq"``, or ``"rtn"`` for a round-to-nearest baseline checkpoint (same format).
         on_layer_done: called with each layer index once it is persisted.
 
     Returns:
@@ -288,6 +293,8 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
     """
     started = time.perf_counter()
     config = config or QuantizeConfig()
+    if method not in ("gptq", "rtn"):
+        raise UsageError(f"method={method!r} is unknown; use 'gptq' or 'rtn'")
     model_dir, output = Path(model_dir), Path(output_dir)
     check_output_folder(output)
     shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
@@ -298,10 +305,10 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
     staging = _prepare_staging(output, resume=resume)
     work = staging / WORK_DIR
     work.mkdir(parents=True, exist_ok=True)
-    state = _read_state(work, _fingerprint(source, ids, config, source.dtype))
+    state = _read_state(work, _fingerprint(source, ids, config, source.dtype, method))
     first = state["done"]
     store = _activation_store(source, ids, compute)
-    _run_layers(source, ids, config, compute, store, work, state, on_layer_done)
+    _run_layers(source, ids, config, compute, store, work, state, method, on_layer_done)
     files = _finish(source, staging, output, config, work, model_dir, single_file=single_file, shard_bytes=shard_bytes)
     linears = tuple(LinearReport(**entry) for entry in state["linears"])
     fallbacks = tuple(entry.name for entry in linears if entry.method != "gptq")
@@ -368,7 +375,7 @@ def _activation_store(source: SourceModel, ids: torch.Tensor, compute: torch.dev
 
 
 def _run_layers(source: SourceModel, ids: torch.Tensor, config: QuantizeConfig, compute: torch.device,
-                store: torch.device, work: Path, state: dict[str, Any],
+                store: torch.device, work: Path, state: dict[str, Any], method: str,
                 on_layer_done: Callable[[int], None] | None) -> None:
     total = source.num_layers()
     if state["done"] >= total:
@@ -379,7 +386,7 @@ def _run_layers(source: SourceModel, ids: torch.Tensor, config: QuantizeConfig, 
         logger.info("resuming at layer %d of %d", state["done"], total)
     bar = tqdm(range(state["done"], total), desc="quantizing layers", unit="layer", dynamic_ncols=True)
     for index in bar:
-        tensors, reports = _quantize_layer(source, index, calib, config, compute)
+        tensors, reports = _quantize_layer(source, index, calib, config, compute, method)
         last = index == total - 1
         layer = source.model.get_submodule(f"{source.spec.layers_path}.{index}")
         outputs = [] if last else _run_layer(layer, calib, compute)

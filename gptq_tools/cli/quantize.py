@@ -1,0 +1,73 @@
+"""``gptq-tools quantize``: GPTQ-quantize a Hugging Face model folder into an AutoGPTQ checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from ..quant.config import QuantizeConfig
+from ..quant.driver import QuantizeSummary, quantize_model
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "quantize", help="GPTQ-quantize a model layer by layer into an AutoGPTQ checkpoint",
+        description="Quantize MODEL_DIR (config.json + safetensors + tokenizer) with GPTQ, streaming one layer "
+                    "at a time, and write an AutoGPTQ-format checkpoint to OUT. Interrupted runs continue "
+                    "with --resume.")
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="source model folder")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (must be empty or new)")
+    parser.add_argument("--calibration", required=True, metavar="FILE",
+                        help="calibration data: .txt, .jsonl (\"text\" field), or tokenized .safetensors/.pt")
+    parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
+    parser.add_argument("--group-size", type=int, default=128, help="inputs per group; -1 for none (default 128)")
+    parser.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=True,
+                        help="act-order: quantize columns by decreasing Hessian diagonal (default on)")
+    parser.add_argument("--static-groups", action="store_true", help="group parameters fixed before act-order")
+    sym = parser.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric")
+    parser.add_argument("--damp", type=float, default=0.01, help="dampening, relative to mean(diag(H)) (0.01)")
+    parser.add_argument("--format", dest="checkpoint_format", default="gptq", choices=("gptq", "gptq_v2"),
+                        help="checkpoint format (default gptq = v1, read by everything)")
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    parser.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 2048, capped by the model)")
+    parser.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:1 (default cpu)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest shard (default 5GB)")
+    parser.add_argument("--single-file", action="store_true",
+                        help="one gptq_model-{bits}bit-{gs}g.safetensors file instead of shards")
+    parser.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="rtn gives a round-to-nearest baseline")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = QuantizeConfig(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act,
+                            static_groups=args.static_groups, sym=args.sym, damp_percent=args.damp,
+                            checkpoint_format=args.checkpoint_format)
+    summary = quantize_model(args.model_dir, args.output, calibration=args.calibration, config=config,
+                             nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, resume=args.resume,
+                             max_shard_size=args.max_shard_size, single_file=args.single_file, seed=args.seed,
+                             method=args.method)
+    print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary: QuantizeSummary) -> str:
+    """The end-of-run table: one row per layer (summed error, GPTQ vs RTN), then totals and fallbacks."""
+    rows = ["layer  linears  error       rtn_error   gain    damp    seconds"]
+    layers = sorted({report.layer for report in summary.linears})
+    for layer in layers:
+        reports = [r for r in summary.linears if r.layer == layer]
+        error = sum(r.error for r in reports)
+        rtn_error = sum(r.rtn_error for r in reports)
+        gain = rtn_error / error if error > 0 else math.inf
+        rows.append(f"{layer:5d}  {len(reports):7d}  {error:10.4g}  {rtn_error:10.4g}  {gain:5.2f}x  "
+                    f"{max(r.damp_percent for r in reports):6.3f}  {sum(r.seconds for r in reports):7.2f}")
+    rows.append(f"quantized {len(summary.linears)} linears in {len(layers)} layers in {summary.seconds:.1f} s"
+                + (f" (resumed at layer {summary.resumed_from_layer})" if summary.resumed_from_layer else ""))
+    if summary.fallbacks:
+        rows.append(f"round-to-nearest fallback (Cholesky failed): {', '.join(summary.fallbacks)}")
+    rows.append(f"wrote {summary.output}: {', '.join(summary.files)}")
+    return "\n".join(rows)

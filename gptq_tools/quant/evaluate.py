@@ -1,0 +1,107 @@
+"""Perplexity of a model folder, fp16 or GPTQ (dequantized on load): the quality benchmark's yardstick.
+
+A GPTQ folder is read through its own checkpoint tensors (``qweight``/``qzeros``/``scales``/``g_idx``
+are dequantized with :func:`gptq_tools.packing.dequantize`), so the number measures exactly what the
+checkpoint stores, whoever wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, UsageError
+from ..packing import dequantize
+
+QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no .safetensors files")
+    return files
+
+
+def _read_state_dict(folder: Path, quant: dict | None) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in _checkpoint_files(folder):
+        tensors.update(load_file(str(path)))
+    if quant is None:
+        return {k: v.float() for k, v in tensors.items()}
+    fmt = quant.get("checkpoint_format", "gptq")
+    state = {k: v.float() for k, v in tensors.items() if not k.endswith(QUANT_SUFFIXES)}
+    for key in [k for k in tensors if k.endswith(".qweight")]:
+        base = key[: -len(".qweight")]
+        g_idx = tensors.get(f"{base}.g_idx")
+        if g_idx is None:
+            rows = tensors[key].shape[0] * 32 // quant["bits"]
+            group = rows if quant["group_size"] == -1 else quant["group_size"]
+            g_idx = torch.arange(rows, dtype=torch.int32) // group
+        state[f"{base}.weight"] = dequantize(tensors[key], tensors[f"{base}.qzeros"], tensors[f"{base}.scales"], g_idx,
+                                             bits=quant["bits"], checkpoint_format=fmt, dtype=torch.float32)
+    return state
+
+
+def load_for_eval(folder: str | Path) -> torch.nn.Module:
+    """Load a model folder on CPU in fp32; GPTQ weights are dequantized from the checkpoint tensors.
+
+    Raises:
+        CheckpointError: tensors are missing or do not match the model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    quant = raw.get("quantization_config")
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = _read_state_dict(folder, quant)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False))]
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: tensors do not match the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    if "lm_head.weight" in state:  # checkpoints write lm_head even when tied; use it as stored
+        model.get_output_embeddings().weight = torch.nn.Parameter(state["lm_head.weight"])
+    return model.eval()
+
+
+def perplexity(model: torch.nn.Module, ids: torch.Tensor, *, seqlen: int) -> float:
+    """Perplexity over non-overlapping windows of ``seqlen`` tokens of ``ids`` (1-D).
+
+    Raises:
+        UsageError: fewer than ``seqlen`` tokens.
+    """
+    windows = ids.numel() // seqlen
+    if windows == 0:
+        raise UsageError(f"need at least {seqlen} tokens for perplexity, got {ids.numel()}")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, windows * seqlen, seqlen):
+            batch = ids[start:start + seqlen].unsqueeze(0)
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            total += float(loss) * (seqlen - 1)
+            count += seqlen - 1
+    return math.exp(total / count)
+
+
+def folder_perplexity(folder: str | Path, text: str, *, seqlen: int, max_tokens: int | None = None) -> float:
+    """Perplexity of the model in ``folder`` on ``text`` (tokenized with the folder's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return perplexity(load_for_eval(folder), ids, seqlen=seqlen)

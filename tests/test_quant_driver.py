@@ -1,0 +1,222 @@
+"""The streaming driver end to end on tiny OPT/BLOOM models: format, quality, resume, bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from gptq_tools.cli import main as cli_main
+from gptq_tools.errors import (CalibrationError, InsufficientSpaceError, OutputExistsError, QuantizationError,
+                               UnsupportedArchitectureError, UsageError)
+from gptq_tools.quant import driver as driver_module
+from gptq_tools.quant.config import QuantizeConfig
+from gptq_tools.quant.driver import quantize_model
+from gptq_tools.quant.evaluate import folder_perplexity
+from gptq_tools.quant.gptq import CholeskyFailure
+from gptq_tools.tiny import TinySpec, build_tiny_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SPEC = TinySpec(hidden=64, layers=2, heads=2, vocab_size=512, seqlen=64, batch=8, steps=40)
+FAST = dict(nsamples=8, seqlen=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: build_tiny_model(arch, root / arch, spec=SPEC) for arch in ("opt", "bloom")}
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            out.update({key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118
+    return out
+
+
+@pytest.mark.parametrize("arch", ["opt", "bloom"])
+def test_checkpoint_format_and_quality(tiny_models: dict[str, Path], tmp_path: Path, arch: str) -> None:
+    model = tiny_models[arch]
+    out = tmp_path / "out"
+    summary = quantize_model(model, out, calibration=model / "train.txt", config=QuantizeConfig(group_size=32),
+                             **FAST)
+    # every linear: GPTQ error below round-to-nearest on the real calibration activations
+    assert len(summary.linears) == 2 * (6 if arch == "opt" else 4)
+    assert all(report.error < report.rtn_error for report in summary.linears)
+    assert not summary.fallbacks
+    tensors = _tensors(out)
+    prefix = "model.decoder.layers.0.fc1" if arch == "opt" else "transformer.h.0.mlp.dense_h_to_4h"
+    inputs, outputs = 64, 256
+    assert tensors[f"{prefix}.qweight"].dtype == torch.int32 and tensors[f"{prefix}.qweight"].shape == (inputs // 8, outputs)
+    assert tensors[f"{prefix}.qzeros"].dtype == torch.int32 and tensors[f"{prefix}.qzeros"].shape == (2, outputs // 8)
+    assert tensors[f"{prefix}.scales"].dtype == torch.float16 and tensors[f"{prefix}.scales"].shape == (2, outputs)
+    assert tensors[f"{prefix}.g_idx"].dtype == torch.int32 and tensors[f"{prefix}.g_idx"].shape == (inputs,)
+    assert tensors[f"{prefix}.bias"].dtype == torch.float16
+    assert f"{prefix}.weight" not in tensors
+    assert "lm_head.weight" in tensors  # written although tied
+    assert torch.equal(tensors[f"{prefix}.qzeros"] & 0xF, torch.full_like(tensors[f"{prefix}.qzeros"] & 0xF, 7))  # v1: 8-1
+    config = json.loads((out / "config.json").read_text())
+    quant = json.loads((out / "quantize_config.json").read_text())
+    assert config["quantization_config"] == quant
+    assert quant["quant_method"] == "gptq" and quant["checkpoint_format"] == "gptq" and quant["group_size"] == 32
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors)
+    assert (out / "tokenizer.json").is_file()
+    sums = dict(reversed(line.split("  ")) for line in (out / "SHA256SUMS").read_text().splitlines())
+    assert set(sums) == {p.name for p in out.iterdir()} - {"SHA256SUMS"}
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # staging folder renamed away
+    text = (model / "eval.txt").read_text()[:20000]
+    fp16 = folder_perplexity(model, text, seqlen=64)
+    quantized = folder_perplexity(out, text, seqlen=64)
+    assert quantized < fp16 * 1.05
+
+
+def test_single_file_sharding_and_asym_v2(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    model = tiny_models["bloom"]
+    single = tmp_path / "single"
+    summary = quantize_model(model, single, calibration=model / "train.txt", single_file=True,
+                             config=QuantizeConfig(group_size=-1, desc_act=False), **FAST)
+    assert "gptq_model-4bit--1g.safetensors" in summary.files
+    assert json.loads((single / "quantize_config.json").read_text())["model_file_base_name"] == "gptq_model-4bit--1g"
+    sharded = tmp_path / "sharded"
+    quantize_model(model, sharded, calibration=model / "train.txt", max_shard_size="100KB",
+                   config=QuantizeConfig(group_size=16, sym=False, checkpoint_format="gptq_v2"), **FAST)
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards[0].endswith(f"-of-{len(shards):05d}.safetensors")
+    assert json.loads((sharded / "quantize_config.json").read_text())["checkpoint_format"] == "gptq_v2"
+    assert folder_perplexity(sharded, (model / "eval.txt").read_text()[:8000], seqlen=64) < 1e4
+
+
+def test_resume_after_exception_is_byte_identical(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    model = tiny_models["opt"]
+    kwargs = dict(calibration=model / "train.txt", config=QuantizeConfig(group_size=32), **FAST)
+    quantize_model(model, tmp_path / "straight", **kwargs)
+
+    def crash(index: int) -> None:
+        if index == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(model, tmp_path / "resumed", on_layer_done=crash, **kwargs)
+    assert not (tmp_path / "resumed").exists()
+    with pytest.raises(QuantizationError, match="pass --resume to continue it"):
+        quantize_model(model, tmp_path / "resumed", **kwargs)
+    with pytest.raises(QuantizationError, match="the interrupted run used another model, calibration or settings"):
+        quantize_model(model, tmp_path / "resumed", resume=True, **{**kwargs, "config": QuantizeConfig(group_size=64)})
+    summary = quantize_model(model, tmp_path / "resumed", resume=True, **kwargs)
+    assert summary.resumed_from_layer == 1
+    assert len(summary.linears) == 12
+    for name in ("model-00001-of-00001.safetensors", "SHA256SUMS", "config.json"):
+        assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+
+
+def test_resume_after_sigkill(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    model = tiny_models["bloom"]
+    script = (
+        "import os, signal, sys\n"
+        "from gptq_tools.quant.driver import quantize_model\n"
+        "from gptq_tools.quant.config import QuantizeConfig\n"
+        "def kill(index):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"quantize_model({str(model)!r}, {str(tmp_path / 'out')!r}, calibration={str(model / 'train.txt')!r},\n"
+        "               config=QuantizeConfig(group_size=32), nsamples=8, seqlen=64, on_layer_done=kill)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300)
+    assert done.returncode == -9
+    assert not (tmp_path / "out").exists()
+    argv = [sys.executable, "-m", "gptq_tools", "quantize", str(model), "-o", str(tmp_path / "out"), "--calibration",
+            str(model / "train.txt"), "--group-size", "32", "--nsamples", "8", "--seqlen", "64", "--resume"]
+    resumed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at layer 1" in resumed.stdout
+    straight = tmp_path / "straight"
+    quantize_model(model, straight, calibration=model / "train.txt", config=QuantizeConfig(group_size=32), **FAST)
+    assert (straight / "SHA256SUMS").read_bytes() == (tmp_path / "out" / "SHA256SUMS").read_bytes()
+
+
+def test_cholesky_failure_falls_back_to_rtn(tiny_models: dict[str, Path], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    real = driver_module.gptq_quantize
+
+    def flaky(W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig, *, name: str):
+        if name.endswith("layers.1.fc2"):
+            raise CholeskyFailure(f"{name}: Hessian is not positive definite even with damp_percent=1")
+        return real(W, H, config, name=name)
+
+    monkeypatch.setattr(driver_module, "gptq_quantize", flaky)
+    model = tiny_models["opt"]
+    code = cli_main(["quantize", str(model), "-o", str(tmp_path / "out"), "--calibration", str(model / "train.txt"),
+                     "--group-size", "32", "--nsamples", "8", "--seqlen", "64"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "round-to-nearest fallback (Cholesky failed): model.decoder.layers.1.fc2" in printed
+    assert "quantized 12 linears in 2 layers" in printed
+
+
+def test_disk_full_leaves_no_output(tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gptq_tools.quant.save as save_module
+
+    real = save_module._save_safetensors
+
+    def full(tensors: dict, path: Path) -> None:
+        if path.name.startswith("model-"):
+            save_module.raise_if_no_space(OSError(errno.ENOSPC, "No space left on device"), path)
+        real(tensors, path)
+
+    monkeypatch.setattr(save_module, "_save_safetensors", full)
+    model = tiny_models["opt"]
+    with pytest.raises(InsufficientSpaceError, match="the disk filled up while writing"):
+        quantize_model(model, tmp_path / "out", calibration=model / "train.txt", config=QuantizeConfig(group_size=32),
+                       **FAST)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_messages(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    model = tiny_models["opt"]
+    calib = model / "train.txt"
+    with pytest.raises(UsageError, match="--group-size 48 does not divide the 64 inputs of self_attn.k_proj"):
+        quantize_model(model, tmp_path / "a", calibration=calib, config=QuantizeConfig(group_size=48), **FAST)
+    with pytest.raises(UsageError, match="--seqlen 4096 is longer than .* allows \\(512 positions\\)"):
+        quantize_model(model, tmp_path / "b", calibration=calib, nsamples=2, seqlen=4096)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(OutputExistsError, match="output folder is not empty"):
+        quantize_model(model, tmp_path / "full", calibration=calib, **FAST)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(CalibrationError, match="calibration file is empty"):
+        quantize_model(model, tmp_path / "c", calibration=empty, **FAST)
+    weird = tmp_path / "calib.parquet"
+    weird.write_bytes(b"PAR1")
+    with pytest.raises(CalibrationError, match="unknown calibration format '.parquet'"):
+        quantize_model(model, tmp_path / "d", calibration=weird, **FAST)
+    other = tmp_path / "t5"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(UnsupportedArchitectureError, match="architecture 't5' is not supported; supported model types: "
+                                                           "bloom, gpt2, gpt_neox, llama"):
+        quantize_model(other, tmp_path / "e", calibration=calib, **FAST)
+
+
+def test_nan_weights_are_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in tiny_models["opt"].iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors["model.decoder.layers.1.fc1.weight"][0, 0] = float("nan")
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(QuantizationError, match="tensor 'model.decoder.layers.1.fc1.weight' contains NaN or inf"):
+        quantize_model(broken, tmp_path / "out", calibration=broken / "train.txt", config=QuantizeConfig(group_size=32),
+                       **FAST)
+    assert not (tmp_path / "out").exists()
