@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench bench-join lint clean
+.PHONY: install test demo bench bench-join bench-quant lint clean
 
 install: $(STAMP)
 
@@ -24,10 +24,16 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-bench: bench-join
+bench: bench-join bench-quant
 
 bench-join: $(STAMP)
 	$(PY) scripts/bench_join.py
+
+# GPTQ quality benchmark on tiny OPT/BLOOM models trained here; adds GPTQModel side by side when
+# GPTQMODEL_PYTHON (default /work/venv-gptqmodel/bin/python) exists.
+GPTQMODEL_PYTHON ?= /work/venv-gptqmodel/bin/python
+bench-quant: $(STAMP)
+	$(PY) scripts/bench_quant.py $(if $(wildcard $(GPTQMODEL_PYTHON)),--gptqmodel $(GPTQMODEL_PYTHON),--no-gptqmodel)
 
 lint: $(STAMP)
 	$(PY) -m ruff check gptq_tools scripts tests

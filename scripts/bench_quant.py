@@ -1,0 +1,135 @@
+"""Quality benchmark of the GPTQ quantizer on tiny OPT and BLOOM models the project trains itself.
+
+For each model: perplexity on held-out text at fp16, RTN 4-bit and GPTQ 4-bit (group -1 and a real group
+size, act-order off and on), and quantization time. With ``--gptqmodel PYTHON`` (a venv where GPTQModel
+is installed, default /work/venv-gptqmodel/bin/python when it exists) the same model, calibration windows
+and settings are also quantized by GPTQModel and evaluated the same way (both checkpoints are read
+through their own qweight/qzeros/scales/g_idx tensors).
+
+Usage: python scripts/bench_quant.py [--out bench-out/quant] [--nsamples 64] [--gptqmodel PYTHON]
+Writes OUT/results.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from gptq_tools.quant.calibration import load_calibration  # noqa: E402
+from gptq_tools.quant.config import QuantizeConfig  # noqa: E402
+from gptq_tools.quant.driver import quantize_model  # noqa: E402
+from gptq_tools.quant.evaluate import folder_perplexity  # noqa: E402
+from gptq_tools.tiny import TinySpec, build_tiny_model  # noqa: E402
+
+DEFAULT_GPTQMODEL = Path("/work/venv-gptqmodel/bin/python")
+BENCH_SPEC = TinySpec()
+SEQLEN = 128
+GROUPED = 32  # the largest power-of-two group below the tiny models' hidden size of 128
+
+
+def _model(arch: str, root: Path) -> Path:
+    folder = root / f"tiny-{arch}"
+    stamp = folder / "tiny_spec.json"
+    wanted = {"arch": arch, "seed": 0, **BENCH_SPEC.__dict__}
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return folder
+    started = time.perf_counter()
+    build_tiny_model(arch, folder, spec=BENCH_SPEC, force=True)
+    print(f"built tiny {arch} in {time.perf_counter() - started:.1f} s", flush=True)
+    return folder
+
+
+def _ours(model: Path, out: Path, calib: Path, config: QuantizeConfig, method: str, nsamples: int) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    summary = quantize_model(model, out, calibration=calib, config=config, nsamples=nsamples, seqlen=SEQLEN,
+                             method=method)
+    return summary.seconds
+
+
+def _gptqmodel(python: Path, model: Path, out: Path, calib: Path, config: QuantizeConfig) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    argv = [str(python), str(REPO_ROOT / "scripts" / "gptqmodel_quantize.py"), str(model), str(out), str(calib),
+            "--bits", str(config.bits), "--group-size", str(config.group_size),
+            "--desc-act" if config.desc_act else "--no-desc-act", "--damp", str(config.damp_percent)]
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "PYTHONPATH": ""}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1200)
+    if done.returncode != 0:
+        raise RuntimeError(f"GPTQModel failed ({done.returncode}): {done.stderr[-2000:]}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
+
+
+def bench_arch(arch: str, root: Path, *, nsamples: int, gptqmodel: Path | None) -> dict:
+    from transformers import AutoTokenizer
+
+    model = _model(arch, root)
+    text = (model / "eval.txt").read_text()
+    ids = load_calibration(model / "train.txt", AutoTokenizer.from_pretrained(model), nsamples=nsamples, seqlen=SEQLEN)
+    calib = root / f"calib-{arch}.safetensors"
+    save_file({"input_ids": ids.contiguous()}, str(calib))
+    rows = [{"method": "fp16", "ppl": folder_perplexity(model, text, seqlen=SEQLEN)}]
+    for group_size in (-1, GROUPED):
+        out = root / f"out-{arch}"
+        seconds = _ours(model, out, calib, QuantizeConfig(group_size=group_size, desc_act=False), "rtn", nsamples)
+        rows.append({"method": "rtn", "group_size": group_size, "ppl": folder_perplexity(out, text, seqlen=SEQLEN),
+                     "seconds": seconds})
+        for desc_act in (False, True):
+            config = QuantizeConfig(group_size=group_size, desc_act=desc_act)
+            seconds = _ours(model, out, calib, config, "gptq", nsamples)
+            row = {"method": "gptq", "group_size": group_size, "desc_act": desc_act,
+                   "ppl": folder_perplexity(out, text, seqlen=SEQLEN), "seconds": seconds}
+            if gptqmodel is not None and (group_size, desc_act) in ((GROUPED, True), (-1, False)):
+                gm_out = root / f"gptqmodel-{arch}"
+                row["gptqmodel_seconds"] = _gptqmodel(gptqmodel, model, gm_out, calib, config)
+                row["gptqmodel_ppl"] = folder_perplexity(gm_out, text, seqlen=SEQLEN)
+            rows.append(row)
+            print(arch, row, flush=True)
+    return {"arch": arch, "rows": rows}
+
+
+def _table(results: list[dict]) -> str:
+    lines = ["| model | method | group | act-order | ppl | seconds | GPTQModel ppl | GPTQModel s | ppl ratio | time ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for result in results:
+        for row in result["rows"]:
+            gm_ppl, gm_s = row.get("gptqmodel_ppl"), row.get("gptqmodel_seconds")
+            ratios = (f"{row['ppl'] / gm_ppl:.4f} | {row['seconds'] / gm_s:.3f}" if gm_ppl else " | ")
+            lines.append(f"| {result['arch']} | {row['method']} | {row.get('group_size', '')} | "
+                         f"{row.get('desc_act', '')} | {row['ppl']:.3f} | {row.get('seconds', 0):.1f} | "
+                         f"{'' if gm_ppl is None else f'{gm_ppl:.3f}'} | {'' if gm_s is None else f'{gm_s:.1f}'} | "
+                         f"{ratios} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-out" / "quant")
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--gptqmodel", type=Path, default=DEFAULT_GPTQMODEL if DEFAULT_GPTQMODEL.exists() else None)
+    parser.add_argument("--no-gptqmodel", action="store_true")
+    parser.add_argument("--arch", nargs="+", default=["opt", "bloom"])
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    gptqmodel = None if args.no_gptqmodel else args.gptqmodel
+    results = [bench_arch(arch, args.out, nsamples=args.nsamples, gptqmodel=gptqmodel) for arch in args.arch]
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    print(_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
