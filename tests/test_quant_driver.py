@@ -220,3 +220,42 @@ def test_nan_weights_are_refused(tiny_models: dict[str, Path], tmp_path: Path) -
         quantize_model(broken, tmp_path / "out", calibration=broken / "train.txt", config=QuantizeConfig(group_size=32),
                        **FAST)
     assert not (tmp_path / "out").exists()
+
+
+def _random_model(family: str, folder: Path) -> Path:
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    configs = {
+        "llama": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+        "gpt2": GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128),
+        "gpt_neox": GPTNeoXConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=128),
+    }
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(configs[family]).to(torch.float16).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_other_families_from_the_table(tmp_path: Path, family: str) -> None:
+    from safetensors.torch import save_file
+
+    from gptq_tools.architectures import get_arch
+    from gptq_tools.quant.evaluate import load_for_eval
+
+    model = _random_model(family, tmp_path / "model")
+    calib = tmp_path / "calib.safetensors"
+    save_file({"input_ids": torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))}, str(calib))
+    summary = quantize_model(model, tmp_path / "out", calibration=calib, nsamples=4, seqlen=32,
+                             config=QuantizeConfig(group_size=32))
+    spec = get_arch(family)
+    assert len(summary.linears) == 2 * len(spec.quantized_linears)
+    assert all(report.error < report.rtn_error for report in summary.linears)
+    tensors = _tensors(tmp_path / "out")
+    assert f"{spec.lm_head}.weight" in tensors
+    first = f"{spec.layers_path}.0.{spec.quantized_linears[0]}"
+    assert tensors[f"{first}.qweight"].shape[0] == 64 // 8  # packed along the 64 inputs (Conv1D included)
+    with pytest.raises(UsageError, match="longer than"):
+        quantize_model(model, tmp_path / "long", calibration=calib, nsamples=1, seqlen=129)
+    load_for_eval(tmp_path / "out")  # the checkpoint loads back into the model with every tensor matched

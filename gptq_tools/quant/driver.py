@@ -457,7 +457,8 @@ def _outer_refs(source: SourceModel, *, before: bool) -> list[TensorRef]:
             continue
         shape = source.model.get_parameter(name).shape if _is_param(source, name) else None
         nbytes = 2 * _prod(list(shape)) if shape is not None else 0
-        refs.append(TensorRef(name, nbytes, lambda name=name: source.read(name).to(torch.float16).clone()))
+        refs.append(TensorRef(source.checkpoint_name(name), nbytes,
+                              lambda name=name: source.read(name).to(torch.float16).clone()))
     return refs
 
 

@@ -67,6 +67,12 @@ def load_for_eval(folder: str | Path) -> torch.nn.Module:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = _read_state_dict(folder, quant)
+    own = model.state_dict()
+    if "embed_out.weight" in state and "embed_out.weight" not in own:  # GPT-NeoX head, renamed in transformers 5
+        state["lm_head.weight"] = state.pop("embed_out.weight")
+    for name, tensor in state.items():  # Conv1D (GPT-2) keeps weights as (in, out)
+        if name in own and own[name].shape != tensor.shape and own[name].shape == tensor.t().shape:
+            state[name] = tensor.t().contiguous()
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False))]
     if missing or unexpected:

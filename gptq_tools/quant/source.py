@@ -85,8 +85,8 @@ class SourceModel:
         """
         from safetensors import safe_open
 
-        key = self.source_name(name)
-        if key is None and name == f"{self.spec.lm_head}.weight" and self.spec.input_embedding:
+        key = self.source_name(self.checkpoint_name(name))
+        if key is None and name in self.head_names() and self.spec.input_embedding:
             key = self.source_name(f"{self.spec.input_embedding}.weight")
         if key is None:
             raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the source checkpoint")
@@ -142,11 +142,19 @@ class SourceModel:
     def num_layers(self) -> int:
         return len(self.model.get_submodule(self.spec.layers_path))
 
+    def head_names(self) -> tuple[str, str]:
+        """The output head's weight as the model names it and as checkpoints of this family name it."""
+        return "lm_head.weight", f"{self.spec.lm_head}.weight"
+
+    def checkpoint_name(self, name: str) -> str:
+        """The checkpoint name of model tensor ``name`` (transformers 5 calls GPT-NeoX's ``embed_out`` ``lm_head``)."""
+        model_head, family_head = self.head_names()
+        return family_head if name == model_head else name
+
     def outer_tensor_names(self) -> list[str]:
         """State-dict names outside the decoder layers, in model order (``lm_head.weight`` always included)."""
         layers_prefix = self.spec.layers_path + "."
         names = [name for name in self.model.state_dict() if not name.startswith(layers_prefix)]
-        head = f"{self.spec.lm_head}.weight"
-        if head not in names:
-            names.append(head)
+        names = [name for name in names if name not in self.head_names()]
+        names.append(self.head_names()[0])
         return names
