@@ -259,3 +259,21 @@ def test_other_families_from_the_table(tmp_path: Path, family: str) -> None:
     with pytest.raises(UsageError, match="longer than"):
         quantize_model(model, tmp_path / "long", calibration=calib, nsamples=1, seqlen=129)
     load_for_eval(tmp_path / "out")  # the checkpoint loads back into the model with every tensor matched
+
+
+def test_cli_options_reach_the_checkpoint(tiny_models: dict[str, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    model = tiny_models["bloom"]
+    out = tmp_path / "out"
+    code = cli_main(["quantize", str(model), "-o", str(out), "--calibration", str(model / "train.txt"), "--bits", "8",
+                     "--group-size", "-1", "--no-desc-act", "--asym", "--damp", "0.05", "--single-file",
+                     "--nsamples", "4", "--seqlen", "32"])
+    assert code == 0
+    quant = json.loads((out / "quantize_config.json").read_text())
+    assert (quant["bits"], quant["group_size"], quant["desc_act"], quant["sym"], quant["damp_percent"]) == \
+        (8, -1, False, False, 0.05)
+    assert (out / "gptq_model-8bit--1g.safetensors").is_file()
+    assert "layer  linears  error" in capsys.readouterr().out
+    code = cli_main(["quantize", str(model), "-o", str(out), "--calibration", str(model / "train.txt")])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == f"gptq-tools: error: {out}: output folder is not empty; choose another or empty it"
