@@ -14,8 +14,14 @@ import torch
 from safetensors import safe_open
 
 from gptq_tools.cli import main as cli_main
-from gptq_tools.errors import (CalibrationError, InsufficientSpaceError, OutputExistsError, QuantizationError,
-                               UnsupportedArchitectureError, UsageError)
+from gptq_tools.errors import (
+    CalibrationError,
+    InsufficientSpaceError,
+    OutputExistsError,
+    QuantizationError,
+    UnsupportedArchitectureError,
+    UsageError,
+)
 from gptq_tools.quant import driver as driver_module
 from gptq_tools.quant.config import QuantizeConfig
 from gptq_tools.quant.driver import quantize_model
@@ -25,7 +31,7 @@ from gptq_tools.tiny import TinySpec, build_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPEC = TinySpec(hidden=64, layers=2, heads=2, vocab_size=512, seqlen=64, batch=8, steps=40)
-FAST = dict(nsamples=8, seqlen=64)
+FAST = {"nsamples": 8, "seqlen": 64}
 
 
 @pytest.fixture(scope="session")
@@ -129,12 +135,12 @@ def test_resume_after_sigkill(tiny_models: dict[str, Path], tmp_path: Path) -> N
         f"quantize_model({str(model)!r}, {str(tmp_path / 'out')!r}, calibration={str(model / 'train.txt')!r},\n"
         "               config=QuantizeConfig(group_size=32), nsamples=8, seqlen=64, on_layer_done=kill)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300, check=False)
     assert done.returncode == -9
     assert not (tmp_path / "out").exists()
     argv = [sys.executable, "-m", "gptq_tools", "quantize", str(model), "-o", str(tmp_path / "out"), "--calibration",
             str(model / "train.txt"), "--group-size", "32", "--nsamples", "8", "--seqlen", "64", "--resume"]
-    resumed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed at layer 1" in resumed.stdout
     straight = tmp_path / "straight"
@@ -223,7 +229,12 @@ def test_nan_weights_are_refused(tiny_models: dict[str, Path], tmp_path: Path) -
 
 
 def _random_model(family: str, folder: Path) -> Path:
-    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+    )
 
     configs = {
         "llama": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

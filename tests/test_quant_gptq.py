@@ -8,10 +8,21 @@ import pytest
 import torch
 
 from gptq_tools.errors import QuantizationError, UsageError
-from gptq_tools.packing import dequantize, pack_qweight, pack_qzeros, unpack_qzeros, unpack_rows
+from gptq_tools.packing import (
+    dequantize,
+    pack_qweight,
+    pack_qzeros,
+    unpack_qzeros,
+    unpack_rows,
+)
 from gptq_tools.quant.config import QuantizeConfig
-from gptq_tools.quant.gptq import (CholeskyFailure, HessianAccumulator, find_params, gptq_quantize,
-                                   gptq_reference)
+from gptq_tools.quant.gptq import (
+    CholeskyFailure,
+    HessianAccumulator,
+    find_params,
+    gptq_quantize,
+    gptq_reference,
+)
 from gptq_tools.quant.rtn import rtn_quantize
 
 
@@ -27,13 +38,13 @@ def _problem(out: int = 48, inp: int = 64, *, seed: int = 0, dead: tuple[int, ..
 
 
 SETTINGS = [
-    dict(bits=4, group_size=-1, desc_act=False),
-    dict(bits=4, group_size=16, desc_act=True),
-    dict(bits=4, group_size=16, desc_act=True, static_groups=True),
-    dict(bits=3, group_size=32, desc_act=True, sym=False),
-    dict(bits=2, group_size=8, desc_act=False, sym=False, checkpoint_format="gptq_v2"),
-    dict(bits=8, group_size=-1, desc_act=True),
-    dict(bits=4, group_size=32, desc_act=False, block_size=24),  # groups straddle lazy blocks
+    {"bits": 4, "group_size": -1, "desc_act": False},
+    {"bits": 4, "group_size": 16, "desc_act": True},
+    {"bits": 4, "group_size": 16, "desc_act": True, "static_groups": True},
+    {"bits": 3, "group_size": 32, "desc_act": True, "sym": False},
+    {"bits": 2, "group_size": 8, "desc_act": False, "sym": False, "checkpoint_format": "gptq_v2"},
+    {"bits": 8, "group_size": -1, "desc_act": True},
+    {"bits": 4, "group_size": 32, "desc_act": False, "block_size": 24},  # groups straddle lazy blocks
 ]
 
 

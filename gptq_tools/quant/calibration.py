@@ -62,7 +62,7 @@ def _read_tokens(path: Path) -> torch.Tensor:
     else:
         try:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch.load raises many unrelated types for bad files
+        except Exception as exc:
             raise CalibrationError(f"{path}: cannot read as a tensor file ({type(exc).__name__}: {exc})") from exc
     ids = tensors.get("input_ids") if isinstance(tensors, dict) else tensors
     if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dim() not in (1, 2):

@@ -35,8 +35,16 @@ from .calibration import load_calibration
 from .config import QuantizeConfig
 from .gptq import CholeskyFailure, HessianAccumulator, QuantResult, gptq_quantize
 from .rtn import rtn_quantize
-from .save import (TensorRef, check_output_folder, copy_tokenizer, publish, single_file_name, write_json,
-                   write_manifest, write_tensors)
+from .save import (
+    TensorRef,
+    check_output_folder,
+    copy_tokenizer,
+    publish,
+    single_file_name,
+    write_json,
+    write_manifest,
+    write_tensors,
+)
 from .source import SourceModel
 
 logger = logging.getLogger(__name__)
@@ -410,7 +418,7 @@ def _finish(source: SourceModel, staging: Path, output: Path, config: QuantizeCo
     for index in range(source.num_layers()):
         path = work / f"layer-{index:05d}.safetensors"
         with safe_open(str(path), "pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 shape = handle.get_slice(key).get_shape()
                 dtype_bytes = 2 if handle.get_slice(key).get_dtype() in ("F16", "BF16") else 4
                 refs.append(TensorRef(key, dtype_bytes * _prod(shape), _file_loader(path, key)))

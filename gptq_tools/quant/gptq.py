@@ -133,7 +133,7 @@ def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
 
 def _prepare(W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate; zero dead inputs; return (W fp32 (out, in), H with dead diagonal set, perm (in,))."""
-    out_features, in_features = W.shape
+    in_features = W.shape[1]
     if H.shape != (in_features, in_features):
         raise UsageError(f"Hessian shape {tuple(H.shape)} does not match weight inputs {in_features}")
     group_size = config.group_size
@@ -230,7 +230,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig, *, n
 def _solve(W: torch.Tensor, Hinv: torch.Tensor, perm: torch.Tensor, static: tuple[torch.Tensor, torch.Tensor] | None,
            config: QuantizeConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The blocked column loop on permuted ``W``; returns (Q ints (out, in) permuted, scales, zeros, g_idx permuted)."""
-    out_features, columns = W.shape
+    columns = W.shape[1]
     maxq = 2**config.bits - 1
     gs = columns if config.group_size == -1 else config.group_size
     dynamic = static is None

@@ -156,5 +156,15 @@ def check_output_folder(output: Path) -> None:
         raise OutputExistsError(f"{output}: output folder is not empty; choose another or empty it")
 
 
-__all__ = ["TensorRef", "single_file_name", "plan_shards", "write_tensors", "write_json", "copy_tokenizer",
-           "write_manifest", "publish", "check_output_folder", "InsufficientSpaceError"]
+__all__ = [
+    "InsufficientSpaceError",
+    "TensorRef",
+    "check_output_folder",
+    "copy_tokenizer",
+    "plan_shards",
+    "publish",
+    "single_file_name",
+    "write_json",
+    "write_manifest",
+    "write_tensors",
+]

@@ -60,7 +60,7 @@ class SourceModel:
         weight_map = {}
         for path in files:
             with safe_open(str(path), "pt") as handle:
-                weight_map.update({key: path.name for key in handle.keys()})
+                weight_map.update({key: path.name for key in handle.keys()})  # noqa: SIM118
         return weight_map
 
     def source_name(self, name: str) -> str | None:
