@@ -13,6 +13,7 @@ Writes OUT/results.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ from gptq_tools.tiny import TinySpec, build_tiny_model
 DEFAULT_GPTQMODEL = Path("/work/venv-gptqmodel/bin/python")
 BENCH_SPEC = TinySpec()
 SEQLEN = 128
+BITS = (4, 3)  # 4-bit is the target; 3-bit shows the methods apart where the tiny models feel quantization
 GROUPED = 32  # the largest power-of-two group below the tiny models' hidden size of 128
 
 
@@ -65,7 +67,8 @@ def _gptqmodel(python: Path, model: Path, out: Path, calib: Path, config: Quanti
             "--bits", str(config.bits), "--group-size", str(config.group_size),
             "--desc-act" if config.desc_act else "--no-desc-act", "--damp", str(config.damp_percent)]
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "PYTHONPATH": ""}
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    # GPTQModel writes a logs/ folder into its working directory: keep it inside the benchmark folder
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1200, check=False, cwd=out.parent)
     if done.returncode != 0:
         raise RuntimeError(f"GPTQModel failed ({done.returncode}): {done.stderr[-2000:]}")
     return float(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
@@ -80,17 +83,19 @@ def bench_arch(arch: str, root: Path, *, nsamples: int, gptqmodel: Path | None) 
     calib = root / f"calib-{arch}.safetensors"
     save_file({"input_ids": ids.contiguous()}, str(calib))
     rows = [{"method": "fp16", "ppl": folder_perplexity(model, text, seqlen=SEQLEN)}]
-    for group_size in (-1, GROUPED):
-        out = root / f"out-{arch}"
-        seconds = _ours(model, out, calib, QuantizeConfig(group_size=group_size, desc_act=False), "rtn", nsamples)
-        rows.append({"method": "rtn", "group_size": group_size, "ppl": folder_perplexity(out, text, seqlen=SEQLEN),
-                     "seconds": seconds})
+    out = root / f"out-{arch}"
+    for bits, group_size in itertools.product(BITS, (-1, GROUPED)):
+        config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=False)
+        seconds = _ours(model, out, calib, config, "rtn", nsamples)
+        rows.append({"method": "rtn", "bits": bits, "group_size": group_size,
+                     "ppl": folder_perplexity(out, text, seqlen=SEQLEN), "seconds": seconds})
+        print(arch, rows[-1], flush=True)
         for desc_act in (False, True):
-            config = QuantizeConfig(group_size=group_size, desc_act=desc_act)
+            config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act)
             seconds = _ours(model, out, calib, config, "gptq", nsamples)
-            row = {"method": "gptq", "group_size": group_size, "desc_act": desc_act,
+            row = {"method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
                    "ppl": folder_perplexity(out, text, seqlen=SEQLEN), "seconds": seconds}
-            if gptqmodel is not None and (group_size, desc_act) in ((GROUPED, True), (-1, False)):
+            if gptqmodel is not None and group_size == GROUPED and desc_act:
                 gm_out = root / f"gptqmodel-{arch}"
                 row["gptqmodel_seconds"] = _gptqmodel(gptqmodel, model, gm_out, calib, config)
                 row["gptqmodel_ppl"] = folder_perplexity(gm_out, text, seqlen=SEQLEN)
@@ -100,13 +105,14 @@ def bench_arch(arch: str, root: Path, *, nsamples: int, gptqmodel: Path | None) 
 
 
 def _table(results: list[dict]) -> str:
-    lines = ["| model | method | group | act-order | ppl | seconds | GPTQModel ppl | GPTQModel s | ppl ratio | time ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| model | method | bits | group | act-order | ppl | seconds | GPTQModel ppl | GPTQModel s "
+              "| ppl ratio | time ratio |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         for row in result["rows"]:
             gm_ppl, gm_s = row.get("gptqmodel_ppl"), row.get("gptqmodel_seconds")
             ratios = (f"{row['ppl'] / gm_ppl:.4f} | {row['seconds'] / gm_s:.3f}" if gm_ppl else " | ")
-            lines.append(f"| {result['arch']} | {row['method']} | {row.get('group_size', '')} | "
+            lines.append(f"| {result['arch']} | {row['method']} | {row.get('bits', 16)} | {row.get('group_size', '')} | "
                          f"{row.get('desc_act', '')} | {row['ppl']:.3f} | {row.get('seconds', 0):.1f} | "
                          f"{'' if gm_ppl is None else f'{gm_ppl:.3f}'} | {'' if gm_s is None else f'{gm_s:.1f}'} | "
                          f"{ratios} |")

@@ -288,3 +288,22 @@ def test_cli_options_reach_the_checkpoint(tiny_models: dict[str, Path], tmp_path
     code = cli_main(["quantize", str(model), "-o", str(out), "--calibration", str(model / "train.txt")])
     assert code == 1
     assert capsys.readouterr().err.strip() == f"gptq-tools: error: {out}: output folder is not empty; choose another or empty it"
+
+
+def test_resume_after_crash_while_publishing(tiny_models: dict[str, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_models["opt"]
+    kwargs = {"calibration": model / "train.txt", "config": QuantizeConfig(group_size=32), **FAST}
+
+    def crash(staging: Path, output: Path) -> None:
+        raise OSError(errno.EIO, "simulated crash before the final rename")
+
+    monkeypatch.setattr(driver_module, "publish", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        quantize_model(model, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    summary = quantize_model(model, tmp_path / "out", resume=True, **kwargs)
+    assert summary.resumed_from_layer == 2 and "SHA256SUMS" in summary.files
+    quantize_model(model, tmp_path / "straight", **kwargs)
+    assert (tmp_path / "out" / "SHA256SUMS").read_bytes() == (tmp_path / "straight" / "SHA256SUMS").read_bytes()

@@ -1,0 +1,23 @@
+"""GPTQ quantization: the solver, the streaming driver and the AutoGPTQ checkpoint writer.
+
+Modules:
+    config: :class:`QuantizeConfig`, the frozen settings (bits, group size, act-order, ...).
+    gptq: the GPTQ solver, pure tensor math (Hessian accumulator, act-order, damp retry, lazy blocks).
+    rtn: round-to-nearest, the baseline and the fallback when a Hessian cannot be inverted.
+    calibration: calibration windows from .txt/.jsonl/.safetensors/.pt files.
+    source: the model skeleton on meta plus per-module streaming from the source safetensors.
+    driver: :func:`quantize_model`, layer by layer, resumable.
+    save: shards, index, configs, tokenizer, SHA256SUMS, atomic publication.
+    evaluate: perplexity of fp16 or GPTQ folders (dequantized from the checkpoint tensors).
+
+Checkpoint format: AutoGPTQ v1 (``checkpoint_format: "gptq"``) by default. v1 stores ``zero - 1`` and
+cannot hold a zero point of 0, so asymmetric v1 quantization keeps every zero >= 1 (decided in the
+quantizer, not by clamping afterwards, so the stored values are exactly what GPTQ optimised);
+``checkpoint_format="gptq_v2"`` (``--format gptq_v2``) writes unshifted zeros instead.
+
+Example::
+
+    from gptq_tools import QuantizeConfig, quantize_model
+    summary = quantize_model("opt-iml-30b", "opt-iml-30b-gptq", calibration="calib.txt",
+                             config=QuantizeConfig(bits=4, group_size=128, desc_act=True), device="cuda")
+"""

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import CalibrationError, QuantizationError, UsageError
+from ..fileio import check_free_space
 from ..packing import pack_qweight, pack_qzeros
 from ..progress import tqdm
 from ..units import parse_size
@@ -36,6 +37,7 @@ from .config import QuantizeConfig
 from .gptq import CholeskyFailure, HessianAccumulator, QuantResult, gptq_quantize
 from .rtn import rtn_quantize
 from .save import (
+    MANIFEST_NAME,
     TensorRef,
     check_output_folder,
     copy_tokenizer,
@@ -118,9 +120,12 @@ def _capture_layer0(source: SourceModel, ids: torch.Tensor, device: torch.device
                     source.model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
                 except _Captured as stop:
                     args, kwargs = stop.args
-                    hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+                    if "hidden_states" in kwargs:
+                        hidden, rest = kwargs.pop("hidden_states"), tuple(args)
+                    else:
+                        hidden, rest = args[0], tuple(args[1:])
                     captured.hidden.append(hidden.to(store))
-                    captured.args.append(tuple(args[1:]) if "hidden_states" not in kwargs and args else ())
+                    captured.args.append(rest)
                     captured.kwargs.append(kwargs)
                 else:
                     raise QuantizationError(f"{source.folder}: the forward never reached layer 0; the "
@@ -220,6 +225,9 @@ def _fingerprint(source: SourceModel, ids: torch.Tensor, config: QuantizeConfig,
     """What a resumed run must share with the interrupted one."""
     digest = hashlib.sha256()
     digest.update((source.folder / "config.json").read_bytes())
+    for path in sorted(source.folder.glob("*.safetensors")):
+        stat = path.stat()
+        digest.update(f"{path.name} {stat.st_size} {stat.st_mtime_ns}".encode())
     digest.update(json.dumps(config.to_dict(), sort_keys=True).encode())
     digest.update(f"{dtype} {method}".encode())
     digest.update(ids.numpy().tobytes())
@@ -312,6 +320,11 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
     _check_group_size(source, config)
     staging = _prepare_staging(output, resume=resume)
     work = staging / WORK_DIR
+    if resume and (staging / MANIFEST_NAME).is_file() and not work.exists():
+        logger.info("%s: the interrupted run had finished writing; publishing it", staging)
+        publish(staging, output)
+        files = tuple(sorted(p.name for p in output.iterdir()))
+        return QuantizeSummary(output, config, (), files, time.perf_counter() - started, source.num_layers())
     work.mkdir(parents=True, exist_ok=True)
     state = _read_state(work, _fingerprint(source, ids, config, source.dtype, method))
     first = state["done"]
@@ -319,7 +332,7 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
     _run_layers(source, ids, config, compute, store, work, state, method, on_layer_done)
     files = _finish(source, staging, output, config, work, model_dir, single_file=single_file, shard_bytes=shard_bytes)
     linears = tuple(LinearReport(**entry) for entry in state["linears"])
-    fallbacks = tuple(entry.name for entry in linears if entry.method != "gptq")
+    fallbacks = tuple(entry.name for entry in linears if entry.method != "gptq") if method == "gptq" else ()
     return QuantizeSummary(output, config, linears, tuple(files), time.perf_counter() - started, first, fallbacks)
 
 
@@ -424,6 +437,7 @@ def _finish(source: SourceModel, staging: Path, output: Path, config: QuantizeCo
                 refs.append(TensorRef(key, dtype_bytes * _prod(shape), _file_loader(path, key)))
     refs.extend(_outer_refs(source, before=False))
     file_name = single_file_name(config.bits, config.group_size) if single_file else None
+    check_free_space(staging, sum(ref.nbytes for ref in refs), what="writing the checkpoint")
     files = write_tensors(refs, staging, max_shard_size=shard_bytes, single_file=file_name)
     base = file_name.removesuffix(".safetensors") if file_name else "model"
     quantize_config = config.quantize_config_dict(model_name_or_path=None, model_file_base_name=base)
@@ -433,8 +447,8 @@ def _finish(source: SourceModel, staging: Path, output: Path, config: QuantizeCo
     model_config["torch_dtype"] = model_config["dtype"] = "float16"
     write_json(staging / "config.json", model_config)
     files += ["quantize_config.json", "config.json"] + copy_tokenizer(model_dir, staging)
-    shutil.rmtree(work)
-    write_manifest(staging)
+    write_manifest(staging)  # lists files only: the work folder is not part of the checkpoint
+    shutil.rmtree(work)  # from here on the staging folder is a complete checkpoint (see _prepare_staging)
     publish(staging, output)
     return sorted(files + ["SHA256SUMS"])
 
