@@ -20,6 +20,7 @@ _EXPORTS: dict[str, str] = {
     "UnsupportedArchitectureError": "errors", "CalibrationError": "errors", "QuantizationError": "errors",
     "HubError": "errors", "IncompleteDownloadError": "errors", "PlacementError": "errors",
     "UnsafeCheckpointError": "errors", "UsageError": "errors",
+    "RepoNotFoundError": "errors", "RevisionNotFoundError": "errors", "HubAuthError": "errors",
     # foundation
     "parse_size": "units", "format_size": "units",
     "read_header": "safetensors_format",
@@ -27,6 +28,9 @@ _EXPORTS: dict[str, str] = {
     "get_arch": "architectures",
     "pack_qweight": "packing", "pack_qzeros": "packing", "dequantize": "packing",
     "set_progress": "progress",
+    # hub download
+    "download": "hub", "plan_download": "hub", "resolve_repo": "hub", "DownloadResult": "hub",
+    "DownloadPlan": "hub", "TransferOptions": "hub",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

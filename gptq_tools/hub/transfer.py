@@ -1,0 +1,446 @@
+"""The byte transfer: parallel files and byte ranges, hashed while streaming, resumable, verified.
+
+Why not huggingface_hub's ``hf_hub_download``: it checks only the size of what arrives (never the
+SHA256), restarts a killed download from zero (since v1.18) and fetches one file over one connection.
+So the bytes are streamed here with ``httpx2``, the HTTP client huggingface_hub itself depends on, while
+huggingface_hub still does the metadata, auth headers and endpoint.
+
+How a file travels: it is cut into chunks of ``chunk_bytes`` that the workers fetch with ``Range``
+requests, at most ``window`` bytes ahead of the first byte not yet written. Arriving bytes are written
+to ``<hash>.incomplete`` strictly in file order and fed to the hasher as they are written (no second
+read); out-of-order chunks wait in memory. The file on disk is therefore always a clean prefix, which is
+what a re-run resumes from after re-hashing it. Only when all bytes are there and the digest matches the
+Hub's does the file take its final name (``os.replace``). A wrong digest is fetched once more from
+scratch, then reported with both hashes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ChecksumMismatchError, GptqToolsError, HubAuthError, HubError, IncompleteDownloadError
+from ..fileio import fsync_dir, raise_if_no_space
+from .state import feed_file, start_hasher
+
+logger = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+_READ_BYTES = 1 * MiB
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    """How bytes are fetched.
+
+    Attributes:
+        max_workers: parallel connections (shared by all files).
+        chunk_bytes: size of one ``Range`` request.
+        window_chunks: how many chunks of one file may be in flight or waiting ahead of the written
+            prefix (bounds memory to about ``window_chunks * chunk_bytes`` per file); 0 means ``2 * max_workers``.
+        retries: attempts per chunk without progress before giving up (resets whenever bytes arrive).
+        backoff_base: first wait after a transient failure, doubled each time up to ``backoff_max``.
+        retry_after_max: longest ``Retry-After`` honoured.
+        stall_timeout: seconds without a byte before a response counts as stalled and is retried.
+        connect_timeout: seconds to open a connection.
+        mismatch_retries: full re-downloads after a wrong hash before reporting it.
+    """
+
+    max_workers: int = 8
+    chunk_bytes: int = 32 * MiB
+    window_chunks: int = 0
+    retries: int = 6
+    backoff_base: float = 0.5
+    backoff_max: float = 20.0
+    retry_after_max: float = 120.0
+    stall_timeout: float = 60.0
+    connect_timeout: float = 15.0
+    mismatch_retries: int = 1
+
+    @property
+    def window_bytes(self) -> int:
+        return (self.window_chunks or max(2 * self.max_workers, 2)) * self.chunk_bytes
+
+
+@dataclass(frozen=True)
+class FileTask:
+    """One file to fetch: where from, how big, which hash, where its bytes go."""
+
+    path: str
+    url: str
+    size: int
+    checksum: tuple[str, str]
+    incomplete: Path
+    final: Path
+
+
+class _Retry(Exception):
+    """A transient failure: wait and ask again."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class _Abandon(Exception):
+    """The chunk belongs to an older attempt of its file (restarted or failed): drop it."""
+
+
+class _FileJob:
+    """A file in transfer: the written prefix, chunks waiting for it, and the running hash."""
+
+    def __init__(self, task: FileTask, bar: Any, options: TransferOptions,
+                 on_verified: Callable[[FileTask], None] | None) -> None:
+        self.task = task
+        self.bar = bar
+        self.options = options
+        self.on_verified = on_verified
+        self.lock = threading.Lock()
+        self.generation = 0
+        self.mismatches = 0
+        self.pending: dict[int, bytes] = {}
+        self.writing = False
+        self.done = False
+        self.error: BaseException | None = None
+        self.inflight = 0
+        self.range_ok: bool | None = None
+        self.handle: Any = None
+        self.hasher = start_hasher(task.checksum[0], task.size)
+        self.hashed = 0
+        self.next_offset = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.done or self.error is not None
+
+    def open(self) -> None:
+        """Open the ``.incomplete`` file and re-hash the bytes already in it (they are not trusted)."""
+        self.task.incomplete.parent.mkdir(parents=True, exist_ok=True)
+        have = min(self.task.incomplete.stat().st_size, self.task.size) if self.task.incomplete.exists() else 0
+        if have:
+            logger.info("%s: resuming after %d bytes already on disk (re-hashing them first)", self.task.path, have)
+            feed_file(self.hasher, self.task.incomplete, length=have, on_bytes=self.bar.update)
+        self.handle = open(self.task.incomplete, "r+b" if have else "wb", buffering=0)  # noqa: SIM115
+        self.handle.truncate(have)
+        self.handle.seek(have)
+        self.hashed = self.next_offset = have
+        if have == self.task.size:
+            self._finish()
+
+    def commit(self, offset: int, data: bytes, generation: int) -> None:
+        """Hand over bytes that start at ``offset``; they are written and hashed once all before them are."""
+        with self.lock:
+            if generation != self.generation or self.finished:
+                raise _Abandon()
+            self.pending[offset] = data
+            if self.writing:
+                return
+            self.writing = True
+        complete = False
+        try:
+            while True:
+                with self.lock:
+                    chunk = self.pending.pop(self.hashed, None)
+                    if chunk is None or generation != self.generation:
+                        # cleared under the same lock as the look-up, so no chunk can be left behind
+                        self.writing = False
+                        complete = self.hashed == self.task.size and generation == self.generation
+                        break
+                try:
+                    self.handle.write(chunk)
+                except OSError as exc:
+                    raise_if_no_space(exc, self.task.final)
+                    raise
+                self.hasher.update(chunk)
+                with self.lock:
+                    self.hashed += len(chunk)
+                self.bar.update(len(chunk))
+        except BaseException:
+            with self.lock:
+                self.writing = False
+            raise
+        if complete:
+            self._finish()
+
+    def _finish(self) -> None:
+        """All bytes are written: rename on a matching hash, otherwise start again or report."""
+        algorithm, expected = self.task.checksum
+        actual = self.hasher.hexdigest()
+        if actual == expected:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+            self.task.final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.task.incomplete, self.task.final)
+            fsync_dir(self.task.final.parent)
+            logger.info("%s: %s verified (%s)", self.task.path, algorithm, expected)
+            if self.on_verified is not None:
+                self.on_verified(self.task)
+            self.done = True
+            return
+        if self.mismatches < self.options.mismatch_retries:
+            self.mismatches += 1
+            logger.warning("%s: %s of the downloaded bytes is %s, expected %s; downloading it again from scratch",
+                           self.task.path, algorithm, actual, expected)
+            self.restart()
+            return
+        self.handle.close()
+        self.task.incomplete.unlink(missing_ok=True)
+        self.fail(ChecksumMismatchError(
+            f"{self.task.path}: downloaded twice and both times the bytes have {algorithm} {actual}, but the Hub "
+            f"lists {expected}; the file on the server may be damaged, report it to the repository owner"))
+
+    def restart(self) -> None:
+        """Throw away everything written and fetch the file again from byte 0."""
+        with self.lock:
+            self.generation += 1
+            self.pending.clear()
+            self.bar.update(-self.hashed)
+            self.handle.seek(0)
+            self.handle.truncate(0)
+            self.hasher = start_hasher(self.task.checksum[0], self.task.size)
+            self.hashed = self.next_offset = 0
+            self.range_ok = None
+
+    def fail(self, error: BaseException) -> None:
+        with self.lock:
+            if self.error is None:
+                self.error = error
+            self.generation += 1
+            self.pending.clear()
+        if self.handle is not None and not self.handle.closed:
+            self.handle.close()
+
+    def take_chunk(self) -> tuple[int, int, int] | None:
+        """The next range to fetch, or None (all handed out, waiting for the range probe, or window full)."""
+        if self.finished or self.next_offset >= self.task.size:
+            return None
+        if self.range_ok is None and self.inflight > 0:
+            return None  # the first response tells whether the server honours Range
+        if self.next_offset >= self.hashed + self.options.window_bytes:
+            return None
+        start = self.next_offset
+        end = self.task.size if self.range_ok is False else min(start + self.options.chunk_bytes, self.task.size)
+        self.next_offset = end
+        self.inflight += 1
+        return start, end, self.generation
+
+
+class _Scheduler:
+    """Hands chunks to workers, files in order, so parts complete (and can be joined) one after another."""
+
+    def __init__(self, jobs: Sequence[_FileJob]) -> None:
+        self.jobs = list(jobs)
+        self.cond = threading.Condition()
+        self.cancelled = threading.Event()
+
+    def next_work(self) -> tuple[_FileJob, int, int, int] | None:
+        with self.cond:
+            while not self.cancelled.is_set():
+                active = [job for job in self.jobs if not job.finished]
+                if not active:
+                    return None
+                for job in active:
+                    work = job.take_chunk()
+                    if work is not None:
+                        return (job, *work)
+                self.cond.wait(0.2)
+        return None
+
+    def chunk_done(self, job: _FileJob) -> None:
+        with self.cond:
+            job.inflight -= 1
+            self.cond.notify_all()
+
+    def range_answer(self, job: _FileJob, honoured: bool) -> bool:
+        """Record whether the server honoured ``Range`` for ``job``; True if this worker must stream to the end."""
+        with self.cond:
+            first = job.range_ok is None
+            if first:
+                job.range_ok = honoured
+                if not honoured:
+                    logger.warning("%s: the server ignores Range requests; fetching it as one stream", job.task.path)
+                    job.next_offset = job.task.size
+            self.cond.notify_all()
+            return first and not honoured
+
+
+def _status_error(job: _FileJob, response: Any) -> BaseException:
+    status = response.status_code
+    if status == 429 or status >= 500:
+        retry_after = response.headers.get("Retry-After")
+        seconds = float(retry_after) if retry_after and retry_after.strip().isdigit() else None
+        return _Retry(f"HTTP {status}", seconds)
+    if status in (401, 403):
+        return HubAuthError(f"{job.task.path}: download refused (HTTP {status}); log in with `hf auth login` or "
+                            f"set HF_TOKEN to a token that can read this repository")
+    return HubError(f"{job.task.path}: the server answered HTTP {status} for {job.task.url}; check the repository "
+                    f"and revision")
+
+
+def _fetch_chunk(job: _FileJob, start: int, end: int, generation: int, client: Any,
+                 sched: _Scheduler) -> None:
+    """Fetch ``[start, end)`` of ``job``'s file, retrying transient failures with backoff."""
+    import httpx2
+
+    options = job.options
+    position, failures = start, 0
+    while position < end:
+        if sched.cancelled.is_set():
+            return
+        try:
+            end = _stream_once(job, position, end, generation, client, sched)
+            position = end
+        except _PartialProgress as progress:
+            failures = 0 if progress.position > position else failures + 1
+            position = progress.position
+            delay = _delay(options, failures, progress.cause)
+            if failures > options.retries:
+                raise IncompleteDownloadError(
+                    f"{job.task.path}: gave up at byte {position} of {job.task.size} after {failures} failed attempts "
+                    f"({progress.cause}); run the same command again to resume") from None
+            logger.warning("%s: %s at byte %d; retrying in %.1fs", job.task.path, progress.cause, position, delay)
+            sched.cancelled.wait(delay)
+        except httpx2.InvalidURL as exc:
+            raise HubError(f"{job.task.url}: invalid URL ({exc})") from None
+
+
+class _PartialProgress(Exception):
+    def __init__(self, position: int, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.position = position
+        self.cause = cause
+
+
+def _delay(options: TransferOptions, failures: int, cause: BaseException) -> float:
+    if isinstance(cause, _Retry) and cause.retry_after is not None:
+        return min(cause.retry_after, options.retry_after_max)
+    return min(options.backoff_base * (2 ** max(failures - 1, 0)), options.backoff_max)
+
+
+def _stream_once(job: _FileJob, position: int, end: int, generation: int, client: Any,
+                 sched: _Scheduler) -> int:
+    """One request for ``[position, end)``; returns the end reached, raises _PartialProgress on failure."""
+    import httpx2
+
+    try:
+        with client.stream("GET", job.task.url, headers={"Range": f"bytes={position}-{end - 1}"}) as response:
+            if response.status_code not in (200, 206):
+                raise _status_error(job, response)
+            skip = 0
+            if response.status_code == 206:
+                _check_content_range(job, response, position)
+                sched.range_answer(job, True)
+            else:
+                if sched.range_answer(job, False):
+                    end = job.task.size
+                skip = position  # a 200 carries the whole file: drop what is already here
+            for piece in response.iter_raw(_READ_BYTES):
+                if skip:
+                    if len(piece) <= skip:
+                        skip -= len(piece)
+                        continue
+                    piece, skip = piece[skip:], 0
+                if sched.cancelled.is_set():
+                    return position
+                piece = piece[: end - position]
+                job.commit(position, piece, generation)
+                position += len(piece)
+                if position >= end:
+                    return end
+        raise _Retry(f"the response ended {end - position} bytes early")
+    except (_Retry, httpx2.TransportError) as exc:
+        raise _PartialProgress(position, exc) from None
+
+
+def _check_content_range(job: _FileJob, response: Any, position: int) -> None:
+    content_range = response.headers.get("Content-Range", "")
+    try:
+        first = int(content_range.split()[1].split("-")[0])
+    except (IndexError, ValueError):
+        raise _Retry(f"unreadable Content-Range {content_range!r}") from None
+    if first != position:
+        raise _Retry(f"asked for byte {position} but the server sent from byte {first}")
+
+
+def _worker(sched: _Scheduler, client: Any) -> None:
+    while (work := sched.next_work()) is not None:
+        job, start, end, generation = work
+        try:
+            _fetch_chunk(job, start, end, generation, client, sched)
+        except _Abandon:
+            pass
+        except GptqToolsError as exc:
+            job.fail(exc)
+        except BaseException as exc:  # noqa: BLE001 - kept on the job and re-raised in the calling thread
+            job.fail(exc)
+        finally:
+            sched.chunk_done(job)
+
+
+def _make_client(headers: dict[str, str], options: TransferOptions) -> Any:
+    import httpx2
+
+    limits = httpx2.Limits(max_connections=options.max_workers * 2, max_keepalive_connections=options.max_workers * 2)
+    timeout = httpx2.Timeout(options.stall_timeout, connect=options.connect_timeout, pool=None)
+    return httpx2.Client(headers={**headers, "Accept-Encoding": "identity"}, timeout=timeout, limits=limits,
+                         follow_redirects=True)
+
+
+def fetch_files(tasks: Sequence[FileTask], *, headers: dict[str, str], options: TransferOptions, bar: Any,
+                on_verified: Callable[[FileTask], None] | None = None) -> None:
+    """Fetch ``tasks`` into their final paths, each verified against its hash before it is renamed.
+
+    Args:
+        tasks: files to fetch (a partial ``incomplete`` file is resumed after re-hashing it).
+        headers: HTTP headers for every request (auth, user agent).
+        options: parallelism, chunking, retries and timeouts.
+        bar: a tqdm-like object; ``update(n)`` is called with every byte written (negative on restart).
+        on_verified: called (from a worker thread) as soon as a file is at its final name.
+
+    Raises:
+        ChecksumMismatchError: a file's bytes were wrong twice.
+        IncompleteDownloadError: a file kept failing; what arrived stays on disk for the next run.
+        HubAuthError, HubError: the server refused a file.
+    """
+    jobs = [_FileJob(task, bar, options, on_verified) for task in tasks]
+    for job in jobs:
+        job.open()
+    sched = _Scheduler(jobs)
+    client = _make_client(headers, options)
+    threads = [threading.Thread(target=_worker, args=(sched, client), name=f"download-{i}", daemon=True)
+               for i in range(max(1, options.max_workers))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.5)
+    except BaseException:
+        sched.cancelled.set()
+        raise
+    finally:
+        sched.cancelled.set()
+        for thread in threads:
+            thread.join(5)
+        client.close()
+        for job in jobs:
+            if job.handle is not None and not job.handle.closed:
+                job.handle.close()
+    _raise_failures(jobs)
+
+
+def _raise_failures(jobs: Sequence[_FileJob]) -> None:
+    failed = [job for job in jobs if job.error is not None]
+    for job in failed[1:]:
+        logger.error("%s", job.error)
+    if failed:
+        raise failed[0].error  # type: ignore[misc]
+    unfinished = [job.task.path for job in jobs if not job.done]
+    if unfinished:
+        raise IncompleteDownloadError(f"{', '.join(unfinished)}: not finished; run the same command again to resume")
