@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .download import DownloadResult, JoinedFile, download, plan_download
+from .downloader import DownloadResult, JoinedFile, download, plan_download
 from .plan import DownloadPlan, PlannedFile, PlannedJoin
 from .remote import RemoteFile, RepoSpec, ResolvedRepo, parse_spec, resolve_repo
 from .transfer import FileTask, TransferOptions, fetch_files
