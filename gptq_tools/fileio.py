@@ -29,10 +29,44 @@ TEMP_PREFIX = ".gptq-tools-tmp-"
 
 
 def temp_path_for(final: Path) -> Path:
-    """A fresh, unique temporary path next to ``final`` (same filesystem, so the rename is atomic)."""
-    handle, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{final.name}.", dir=final.parent)
+    """A fresh, unique temporary path next to ``final`` (same filesystem, so the rename is atomic).
+
+    The name carries our PID so that a later run can recognise and remove the leftovers of a run that
+    was killed (see :func:`remove_stale_temps`).
+    """
+    handle, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{final.name}.{os.getpid()}.", dir=final.parent)
     os.close(handle)
     return Path(name)
+
+
+def remove_stale_temps(final: Path) -> list[Path]:
+    """Delete temporaries for ``final`` left by processes that no longer run (killed mid-write)."""
+    removed: list[Path] = []
+    prefix = f"{TEMP_PREFIX}{final.name}."
+    if not final.parent.is_dir():
+        return removed
+    for entry in final.parent.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        pid_text = entry.name[len(prefix):].split(".", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed.append(entry)
+                logger.info("removed %s, left by an interrupted run (pid %s)", entry, pid_text)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_output_free(path: Path, *, force: bool) -> None:
@@ -63,6 +97,7 @@ def atomic_output(final: str | os.PathLike[str], *, force: bool = False, mode: s
     final = Path(final)
     check_output_free(final, force=force)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final)
     temp = temp_path_for(final)
     try:
         with open(temp, mode) as handle:
