@@ -7,7 +7,7 @@ import json
 import random
 from dataclasses import dataclass
 
-from hub_server import HubServer
+from tests.hub_server import HubServer
 
 FAST = {"backoff_base": 0.02, "backoff_max": 0.1, "stall_timeout": 5.0, "connect_timeout": 5.0}
 
@@ -15,6 +15,14 @@ FAST = {"backoff_base": 0.02, "backoff_max": 0.1, "stall_timeout": 5.0, "connect
 def blob(size: int, seed: int) -> bytes:
     """``size`` pseudo-random bytes (deterministic per seed)."""
     return random.Random(seed).randbytes(size)
+
+
+def safetensors_blob(size: int, seed: int) -> bytes:
+    """A valid safetensors file of about ``size`` bytes: one uint8 tensor of random bytes."""
+    from gptq_tools.safetensors_format import build_header
+
+    header, _ = build_header([("weight", "U8", (size,))])
+    return header + blob(size, seed)
 
 
 def sha256(data: bytes) -> str:
@@ -43,7 +51,8 @@ def populate(server: HubServer) -> SeedData:
         "README.md": b"# model\n",
     }
     model_dev = {"config.json": b'{"model_type": "opt", "hidden_size": 16}', "model.safetensors": blob(300_000, 2)}
-    whole = blob(900_000, 3)
+    whole = safetensors_blob(899_920, 3)
+    assert len(whole) == 900_000
     stem = "gptq_model-4bit--1g"
     parts = {f"{stem}.JOINBEFOREUSE.split-{letter}.safetensors": whole[i * 400_000:(i + 1) * 400_000]
              for i, letter in enumerate("abc")}

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from download_helpers import FAST, SeedData, blob, populate, sha256
+from tests.download_helpers import FAST, SeedData, blob, populate, sha256
 from gptq_tools.errors import (
     ChecksumMismatchError, HubAuthError, IncompleteDownloadError, InsufficientSpaceError, OutputExistsError,
     RepoNotFoundError, RevisionNotFoundError, UsageError,
 )
 from gptq_tools.hub import TransferOptions, download, parse_spec, plan_download
 from gptq_tools.hub.state import LocalState
-from hub_server import HubServer
+from tests.hub_server import HubServer
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from download_helpers import FAST, SeedData, blob, populate, sha256
+from tests.download_helpers import FAST, SeedData, blob, populate, sha256
 from gptq_tools.errors import ChecksumMismatchError, OutputExistsError
 from gptq_tools.hub import TransferOptions, download
-from hub_server import HubServer
+from tests.hub_server import HubServer
 
 STEM = "gptq_model-4bit--1g"
 PUBLISHED = "50baeab9859362d22df6f822f158b9ba75b44ffc6605b715992fe6245aa6e93a"
@@ -33,7 +33,7 @@ class JoinRecorder:
 
     def __call__(self, parts: list[Path], output: Path | None = None, *, expected_sha256: str | None = None,
                  manifest: Path | None = None, force: bool = False, delete_parts: bool = False,
-                 method: str = "auto") -> types.SimpleNamespace:
+                 method: str = "auto", progress: bool | None = None) -> types.SimpleNamespace:
         self.calls.append({"parts": [Path(p) for p in parts], "output": Path(output), "expected": expected_sha256,
                            "force": force, "delete_parts": delete_parts})
         self.seen_while_joining.append({p.name for p in Path(output).parent.iterdir()})

@@ -9,8 +9,8 @@ import pytest
 from huggingface_hub import HfApi, errors, snapshot_download
 from huggingface_hub.file_download import get_hf_file_metadata
 
-from download_helpers import SeedData, populate, sha256
-from hub_server import HubServer
+from tests.download_helpers import SeedData, populate, sha256
+from tests.hub_server import HubServer
 
 
 @pytest.fixture

@@ -128,6 +128,10 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
         return DownloadResult(plan, (), (), 0, time.monotonic() - started, dry_run=True)
     if check_space:
         check_fits(plan)
+    unchecked = [j.output for j in plan.joins if not j.done and j.source == "none"]
+    if delete_parts and unchecked:
+        raise UsageError(f"--delete-parts needs a published SHA256 of {', '.join(unchecked)} (give --sha256 NAME=HEX): "
+                         f"parts are only deleted after the joined file is verified")
     options = options or TransferOptions(max_workers=max_workers)
     plan.local_dir.mkdir(parents=True, exist_ok=True)
     state = LocalState(plan.local_dir)
@@ -201,7 +205,8 @@ class _Joiner:
         folder = self.plan.local_dir
         logger.info("%s: all %d parts verified, joining", join.output, len(join.parts))
         result = join_parts([folder / p for p in join.parts], folder / join.output, expected_sha256=expected,
-                            force=self.force or join.output in self.plan.replaced, delete_parts=self.delete_parts)
+                            force=self.force or join.output in self.plan.replaced, delete_parts=self.delete_parts,
+                            progress=False)
         self.state.mark_verified(join.output, ("sha256", result.sha256))
         return JoinedFile(join.output, result.sha256, bool(result.verified), source)
 

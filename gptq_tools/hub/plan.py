@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InsufficientSpaceError, OutputExistsError, UsageError
+from ..parts import parse_part_name
 from ..units import format_size
 from .remote import RemoteFile, ResolvedRepo
 from .state import LocalState
@@ -18,7 +19,6 @@ logger = logging.getLogger(__name__)
 
 #: Manifests in a repository that publish whole-file hashes (sha256sum format).
 MANIFEST_NAMES = ("SHA256SUMS", "SHA256SUMS.txt", "sha256sums.txt")
-_PART_RE = re.compile(r"^(?P<stem>.+)\.JOINBEFOREUSE\.split-(?P<letter>[a-z]+)(?P<ext>\.[A-Za-z0-9]+)?$")
 
 
 @dataclass(frozen=True)
@@ -106,17 +106,16 @@ def find_joins(repo: ResolvedRepo, files: list[RemoteFile], *, sha256: dict[str,
     chosen = {f.path for f in files}
     groups: dict[str, list[str]] = {}
     for path in sorted(chosen):
-        match = _PART_RE.match(path.rsplit("/", 1)[-1])
-        if match:
-            folder = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
-            groups.setdefault(folder + match["stem"] + (match["ext"] or ""), []).append(path)
+        output = _joined_name(path)
+        if output is not None:
+            groups.setdefault(output, []).append(path)
     preset_files = _preset_files(repo)
     for output, info in preset_files.items():
         if info.get("parts") and set(info["parts"]) <= chosen:
             groups[output] = list(info["parts"])
     joins = []
     for output, parts in sorted(groups.items()):
-        parts = sorted(parts, key=lambda p: (len(p), p)) if output not in preset_files else parts
+        parts = sorted(parts, key=_part_position) if output not in preset_files else parts
         _check_complete(repo, output, parts, by_path, chosen)
         expected, source = _expected_hash(output, sha256, preset_files, repo)
         joins.append(PlannedJoin(output, tuple(parts), sum(by_path[p].size for p in parts), expected, source))
@@ -138,7 +137,7 @@ def _preset_files(repo: ResolvedRepo) -> dict[str, dict[str, Any]]:
 
 def _check_complete(repo: ResolvedRepo, output: str, parts: list[str], by_path: dict[str, RemoteFile],
                     chosen: set[str]) -> None:
-    siblings = {p for p in by_path if _PART_RE.match(p.rsplit("/", 1)[-1]) and _joined_name(p) == output}
+    siblings = {p for p in by_path if _joined_name(p) == output}
     missing = sorted((siblings | set(parts)) - chosen)
     absent = sorted(set(parts) - set(by_path))
     if absent:
@@ -150,11 +149,19 @@ def _check_complete(repo: ResolvedRepo, output: str, parts: list[str], by_path: 
 
 
 def _joined_name(path: str) -> str | None:
-    match = _PART_RE.match(path.rsplit("/", 1)[-1])
-    if match is None:
+    """The joined file a part belongs to (same naming rules as ``gptq-tools join``), or None."""
+    folder, _, name = path.rpartition("/")
+    parsed = parse_part_name(name)
+    if parsed is None:
         return None
-    folder = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
-    return folder + match["stem"] + (match["ext"] or "")
+    return f"{folder}/{parsed.output_name}" if folder else parsed.output_name
+
+
+def _part_position(path: str) -> tuple[int, int | str]:
+    """Sort key of a part: letter suffixes by width then letters (``a``..``z``, ``aa``..), numbers by value."""
+    parsed = parse_part_name(path.rpartition("/")[2])
+    key = parsed.key if parsed is not None else path
+    return (len(key), key) if not key.isdigit() else (0, int(key))
 
 
 def _expected_hash(output: str, sha256: dict[str, str], preset_files: dict[str, dict[str, Any]],
