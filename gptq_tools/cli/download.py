@@ -74,10 +74,14 @@ def _print_plan(plan: object) -> None:
                  "missing": "fetch"}[item["status"]]
         print(f"  {state:<28} {format_size(item['size']):>10}  {item['path']}")
     for join in data["joins"]:
-        expected = join["expected_sha256"] or "no published hash"
+        if join["expected_sha256"]:
+            check = f"expected sha256 from {join['expected_from']}: {join['expected_sha256']}"
+        elif join["expected_from"] == "SHA256SUMS":
+            check = "expected sha256 from SHA256SUMS in the repository"
+        else:
+            check = "no published sha256: only the parts are verified"
         status = "already joined" if join["done"] else "join"
-        print(f"  {status:<28} {format_size(join['size']):>10}  {join['output']} <- {len(join['parts'])} parts "
-              f"(expected sha256 from {join['expected_from']}: {expected})")
+        print(f"  {status:<28} {format_size(join['size']):>10}  {join['output']} <- {len(join['parts'])} parts ({check})")
     fits = "fits" if data["fits"] else "DOES NOT FIT"
     print(f"to download: {format_size(data['download_bytes'])}; to join: {format_size(data['join_bytes'])}; "
           f"free: {format_size(data['free_bytes'])} ({fits})")
