@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -48,13 +49,16 @@ def make_files(folder: Path, total_bytes: int) -> dict[str, Path]:
     return files
 
 
-def run_client(command: list[str], env: dict[str, str], out: Path) -> float:
-    """Wall time of one client process downloading into ``out`` (removed first)."""
+def run_client(command: list[str], env: dict[str, str], out: Path) -> tuple[float, float]:
+    """Wall time and CPU time (user + system) of one client process downloading into ``out``."""
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=False)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def check_same(a: Path, b: Path, files: dict[str, Path]) -> None:
@@ -92,13 +96,17 @@ def main() -> int:
             for round_number in range(1, args.rounds + 1):
                 theirs.append(run_client(theirs_cmd, env, workdir / "theirs"))
                 ours.append(run_client(ours_cmd, env, workdir / "ours"))
-                print(f"round {round_number}: snapshot_download {theirs[-1]:.2f}s, gptq-tools download {ours[-1]:.2f}s")
+                print(f"round {round_number}: snapshot_download {theirs[-1][0]:.2f}s (cpu {theirs[-1][1]:.2f}s), "
+                      f"gptq-tools download {ours[-1][0]:.2f}s (cpu {ours[-1][1]:.2f}s)", flush=True)
             check_same(workdir / "ours", workdir / "theirs", files)
-        best_ours, best_theirs = min(ours), min(theirs)
-        print(f"snapshot_download (sizes checked only):     {best_theirs:.2f}s  {total / best_theirs / 1e9:.2f} GB/s")
-        print(f"gptq-tools download (every SHA256 checked): {best_ours:.2f}s  {total / best_ours / 1e9:.2f} GB/s")
+        (best_ours, cpu_ours), (best_theirs, cpu_theirs) = min(ours), min(theirs)
+        print(f"snapshot_download (sizes checked only):     {best_theirs:.2f}s  {total / best_theirs / 1e9:.2f} GB/s  "
+              f"cpu {cpu_theirs:.2f}s")
+        print(f"gptq-tools download (every SHA256 checked): {best_ours:.2f}s  {total / best_ours / 1e9:.2f} GB/s  "
+              f"cpu {cpu_ours:.2f}s")
         print(f"ratio snapshot_download time / gptq-tools time: {best_theirs / best_ours:.2f} "
-              f"({'gptq-tools faster' if best_ours < best_theirs else 'snapshot_download faster'})")
+              f"({'gptq-tools faster' if best_ours < best_theirs else 'snapshot_download faster'}; "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..errors import ChecksumMismatchError, GptqToolsError, HubAuthError, HubError, IncompleteDownloadError
 from ..fileio import fsync_dir, raise_if_no_space
+from .http import make_client
 from .state import feed_file, start_hasher
 
 logger = logging.getLogger(__name__)
@@ -422,15 +423,6 @@ def _worker(sched: _Scheduler, client: Any) -> None:
             sched.chunk_done(job)
 
 
-def _make_client(headers: dict[str, str], options: TransferOptions) -> Any:
-    import httpx2
-
-    limits = httpx2.Limits(max_connections=options.max_workers * 2, max_keepalive_connections=options.max_workers * 2)
-    timeout = httpx2.Timeout(options.stall_timeout, connect=options.connect_timeout, pool=None)
-    return httpx2.Client(headers={**headers, "Accept-Encoding": "identity"}, timeout=timeout, limits=limits,
-                         follow_redirects=True)
-
-
 def fetch_files(tasks: Sequence[FileTask], *, headers: dict[str, str], options: TransferOptions, bar: Any,
                 on_verified: Callable[[FileTask], None] | None = None) -> None:
     """Fetch ``tasks`` into their final paths, each verified against its hash before it is renamed.
@@ -451,7 +443,8 @@ def fetch_files(tasks: Sequence[FileTask], *, headers: dict[str, str], options: 
     for job in jobs:
         job.open()
     sched = _Scheduler(jobs)
-    client = _make_client(headers, options)
+    client = make_client(headers, connections=options.max_workers * 2, read_timeout=options.stall_timeout,
+                         connect_timeout=options.connect_timeout)
     threads = [threading.Thread(target=_worker, args=(sched, client), name=f"download-{i}", daemon=True)
                for i in range(max(1, options.max_workers))]
     try:
