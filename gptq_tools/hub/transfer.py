@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,10 @@ from .state import feed_file, start_hasher
 logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+#: Blocks at least this large are hashed on a second thread while they are written.
+_PARALLEL_HASH_BYTES = 1 * MiB
+#: Reads at least this large are committed as they are instead of being gathered into a block.
+_DIRECT_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,9 @@ class _FileJob:
     """A file in transfer: the written prefix, chunks waiting for it, and the running hash."""
 
     def __init__(self, task: FileTask, bar: Any, options: TransferOptions,
-                 on_verified: Callable[[FileTask], None] | None) -> None:
+                 on_verified: Callable[[FileTask], None] | None, hash_pool: ThreadPoolExecutor) -> None:
         self.task = task
+        self.hash_pool = hash_pool
         self.bar = bar
         self.options = options
         self.on_verified = on_verified
@@ -115,6 +121,7 @@ class _FileJob:
         self.hasher = start_hasher(task.checksum[0], task.size)
         self.hashed = 0
         self.next_offset = 0
+        self.wake: Callable[[], None] = lambda: None  # set by the scheduler: the window may have opened
 
     @property
     def finished(self) -> bool:
@@ -153,12 +160,7 @@ class _FileJob:
                         self.writing = False
                         complete = self.hashed == self.task.size and generation == self.generation
                         break
-                try:
-                    self.handle.write(chunk)
-                except OSError as exc:
-                    raise_if_no_space(exc, self.task.final)
-                    raise
-                self.hasher.update(chunk)
+                self._write_and_hash(chunk)
                 with self.lock:
                     self.hashed += len(chunk)
                 self.bar.update(len(chunk))
@@ -166,8 +168,23 @@ class _FileJob:
             with self.lock:
                 self.writing = False
             raise
+        self.wake()
         if complete:
             self._finish()
+
+    def _write_and_hash(self, chunk: bytes) -> None:
+        """Write ``chunk`` at the end of the prefix while another thread hashes it (both release the GIL)."""
+        hashing = self.hash_pool.submit(self.hasher.update, chunk) if len(chunk) >= _PARALLEL_HASH_BYTES else None
+        try:
+            self.handle.write(chunk)
+        except OSError as exc:
+            raise_if_no_space(exc, self.task.final)
+            raise
+        finally:
+            if hashing is not None:
+                hashing.result()
+        if hashing is None:
+            self.hasher.update(chunk)
 
     def _finish(self) -> None:
         """All bytes are written: rename on a matching hash, otherwise start again or report."""
@@ -218,14 +235,16 @@ class _FileJob:
         if self.handle is not None and not self.handle.closed:
             self.handle.close()
 
-    def take_chunk(self) -> tuple[int, int, int] | None:
-        """The next range to fetch, or None (all handed out, waiting for the range probe, or window full)."""
+    def can_take(self) -> bool:
+        """Whether a range can be handed out now (not all handed out, no range probe pending, window open)."""
         if self.finished or self.next_offset >= self.task.size:
-            return None
+            return False
         if self.range_ok is None and self.inflight > 0:
-            return None  # the first response tells whether the server honours Range
-        if self.next_offset >= self.hashed + self.options.window_bytes:
-            return None
+            return False  # the first response tells whether the server honours Range
+        return self.next_offset < self.hashed + self.options.window_bytes
+
+    def take_chunk(self) -> tuple[int, int, int]:
+        """Hand out the next range (call only when :meth:`can_take`)."""
         start = self.next_offset
         end = self.task.size if self.range_ok is False else min(start + self.options.chunk_bytes, self.task.size)
         self.next_offset = end
@@ -234,12 +253,18 @@ class _FileJob:
 
 
 class _Scheduler:
-    """Hands chunks to workers, files in order, so parts complete (and can be joined) one after another."""
+    """Hands chunks to workers: to the file with the fewest chunks in flight, the larger remainder first."""
 
     def __init__(self, jobs: Sequence[_FileJob]) -> None:
         self.jobs = list(jobs)
         self.cond = threading.Condition()
         self.cancelled = threading.Event()
+        for job in self.jobs:
+            job.wake = self.wake
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
 
     def next_work(self) -> tuple[_FileJob, int, int, int] | None:
         with self.cond:
@@ -247,11 +272,13 @@ class _Scheduler:
                 active = [job for job in self.jobs if not job.finished]
                 if not active:
                     return None
-                for job in active:
-                    work = job.take_chunk()
-                    if work is not None:
-                        return (job, *work)
-                self.cond.wait(0.2)
+                ready = [job for job in active if job.can_take()]
+                if ready:
+                    # spread workers over files: each file's in-order write+hash runs on its own thread,
+                    # so several files progressing together use several cores
+                    job = min(ready, key=lambda j: (j.inflight, j.next_offset - j.task.size))
+                    return (job, *job.take_chunk())
+                self.cond.wait(0.5)
         return None
 
     def chunk_done(self, job: _FileJob) -> None:
@@ -384,8 +411,13 @@ class _Sink:
     def add(self, piece: bytes) -> bool:
         """Take ``piece``; True once ``end`` is reached."""
         room = self.end - self.start - len(self.block)
-        self.block += piece[:room] if len(piece) > room else piece
-        if len(self.block) >= self.limit or len(piece) >= room:
+        piece = piece[:room] if len(piece) > room else piece
+        if not self.block and len(piece) >= _DIRECT_BYTES:  # large reads go straight through, uncopied
+            self.job.commit(self.start, piece, self.generation)
+            self.start += len(piece)
+            return self.start >= self.end
+        self.block += piece
+        if len(self.block) >= self.limit or len(piece) == room:
             self.flush()
         return self.start >= self.end
 
@@ -439,7 +471,8 @@ def fetch_files(tasks: Sequence[FileTask], *, headers: dict[str, str], options: 
         IncompleteDownloadError: a file kept failing; what arrived stays on disk for the next run.
         HubAuthError, HubError: the server refused a file.
     """
-    jobs = [_FileJob(task, bar, options, on_verified) for task in tasks]
+    hash_pool = ThreadPoolExecutor(max_workers=max(1, options.max_workers), thread_name_prefix="hash")
+    jobs = [_FileJob(task, bar, options, on_verified, hash_pool) for task in tasks]
     for job in jobs:
         job.open()
     sched = _Scheduler(jobs)
@@ -461,6 +494,7 @@ def fetch_files(tasks: Sequence[FileTask], *, headers: dict[str, str], options: 
         for thread in threads:
             thread.join(5)
         client.close()
+        hash_pool.shutdown(wait=True)
         for job in jobs:
             if job.handle is not None and not job.handle.closed:
                 job.handle.close()
