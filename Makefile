@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench bench-join lint clean
+.PHONY: install test demo bench bench-join bench-download lint clean
 
 install: $(STAMP)
 
@@ -24,10 +24,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-bench: bench-join
+bench: bench-join bench-download
 
 bench-join: $(STAMP)
 	$(PY) scripts/bench_join.py
+
+bench-download: $(STAMP)
+	$(PY) scripts/bench_download.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check gptq_tools scripts tests

@@ -23,7 +23,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.hub_server import HubServer  # noqa: E402
+from tests.hub_server import HubServer
 
 BLOCK = 64 * 1024 * 1024
 
@@ -88,10 +88,9 @@ def main() -> int:
                    "GPTQ_TOOLS_DISABLE_PROGRESS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
             ours_cmd = [sys.executable, "-m", "gptq_tools", "download", "bench/model", "--local-dir",
                         str(workdir / "ours"), "--max-workers", str(args.max_workers), "--no-space-check"]
-            theirs_cmd = [sys.executable, "-c",
-                          "import sys; from huggingface_hub import snapshot_download; "
-                          "snapshot_download('bench/model', local_dir=sys.argv[1], max_workers=int(sys.argv[2]))",
-                          str(workdir / "theirs"), str(args.max_workers)]
+            snippet = ("import sys; from huggingface_hub import snapshot_download; "
+                       "snapshot_download('bench/model', local_dir=sys.argv[1], max_workers=int(sys.argv[2]))")
+            theirs_cmd = [sys.executable, "-c", snippet, str(workdir / "theirs"), str(args.max_workers)]
             ours, theirs = [], []
             for round_number in range(1, args.rounds + 1):
                 theirs.append(run_client(theirs_cmd, env, workdir / "theirs"))

@@ -5,16 +5,26 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.download_helpers import FAST, SeedData, blob, populate, sha256
+if TYPE_CHECKING:
+    from typing import Self
+
 from gptq_tools.errors import (
-    ChecksumMismatchError, HubAuthError, IncompleteDownloadError, InsufficientSpaceError, OutputExistsError,
-    RepoNotFoundError, RevisionNotFoundError, UsageError,
+    ChecksumMismatchError,
+    HubAuthError,
+    IncompleteDownloadError,
+    InsufficientSpaceError,
+    OutputExistsError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+    UsageError,
 )
 from gptq_tools.hub import TransferOptions, download, parse_spec, plan_download
 from gptq_tools.hub.state import LocalState
+from tests.download_helpers import FAST, SeedData, blob, populate, sha256
 from tests.hub_server import HubServer
 
 
@@ -143,7 +153,7 @@ def test_wrong_bytes_twice_report_both_hashes(hub: tuple[HubServer, SeedData], t
 
 
 def test_small_git_files_are_checked_too(hub: tuple[HubServer, SeedData], tmp_path: Path) -> None:
-    server, seed = hub
+    server, _ = hub
     server.add_fault("corrupt", "config.json", times=None)
     with pytest.raises(ChecksumMismatchError, match=r"config.json: .*git-sha1"):
         fetch(server, "org/model", tmp_path)
@@ -201,7 +211,7 @@ def test_progress_bar_counts_every_byte_once(hub: tuple[HubServer, SeedData], tm
         def update(self, n: int) -> None:
             self.n += n
 
-        def __enter__(self) -> Bar:
+        def __enter__(self) -> Self:
             return self
 
         def __exit__(self, *exc: object) -> None:

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from tests.download_helpers import FAST, SeedData, blob, populate, sha256
 from gptq_tools.errors import ChecksumMismatchError, OutputExistsError
 from gptq_tools.hub import TransferOptions, download
+from tests.download_helpers import FAST, SeedData, blob, populate, sha256
 from tests.hub_server import HubServer
 
 STEM = "gptq_model-4bit--1g"

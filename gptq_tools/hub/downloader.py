@@ -13,8 +13,16 @@ from typing import Any
 from ..errors import HubError, UsageError
 from ..progress import byte_bar
 from .plan import (
-    MANIFEST_NAMES, DownloadPlan, PlannedFile, PlannedJoin, check_fits, find_joins, free_space,
-    parse_sha256_options, plan_files, select_files,
+    MANIFEST_NAMES,
+    DownloadPlan,
+    PlannedFile,
+    PlannedJoin,
+    check_fits,
+    find_joins,
+    free_space,
+    parse_sha256_options,
+    plan_files,
+    select_files,
 )
 from .remote import ResolvedRepo, parse_spec, resolve_repo
 from .state import LocalState

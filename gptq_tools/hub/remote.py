@@ -14,7 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from ..errors import HubAuthError, HubError, RepoNotFoundError, RevisionNotFoundError, UsageError
+from ..errors import (
+    HubAuthError,
+    HubError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+    UsageError,
+)
 from ..presets import Preset, find_preset
 
 logger = logging.getLogger(__name__)
@@ -91,8 +97,8 @@ def parse_spec(spec: str, *, revision: str | None = None) -> RepoSpec:
 @contextlib.contextmanager
 def hub_errors(repo_id: str, revision: str | None = None, *, endpoint: str = "") -> Iterator[None]:
     """Turn huggingface_hub/httpx errors raised inside the block into gptq-tools' typed errors."""
-    from huggingface_hub import errors as hf_errors
     import httpx2
+    from huggingface_hub import errors as hf_errors
 
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
     try:

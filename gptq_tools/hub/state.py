@@ -25,12 +25,12 @@ logger = logging.getLogger(__name__)
 STATE_DIR = Path(".gptq-tools") / "download"
 
 
-def new_hasher(algorithm: str) -> "hashlib._Hash":
+def new_hasher(algorithm: str) -> hashlib._Hash:
     """A hasher for ``"sha256"`` or ``"git-sha1"`` (the caller feeds the git blob header first)."""
     return hashlib.sha256() if algorithm == "sha256" else hashlib.sha1()
 
 
-def start_hasher(algorithm: str, size: int) -> "hashlib._Hash":
+def start_hasher(algorithm: str, size: int) -> hashlib._Hash:
     """A hasher ready for a file's content: git blob ids hash ``b"blob <size>\\0"`` before the bytes."""
     hasher = new_hasher(algorithm)
     if algorithm == "git-sha1":
@@ -38,7 +38,7 @@ def start_hasher(algorithm: str, size: int) -> "hashlib._Hash":
     return hasher
 
 
-def feed_file(hasher: "hashlib._Hash", path: Path, *, length: int | None = None,
+def feed_file(hasher: hashlib._Hash, path: Path, *, length: int | None = None,
               on_bytes: Callable[[int], None] | None = None) -> int:
     """Feed the first ``length`` bytes of ``path`` (all when None) into ``hasher``; returns the count."""
     size = path.stat().st_size if length is None else length

@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ChecksumMismatchError, GptqToolsError, HubAuthError, HubError, IncompleteDownloadError
+from ..errors import (
+    ChecksumMismatchError,
+    GptqToolsError,
+    HubAuthError,
+    HubError,
+    IncompleteDownloadError,
+)
 from ..fileio import fsync_dir, raise_if_no_space
 from .http import make_client
 from .state import feed_file, start_hasher
