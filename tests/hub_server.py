@@ -121,7 +121,8 @@ def make_file(path: str, content: bytes | Path, *, lfs: bool | None = None) -> S
 class HubServer:
     """A fake Hub in a thread. Use as a context manager; ``endpoint`` is the base URL."""
 
-    def __init__(self, *, page_size: int = 1000) -> None:
+    def __init__(self, *, page_size: int = 1000, redirect_lfs: bool = False) -> None:
+        self.redirect_lfs = redirect_lfs  # LFS files answer 302 to a "CDN" host (localhost), as the Hub does
         self.repos: dict[str, Repo] = {}
         self.faults: list[Fault] = []
         self.tokens: set[str] = {"hf_valid_token"}
@@ -207,6 +208,7 @@ class HubServer:
 
 _API_RE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/(?P<what>revision|tree|paths-info|refs)(?:/(?P<rest>.*))?$")
 _RESOLVE_RE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
+_CDN_RE = re.compile(r"^/lfs-cdn/(?P<sha>[0-9a-f]{64})$")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -276,8 +278,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub.requests.append((self.command, url.path, self.headers.get("Range")))
         api = _API_RE.match(url.path)
         resolve = _RESOLVE_RE.match(url.path)
+        cdn = _CDN_RE.match(url.path)
         try:
-            if api:
+            if cdn:
+                self._cdn(cdn.group("sha"))
+            elif api:
                 self._api(api.group("repo"), api.group("what"), api.group("rest") or "", parse_qs(url.query))
             elif resolve:
                 self._resolve(resolve.group("repo"), resolve.group("rev"), unquote(resolve.group("path")))
@@ -360,6 +365,35 @@ class _Handler(BaseHTTPRequestHandler):
         if served is None:
             self._send_error(404, "EntryNotFound", f"{path} does not exist on {rev}")
             return
+        if served.sha256 and self.hub.redirect_lfs:
+            self._redirect(served, commit)
+            return
+        self._serve(served, commit, path)
+
+    def _redirect(self, served: ServedFile, commit: str) -> None:
+        port = self.hub.endpoint.rsplit(":", 1)[1]
+        self.send_response(302)
+        self.send_header("Location", f"http://localhost:{port}/lfs-cdn/{served.sha256}")
+        self.send_header("ETag", f'"{served.git_oid}"')
+        self.send_header("X-Repo-Commit", commit)
+        self.send_header("X-Linked-Etag", f'"{served.sha256}"')
+        self.send_header("X-Linked-Size", str(served.size))
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _cdn(self, sha: str) -> None:
+        if self.headers.get("Authorization"):
+            self._send_error(400, None, "the CDN must not receive the Hub token")
+            return
+        for repo in self.hub.repos.values():
+            for branch, files in repo.branches.items():
+                for served in files.values():
+                    if served.sha256 == sha:
+                        self._serve(served, repo.commits[branch], served.path)
+                        return
+        self._send_error(404, None, "no such object")
+
+    def _serve(self, served: ServedFile, commit: str, path: str) -> None:
         if self.command == "GET" and self._early_fault(path):
             return
         start, end = 0, served.size

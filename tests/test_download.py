@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 from gptq_tools.errors import (
     ChecksumMismatchError,
     HubAuthError,
+    HubError,
     IncompleteDownloadError,
     InsufficientSpaceError,
     OutputExistsError,
@@ -343,3 +344,19 @@ def test_unequal_part_names_sort_by_length(tmp_path: Path) -> None:
         server.add_repo("org/many", {"main": parts})
         plan = download("org/many", local_dir=tmp_path, endpoint=server.endpoint, dry_run=True).plan
     assert [p.rsplit("-", 1)[1] for p in plan.joins[0].parts] == ["a.bin", "b.bin", "aa.bin"]
+
+
+def test_lfs_redirects_are_followed_without_leaking_the_token(tmp_path: Path) -> None:
+    with HubServer(redirect_lfs=True) as server:
+        populate(server)
+        server.add_fault("drop", "model.safetensors", after_bytes=1000)  # resumes at the CDN too
+        download("org/gated", local_dir=tmp_path, endpoint=server.endpoint, token="hf_valid_token", options=opts())
+        cdn = [r for r in server.requests if r[1].startswith("/lfs-cdn/")]
+    assert (tmp_path / "model.safetensors").stat().st_size == 1000 and len(cdn) >= 1
+
+
+def test_offline_mode_is_explained(hub: tuple[HubServer, SeedData], tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(HubError, match=r"org/model@main: HF_HUB_OFFLINE is set, so the Hub cannot be asked"):
+        fetch(hub[0], "org/model", tmp_path)

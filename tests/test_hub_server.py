@@ -95,3 +95,13 @@ def test_faults_are_switchable(served: tuple[HubServer, SeedData]) -> None:
     server.add_fault("stall", "model.safetensors", after_bytes=100, seconds=5)
     with pytest.raises(httpx2.ReadTimeout):
         httpx2.get(url, timeout=httpx2.Timeout(5.0, read=0.3))
+
+
+def test_lfs_redirect_to_a_cdn_host(tmp_path: Path) -> None:
+    with HubServer(redirect_lfs=True) as server:
+        seed = populate(server)
+        meta = get_hf_file_metadata(f"{server.endpoint}/org/model/resolve/main/model.safetensors")
+        assert meta.location.startswith("http://localhost:") and meta.size == len(seed.model_main["model.safetensors"])
+        folder = Path(snapshot_download("org/model", local_dir=tmp_path, endpoint=server.endpoint))
+        assert all((folder / name).read_bytes() == data for name, data in seed.model_main.items())
+        assert any(path.startswith("/lfs-cdn/") for _, path, _ in server.requests)
