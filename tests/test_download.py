@@ -28,6 +28,8 @@ from gptq_tools.hub.state import LocalState
 from tests.download_helpers import FAST, SeedData, blob, populate, sha256
 from tests.hub_server import HubServer
 
+pytestmark = pytest.mark.timeout(120)  # a transfer bug shows up as a hang: fail it instead
+
 
 @pytest.fixture
 def hub() -> tuple[HubServer, SeedData]:
@@ -360,3 +362,12 @@ def test_offline_mode_is_explained(hub: tuple[HubServer, SeedData], tmp_path: Pa
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(HubError, match=r"org/model@main: HF_HUB_OFFLINE is set, so the Hub cannot be asked"):
         fetch(hub[0], "org/model", tmp_path)
+
+
+def test_range_ignored_then_dropped_mid_stream(hub: tuple[HubServer, SeedData], tmp_path: Path) -> None:
+    server, seed = hub
+    server.add_fault("ignore_range", "model.safetensors", times=None)
+    server.add_fault("drop", "model.safetensors", after_bytes=300_000, times=2)
+    fetch(server, "org/model", tmp_path)
+    assert_folder(tmp_path, seed.model_main)
+    assert len(server.resolve_requests("model.safetensors")) == 3  # one stream, resumed twice

@@ -18,6 +18,8 @@ from gptq_tools.hub.state import LocalState
 from tests.download_helpers import SeedData, blob, populate, sha256
 from tests.hub_server import HubServer
 
+pytestmark = pytest.mark.timeout(120)  # a transfer bug shows up as a hang: fail it instead
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -20,6 +20,8 @@ from gptq_tools.hub import TransferOptions, download
 from tests.download_helpers import FAST, SeedData, blob, populate, sha256
 from tests.hub_server import HubServer
 
+pytestmark = pytest.mark.timeout(120)  # a transfer bug shows up as a hang: fail it instead
+
 STEM = "gptq_model-4bit--1g"
 PUBLISHED = "50baeab9859362d22df6f822f158b9ba75b44ffc6605b715992fe6245aa6e93a"
 

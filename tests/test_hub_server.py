@@ -12,6 +12,8 @@ from huggingface_hub.file_download import get_hf_file_metadata
 from tests.download_helpers import SeedData, populate, sha256
 from tests.hub_server import HubServer
 
+pytestmark = pytest.mark.timeout(120)  # a transfer bug shows up as a hang: fail it instead
+
 
 @pytest.fixture
 def served() -> tuple[HubServer, SeedData]:

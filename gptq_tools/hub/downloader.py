@@ -148,11 +148,15 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
     manifests = [f for f in todo if f.remote.path in MANIFEST_NAMES]
     rest = [f for f in todo if f.remote.path not in MANIFEST_NAMES]
     headers = _headers(token)
-    with byte_bar(sum(f.remote.size for f in todo), desc=plan.repo.repo_id) as bar:
-        for group in (manifests, rest):
-            if group:
-                tasks = [_task(plan.repo, state, f) for f in group]
-                fetch_files(tasks, headers=headers, options=options, bar=bar, on_verified=joiner.file_verified)
+    try:
+        with byte_bar(sum(f.remote.size for f in todo), desc=plan.repo.repo_id) as bar:
+            for group in (manifests, rest):
+                if group:
+                    tasks = [_task(plan.repo, state, f) for f in group]
+                    fetch_files(tasks, headers=headers, options=options, bar=bar, on_verified=joiner.file_verified)
+    except BaseException:
+        joiner.close()
+        raise
     joined = joiner.wait()
     return DownloadResult(plan, tuple(f.remote.path for f in todo), tuple(joined),
                           sum(f.remote.size - f.have_bytes for f in todo), time.monotonic() - started)
@@ -227,6 +231,13 @@ class _Joiner:
         entries = parse_manifest(self.plan.local_dir / name)
         expected = entries.get(join.output) or entries.get(join.output.rsplit("/", 1)[-1])
         return (expected.lower() if expected else None), f"{name} in the repository"
+
+    def close(self) -> None:
+        """After a failed transfer: let running joins end, and log (not raise) what they hit."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        for future in self.futures:
+            if not future.cancelled() and future.exception() is not None:
+                logger.error("%s", future.exception())
 
     def wait(self) -> list[JoinedFile]:
         """Wait for every join; the first failure is raised."""

@@ -284,8 +284,19 @@ class _Scheduler:
                     # so several files progressing together use several cores
                     job = min(ready, key=lambda j: (j.inflight, j.next_offset - j.task.size))
                     return (job, *job.take_chunk())
+                if not any(job.inflight or job.writing for job in active):
+                    self._fail_stuck(active)
+                    continue
                 self.cond.wait(0.5)
         return None
+
+    @staticmethod
+    def _fail_stuck(jobs: Sequence[_FileJob]) -> None:
+        """Nothing in flight and nothing to hand out: end these files instead of waiting forever."""
+        for job in jobs:
+            job.fail(IncompleteDownloadError(
+                f"{job.task.path}: stopped at byte {job.hashed} of {job.task.size} with nothing left to fetch "
+                f"(the server's answers did not add up); run the same command again to resume"))
 
     def chunk_done(self, job: _FileJob) -> None:
         with self.cond:
@@ -332,7 +343,7 @@ def _fetch_chunk(job: _FileJob, start: int, end: int, generation: int, client: A
             position, end = _stream_once(job, position, end, generation, client, sched)
         except _PartialProgress as progress:
             failures = 0 if progress.position > position else failures + 1
-            position = progress.position
+            position, end = progress.position, progress.end
             delay = _delay(options, failures, progress.cause)
             if failures > options.retries:
                 raise IncompleteDownloadError(
@@ -345,9 +356,12 @@ def _fetch_chunk(job: _FileJob, start: int, end: int, generation: int, client: A
 
 
 class _PartialProgress(Exception):
-    def __init__(self, position: int, cause: BaseException) -> None:
+    """A request failed after reaching ``position`` of a range that ends at ``end``."""
+
+    def __init__(self, position: int, end: int, cause: BaseException) -> None:
         super().__init__(str(cause))
         self.position = position
+        self.end = end
         self.cause = cause
 
 
@@ -397,7 +411,7 @@ def _stream_once(job: _FileJob, position: int, end: int, generation: int, client
                 return position, end
         raise _Retry(f"the response ended {end - position} bytes early")
     except (_Retry, httpx2.TransportError) as exc:
-        raise _PartialProgress(position, exc) from None
+        raise _PartialProgress(position, end, exc) from None
 
 
 class _Sink:
