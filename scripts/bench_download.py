@@ -62,6 +62,7 @@ def run_client(command: list[str], env: dict[str, str], out: Path) -> tuple[floa
 
 
 def check_same(a: Path, b: Path, files: dict[str, Path]) -> None:
+    """Both downloads hold every file at its served size."""
     for name, source in files.items():
         size = source.stat().st_size
         if (a / name).stat().st_size != size or (b / name).stat().st_size != size:

@@ -371,3 +371,30 @@ def test_range_ignored_then_dropped_mid_stream(hub: tuple[HubServer, SeedData], 
     fetch(server, "org/model", tmp_path)
     assert_folder(tmp_path, seed.model_main)
     assert len(server.resolve_requests("model.safetensors")) == 3  # one stream, resumed twice
+
+
+def test_disk_filling_up_mid_file(hub: tuple[HubServer, SeedData], tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import gptq_tools.hub.transfer as transfer
+
+    class FullDisk:
+        def __init__(self, handle: object) -> None:
+            self.handle, self.written = handle, 0
+
+        def write(self, data: bytes) -> int:
+            if self.written + len(data) > 200_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(data)
+            return self.handle.write(data)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.handle, name)
+
+    real_open = open
+    monkeypatch.setattr(transfer, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    with pytest.raises(InsufficientSpaceError, match=r"model.safetensors: the disk filled up while writing; nothing "
+                                                     r"was written at the final name"):
+        fetch(hub[0], "org/model", tmp_path, include=["model.safetensors"])
+    assert not (tmp_path / "model.safetensors").exists()

@@ -10,6 +10,7 @@ from ..units import format_size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``download`` sub-command."""
     parser = subparsers.add_parser(
         "download", help="download a Hub repository branch, verified and joined",
         description="Download a branch of a Hub repository into a folder: every file checked against the Hub's "
@@ -50,6 +51,7 @@ def _default_local_dir(repo: str, revision: str | None) -> Path:
 
 
 def run_download(args: argparse.Namespace) -> int:
+    """Run ``gptq-tools download``; prints the result (JSON with ``--json``)."""
     from ..hub import download
 
     local_dir = args.local_dir or _default_local_dir(args.repo, args.revision)

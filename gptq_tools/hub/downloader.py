@@ -192,6 +192,7 @@ class _Joiner:
         self._submit_ready()
 
     def file_verified(self, task: FileTask) -> None:
+        """Remember ``task`` as verified and start any join it completes."""
         self.state.mark_verified(task.path, task.checksum)
         with self.lock:
             self.verified.add(task.path)

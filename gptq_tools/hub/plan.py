@@ -57,10 +57,12 @@ class DownloadPlan:
 
     @property
     def needed_bytes(self) -> int:
+        """Bytes the download and the joins will add to the disk."""
         return self.download_bytes + self.join_bytes
 
     @property
     def fits(self) -> bool:
+        """Whether the free space covers :attr:`needed_bytes`."""
         return self.needed_bytes <= self.free_bytes
 
     def to_dict(self) -> dict[str, Any]:

@@ -77,6 +77,7 @@ class TransferOptions:
 
     @property
     def window_bytes(self) -> int:
+        """How far ahead of the written prefix ranges of one file may be fetched."""
         return (self.window_chunks or max(2 * self.max_workers, 2)) * self.chunk_bytes
 
 
@@ -131,6 +132,7 @@ class _FileJob:
 
     @property
     def finished(self) -> bool:
+        """Verified and renamed, or failed."""
         return self.done or self.error is not None
 
     def open(self) -> None:
@@ -233,6 +235,7 @@ class _FileJob:
             self.range_ok = None
 
     def fail(self, error: BaseException) -> None:
+        """End this file with ``error`` (the first one is kept); its bytes on disk stay for a later resume."""
         with self.lock:
             if self.error is None:
                 self.error = error
@@ -240,6 +243,7 @@ class _FileJob:
             self.pending.clear()
         if self.handle is not None and not self.handle.closed:
             self.handle.close()
+        self.wake()
 
     def can_take(self) -> bool:
         """Whether a range can be handed out now (not all handed out, no range probe pending, window open)."""
@@ -269,10 +273,12 @@ class _Scheduler:
             job.wake = self.wake
 
     def wake(self) -> None:
+        """Wake waiting workers (a window opened, a file ended)."""
         with self.cond:
             self.cond.notify_all()
 
     def next_work(self) -> tuple[_FileJob, int, int, int] | None:
+        """Block until a range can be handed out: ``(job, start, end, generation)``, or None when all is done."""
         with self.cond:
             while not self.cancelled.is_set():
                 active = [job for job in self.jobs if not job.finished]
@@ -299,6 +305,7 @@ class _Scheduler:
                 f"(the server's answers did not add up); run the same command again to resume"))
 
     def chunk_done(self, job: _FileJob) -> None:
+        """A worker is done with a range of ``job`` (fetched, abandoned or failed)."""
         with self.cond:
             job.inflight -= 1
             self.cond.notify_all()
