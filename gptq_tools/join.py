@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ChecksumMismatchError, PartSetError, UsageError
+from .errors import ChecksumMismatchError, GptqToolsError, PartSetError, UsageError
 from .fileio import check_free_space, check_output_free, fsync_dir, raise_if_no_space, remove_stale_temps, temp_path_for
 from .manifest import is_sha256, parse_manifest
 from .parts import PartSet, check_safetensors_parts, find_part_set, part_set_from_paths
@@ -66,7 +66,20 @@ def resolve_part_set(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike
     paths = [Path(p) for p in parts]
     if len(paths) == 1:
         return find_part_set(paths[0])
+    _check_given_order(paths)
     return part_set_from_paths(paths)
+
+
+def _check_given_order(paths: list[Path]) -> None:
+    """Parts given explicitly whose names say another order are a mistake (swapped arguments)."""
+    try:
+        named = find_part_set(paths[0])
+    except GptqToolsError:
+        return
+    if set(named.parts) == set(paths) and list(named.parts) != paths:
+        given = ", ".join(p.name for p in paths)
+        raise PartSetError(f"parts given out of order ({given}); their names say "
+                           f"{', '.join(p.name for p in named.parts)}. Pass them in that order, or just the folder")
 
 
 def expected_hashes(part_set: PartSet, *, expected_sha256: str | None = None,
