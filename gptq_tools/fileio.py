@@ -12,10 +12,10 @@ import errno
 import hashlib
 import logging
 import os
+import queue
 import shutil
 import tempfile
 import threading
-import queue
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO

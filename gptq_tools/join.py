@@ -267,7 +267,8 @@ def _try_reflink(part_set: PartSet, fd: int, method: str) -> bool:
     sizes = part_set.sizes
     if any(size % block for size in sizes[:-1]):
         if method == "reflink":
-            raise UsageError(f"reflink needs every part but the last to be a multiple of {block} bytes; use --method auto")
+            raise UsageError(f"reflink needs every part but the last to be a multiple of {block} bytes; "
+                             f"use --method auto")
         return False
     position = 0
     try:

@@ -38,7 +38,7 @@ class Consumer(abc.ABC):
     def consume(self, segment_index: int, position: int, data: memoryview) -> None:
         """``data`` is the chunk at byte ``position`` of segment ``segment_index``."""
 
-    def finish(self) -> None:
+    def finish(self) -> None:  # noqa: B027 - an optional hook; most consumers need no clean-up
         """Called once after the last chunk, on the consumer's thread."""
 
 

@@ -21,8 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ChecksumMismatchError, OutputExistsError, UsageError
-from .fileio import (TEMP_PREFIX, check_free_space, fsync_dir, raise_if_no_space, remove_stale_temps,
-                     sha256_file, temp_path_for, write_bytes_atomic)
+from .fileio import (
+    TEMP_PREFIX,
+    check_free_space,
+    fsync_dir,
+    raise_if_no_space,
+    remove_stale_temps,
+    sha256_file,
+    temp_path_for,
+    write_bytes_atomic,
+)
 from .manifest import write_manifest
 from .pipeline import CallbackConsumer, Consumer, PwriteConsumer, Segment, SegmentHasher, WholeHasher, run_pipeline
 from .progress import byte_bar
@@ -68,7 +76,8 @@ def part_names(filename: str, count: int) -> list[str]:
     return names
 
 
-def split_file(path: str | os.PathLike[str], *, max_size: int | str, output_dir: str | os.PathLike[str] | None = None,
+def split_file(path: str | os.PathLike[str], *, max_size: int | str,
+               output_dir: str | os.PathLike[str] | None = None,
                force: bool = False, progress: bool | None = None) -> SplitResult:
     """Split ``path`` into parts of at most ``max_size`` bytes plus a ``SHA256SUMS`` manifest.
 

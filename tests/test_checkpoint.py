@@ -61,7 +61,8 @@ def test_config_group_size_disagrees_with_tensors(tmp_path: Path) -> None:
     qconfig = json.loads((folder / "quantize_config.json").read_text())
     qconfig["group_size"] = 64
     (folder / "quantize_config.json").write_text(json.dumps(qconfig))
-    with pytest.raises(CheckpointError, match="layers.0.fc1.qzeros: expected I32 \\[1, 32\\] for bits=4, group_size=64"):
+    with pytest.raises(CheckpointError,
+                       match="layers.0.fc1.qzeros: expected I32 \\[1, 32\\] for bits=4, group_size=64"):
         validate_checkpoint(folder)
 
 
@@ -86,8 +87,9 @@ def test_bad_bits_and_missing_shard_and_pickles(tmp_path: Path) -> None:
     (folder / "quantize_config.json").write_text(json.dumps({**qconfig, "bits": 5}))
     with pytest.raises(CheckpointError, match="bits=5 is not one of"):
         validate_checkpoint(folder)
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00002-of-00002.safetensors"}}))
-    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors named by model.safetensors.index.json are missing"):
+    index = {"weight_map": {"x": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors named by .* are missing"):
         validate_checkpoint(folder)
     pickled = tmp_path / "pickled"
     pickled.mkdir()

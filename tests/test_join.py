@@ -12,8 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from gptq_tools.errors import (ChecksumMismatchError, InsufficientSpaceError, LfsPointerError, ManifestError,
-                               OutputExistsError, PartSetError, UsageError)
+from gptq_tools.errors import (
+    ChecksumMismatchError,
+    InsufficientSpaceError,
+    LfsPointerError,
+    ManifestError,
+    OutputExistsError,
+    PartSetError,
+    UsageError,
+)
 from gptq_tools.join import join_parts
 
 from .helpers import REPO_ROOT, random_model_file, run_cli, sha256, snapshot, split_bytes
@@ -232,7 +239,8 @@ def test_sigkill_half_way_then_rerun(tmp_path: Path) -> None:
     with open(source, "wb") as handle:
         for _ in range(24):
             handle.write(os.urandom(16 * 1024 * 1024))
-    parts = split_bytes(source, tmp_path / "parts", 128 * 1024 * 1024, names=["big.bin.001", "big.bin.002", "big.bin.003"])
+    names = ["big.bin.001", "big.bin.002", "big.bin.003"]
+    parts = split_bytes(source, tmp_path / "parts", 128 * 1024 * 1024, names=names)
     expected = sha256(source)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     process = subprocess.Popen([sys.executable, "-m", "gptq_tools", "join", str(parts[0].parent), "--sha256", expected],

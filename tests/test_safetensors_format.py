@@ -82,9 +82,8 @@ def test_lfs_pointer_is_named(tmp_path: Path) -> None:
 
 
 def test_header_padding_with_spaces_is_accepted(tmp_path: Path) -> None:
-    path = raw_safetensors(tmp_path / "p.safetensors", None,
-                           header_bytes=json.dumps({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}).encode()
-                           + b"     ", data=b"\x07")
+    header = json.dumps({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}).encode()
+    path = raw_safetensors(tmp_path / "p.safetensors", None, header_bytes=header + b"     ", data=b"\x07")
     assert read_header(path).tensors["a"].nbytes == 1
 
 

@@ -51,7 +51,8 @@ def test_verify_output_matches_sha256sum_c(tmp_path: Path, files: list[Path]) ->
     write_manifest(manifest, {p.name: sha256(p) for p in files})
     files[1].write_bytes(b"changed")
     ours = run_cli("verify", "-c", str(manifest), cwd=tmp_path)
-    theirs = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tmp_path, capture_output=True, text=True, check=False)
+    theirs = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tmp_path, capture_output=True, text=True,
+                            check=False)
     assert ours.returncode == theirs.returncode == 1
     assert ours.stdout == theirs.stdout == "file0.bin: OK\nfile1.bin: FAILED\nfile2.bin: OK\n"
     assert "WARNING: 1 computed checksum did NOT match" in ours.stderr

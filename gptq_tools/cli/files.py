@@ -234,7 +234,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _print_report(report: dict[str, Any], indent: str = "") -> None:
-    print(f"{indent}{report['path']}: {report['kind']}" + (f", {format_size(report['size'])}" if "size" in report else ""))
+    size = f", {format_size(report['size'])}" if "size" in report else ""
+    print(f"{indent}{report['path']}: {report['kind']}{size}")
     for key in ("model_type", "output_name"):
         if report.get(key):
             print(f"{indent}  {key.replace('_', ' ')}: {report[key]}")
