@@ -197,7 +197,7 @@ def _write_and_hash(part_set: PartSet, temp: Path, method: str, progress: bool |
         else:
             segments = [Segment(p, 0, s) for p, s in zip(part_set.parts, part_set.sizes)]
             consumers.append(_writer(used, out.fileno(), part_set, temp))
-        with byte_bar(total, f"join {part_set.output_name}", disable=None if progress is None else not progress) as bar:
+        with byte_bar(total, f"join {part_set.output_name}", enabled=progress) as bar:
             consumers.append(CallbackConsumer(bar.update))
             run_pipeline(segments, consumers)
         try:

@@ -109,7 +109,7 @@ def split_file(path: str | os.PathLike[str], *, max_size: int | str,
         fds = [os.open(t, os.O_WRONLY) for t in temps]
         try:
             whole, per_part = WholeHasher(), SegmentHasher(count)
-            with byte_bar(size, f"split {source.name}", disable=None if progress is None else not progress) as bar:
+            with byte_bar(size, f"split {source.name}", enabled=progress) as bar:
                 run_pipeline(segments, [whole, per_part, PwriteConsumer(fds, [0] * count, temps), CallbackConsumer(bar.update)])
             for fd, temp in zip(fds, temps):
                 _fsync(fd, temp)
@@ -225,7 +225,7 @@ def _write_shards(work: Path, names: list[str], prefixes: list[bytes], segments:
         hasher = _PrefixedHasher(prefixes)
         writer = PwriteConsumer(fds, [len(p) for p in prefixes], targets)
         total = sum(s.length for s in segments)
-        with byte_bar(total, "reshard", disable=None if progress is None else not progress) as bar:
+        with byte_bar(total, "reshard", enabled=progress) as bar:
             run_pipeline(segments, [hasher, writer, CallbackConsumer(bar.update)])
         for fd, target in zip(fds, targets):
             _fsync(fd, target)

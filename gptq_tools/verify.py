@@ -73,7 +73,7 @@ def verify_files(files: Sequence[str | os.PathLike[str]] = (), *, sha256: str | 
             raise UsageError(f"{manifest}: none of the files it lists is present")
     total = sum(os.path.getsize(path) for _, path, _ in jobs if path.is_file())
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    with byte_bar(total, "verify", disable=None if progress is None else not progress) as bar:
+    with byte_bar(total, "verify", enabled=progress) as bar:
         def check(job: tuple[str, Path, str]) -> FileCheck:
             return _check_one(*job, on_bytes=bar.update)
 
@@ -140,7 +140,7 @@ def verify_parts(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike[str
     whole, per_part = WholeHasher(), SegmentHasher(len(part_set.parts))
     segments = [Segment(p, 0, s) for p, s in zip(part_set.parts, part_set.sizes)]
     with byte_bar(part_set.total_size, f"verify {part_set.output_name}",
-                  disable=None if progress is None else not progress) as bar:
+                  enabled=progress) as bar:
         run_pipeline(segments, [whole, per_part, CallbackConsumer(bar.update)])
     actual = whole.hexdigest()
     part_digests = dict(zip((p.name for p in part_set.parts), per_part.hexdigests()))
