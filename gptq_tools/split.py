@@ -110,7 +110,8 @@ def split_file(path: str | os.PathLike[str], *, max_size: int | str,
         try:
             whole, per_part = WholeHasher(), SegmentHasher(count)
             with byte_bar(size, f"split {source.name}", enabled=progress) as bar:
-                run_pipeline(segments, [whole, per_part, PwriteConsumer(fds, [0] * count, temps), CallbackConsumer(bar.update)])
+                writer = PwriteConsumer(fds, [0] * count, temps)
+                run_pipeline(segments, [whole, per_part, writer, CallbackConsumer(bar.update)])
             for fd, temp in zip(fds, temps):
                 _fsync(fd, temp)
         finally:
