@@ -100,8 +100,9 @@ def test_verify_parts_writes_nothing(tmp_path: Path) -> None:
     source = random_model_file(tmp_path / "model.safetensors")
     parts = split_bytes(source, tmp_path / "parts", 20_000)
     before = snapshot(parts[0].parent)
-    check = verify_parts(parts[0].parent, sha256=sha256(source))
-    assert check.ok and check.actual == sha256(source) and len(check.parts) == len(parts)
+    check = verify_parts(parts[0].parent, sha256=sha256(source), part_hashes=True)
+    assert check.ok and check.actual == sha256(source) and check.parts == {p.name: sha256(p) for p in parts}
+    assert verify_parts(parts[0].parent, sha256=sha256(source)).parts == {}
     assert snapshot(parts[0].parent) == before
     assert verify_parts(parts[0].parent).status == "UNVERIFIED"
     bad = verify_parts(parts, sha256="f" * 64)

@@ -78,6 +78,8 @@ def _register_verify(subparsers: argparse._SubParsersAction) -> None:  # type: i
                         help="sha256sum-format manifest (e.g. SHA256SUMS)")
     parser.add_argument("--parts", nargs="+", type=Path, metavar="PART",
                         help="verify the joined file's hash straight from these parts (or a folder / one part)")
+    parser.add_argument("--part-hashes", action="store_true",
+                        help="with --parts: also hash each part on its own (automatic when the manifest lists them)")
     parser.add_argument("--structure", action="store_true",
                         help="validate structure: safetensors rules, GPTQ checkpoint config vs tensors")
     parser.add_argument("--ignore-missing", action="store_true",
@@ -97,7 +99,7 @@ def _verify(args: argparse.Namespace) -> int:
             raise UsageError("--structure needs at least one file or folder")
     elif args.parts:
         parts: Any = args.parts[0] if len(args.parts) == 1 else args.parts
-        results = [verify_parts(parts, sha256=args.sha256, manifest=args.manifest)]
+        results = [verify_parts(parts, sha256=args.sha256, manifest=args.manifest, part_hashes=args.part_hashes)]
     else:
         results = verify_files(args.files, sha256=args.sha256, manifest=args.manifest, workers=args.workers,
                                ignore_missing=args.ignore_missing)
