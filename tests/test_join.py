@@ -287,3 +287,39 @@ def test_cli_join_json(model_parts: tuple[Path, list[Path]]) -> None:
     report = json.loads(result.stdout)
     assert report["verified"] is True and report["sha256"] == sha256(source)
     assert set(report["parts"]) == {p.name for p in parts}
+
+
+@pytest.fixture()
+def xfs_mount(tmp_path: Path) -> Path:
+    """A small XFS filesystem with reflink, loop-mounted (skipped where that is not possible)."""
+    import shutil as _shutil
+
+    if _shutil.which("mkfs.xfs") is None:
+        pytest.skip("mkfs.xfs is not installed (apt-get install xfsprogs)")
+    image, mount_point = tmp_path / "xfs.img", tmp_path / "xfs"
+    mount_point.mkdir()
+    with open(image, "wb") as handle:
+        handle.truncate(320 * 1024 * 1024)
+    made = subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], capture_output=True, check=False)
+    mounted = made.returncode == 0 and subprocess.run(["mount", "-o", "loop", str(image), str(mount_point)],
+                                                      capture_output=True, check=False).returncode == 0
+    if not mounted:
+        pytest.skip("cannot make and loop-mount an XFS filesystem here")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_reflink_join_shares_blocks_on_xfs(xfs_mount: Path) -> None:
+    import shutil as _shutil
+
+    parts = []
+    for index, size in enumerate((8 * 1024 * 1024, 8 * 1024 * 1024, 1_000_001), start=1):
+        part = xfs_mount / f"blob.bin.{index:03d}"
+        part.write_bytes(os.urandom(size))
+        parts.append(part)
+    expected = __import__("hashlib").sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()
+    used_before = _shutil.disk_usage(xfs_mount).used
+    result = join_parts(xfs_mount, expected_sha256=expected)
+    assert result.method == "reflink" and result.verified
+    assert sha256(result.output) == expected
+    assert _shutil.disk_usage(xfs_mount).used - used_before < 4 * 1024 * 1024, "reflink must not copy the data"
