@@ -52,9 +52,9 @@ def _join(args: argparse.Namespace) -> int:
                           "parts": result.part_sha256, "method": result.method, "seconds": round(seconds, 3),
                           "deleted_parts": [str(p) for p in result.deleted_parts]}, indent=2))
         return 0
-    rate = result.total_bytes / seconds / 1e9 if seconds > 0 else 0.0
+    rate = f"{result.total_bytes / seconds / 1e9:.2f} GB/s, " if seconds > 0 and result.total_bytes > 1 << 26 else ""
     print(f"joined {len(result.part_sha256)} parts -> {result.output} ({format_size(result.total_bytes)}) "
-          f"in {seconds:.1f} s ({rate:.2f} GB/s, {result.method})")
+          f"in {seconds:.1f} s ({rate}{result.method})")
     print(f"{result.sha256}  {result.output.name}")
     if result.verified:
         print(f"verified: SHA256 matches {result.expected_source}")
