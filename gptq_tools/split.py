@@ -17,6 +17,7 @@ import os
 import shutil
 import string
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,18 +140,23 @@ def _fsync(fd: int, target: Path) -> None:
         raise
 
 
-def plan_shards(path: Path, max_shard_size: int) -> list[list[str]]:
-    """Tensor names per shard, in file order; a tensor larger than the limit gets a shard of its own."""
-    header = read_header(path)
+def plan_shards(tensors: Sequence[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
+    """Group ``(name, nbytes)`` pairs, in order, into shards of at most ``max_shard_size`` tensor bytes;
+    a tensor larger than the limit gets a shard of its own (the rule transformers uses)."""
     shards: list[list[str]] = [[]]
     used = 0
-    for entry in sorted(header.tensors.values(), key=lambda e: e.begin):
-        if shards[-1] and used + entry.nbytes > max_shard_size:
+    for name, nbytes in tensors:
+        if shards[-1] and used + nbytes > max_shard_size:
             shards.append([])
             used = 0
-        shards[-1].append(entry.name)
-        used += entry.nbytes
-    return [shard for shard in shards if shard] or [[]]
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+def shard_names(count: int, prefix: str = "model") -> list[str]:
+    """``model-00001-of-00003.safetensors`` ... as transformers names them."""
+    return [f"{prefix}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
 class _PrefixedHasher(Consumer):
@@ -184,8 +190,9 @@ def reshard_file(path: str | os.PathLike[str], output_dir: str | os.PathLike[str
     if (out / INDEX_NAME).exists() and not force:
         raise OutputExistsError(f"{out / INDEX_NAME}: already exists; pass --force to overwrite the shards")
     check_free_space(out, header.file_size, what=f"resharding {source.name}")
-    plan = plan_shards(source, limit)
-    names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    ordered = sorted(header.tensors.values(), key=lambda e: e.begin)
+    plan = plan_shards([(e.name, e.nbytes) for e in ordered], limit)
+    names = shard_names(len(plan))
     metadata = {"format": "pt", **header.metadata}
     work = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}reshard.{os.getpid()}.", dir=out))
     try:

@@ -24,6 +24,13 @@ def test_part_names_follow_the_seed() -> None:
     assert part_names("x.bin", 27)[26] == "x.JOINBEFOREUSE.split-ba.bin"
 
 
+def test_plan_shards_like_transformers() -> None:
+    from gptq_tools.split import plan_shards, shard_names
+
+    assert plan_shards([("a", 4), ("b", 4), ("c", 9), ("d", 1)], 8) == [["a", "b"], ["c"], ["d"]]
+    assert shard_names(2) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+
+
 def test_split_then_join_round_trip(tmp_path: Path) -> None:
     source = random_model_file(tmp_path / "model.safetensors", tensors=20)
     result = split_file(source, max_size="64KiB", output_dir=tmp_path / "parts")
