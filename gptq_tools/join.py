@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ChecksumMismatchError, PartSetError, UsageError
+from .errors import ChecksumMismatchError, GptqToolsError, PartSetError, UsageError
 from .fileio import check_free_space, check_output_free, fsync_dir, raise_if_no_space, remove_stale_temps, temp_path_for
 from .manifest import is_sha256, parse_manifest
 from .parts import PartSet, check_safetensors_parts, find_part_set, part_set_from_paths
@@ -66,7 +66,20 @@ def resolve_part_set(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike
     paths = [Path(p) for p in parts]
     if len(paths) == 1:
         return find_part_set(paths[0])
+    _check_given_order(paths)
     return part_set_from_paths(paths)
+
+
+def _check_given_order(paths: list[Path]) -> None:
+    """Parts given explicitly whose names say another order are a mistake (swapped arguments)."""
+    try:
+        named = find_part_set(paths[0])
+    except GptqToolsError:
+        return
+    if set(named.parts) == set(paths) and list(named.parts) != paths:
+        given = ", ".join(p.name for p in paths)
+        raise PartSetError(f"parts given out of order ({given}); their names say "
+                           f"{', '.join(p.name for p in named.parts)}. Pass them in that order, or just the folder")
 
 
 def expected_hashes(part_set: PartSet, *, expected_sha256: str | None = None,
@@ -184,7 +197,7 @@ def _write_and_hash(part_set: PartSet, temp: Path, method: str, progress: bool |
         else:
             segments = [Segment(p, 0, s) for p, s in zip(part_set.parts, part_set.sizes)]
             consumers.append(_writer(used, out.fileno(), part_set, temp))
-        with byte_bar(total, f"join {part_set.output_name}", disable=None if progress is None else not progress) as bar:
+        with byte_bar(total, f"join {part_set.output_name}", enabled=progress) as bar:
             consumers.append(CallbackConsumer(bar.update))
             run_pipeline(segments, consumers)
         try:
@@ -254,7 +267,8 @@ def _try_reflink(part_set: PartSet, fd: int, method: str) -> bool:
     sizes = part_set.sizes
     if any(size % block for size in sizes[:-1]):
         if method == "reflink":
-            raise UsageError(f"reflink needs every part but the last to be a multiple of {block} bytes; use --method auto")
+            raise UsageError(f"reflink needs every part but the last to be a multiple of {block} bytes; "
+                             f"use --method auto")
         return False
     position = 0
     try:

@@ -61,7 +61,8 @@ def parse_manifest_text(text: str, *, source: str = "manifest") -> list[Manifest
         match = _GNU_RE.match(body) or _BSD_RE.match(body)
         if not match:
             shown = line if len(line) <= 80 else line[:77] + "..."
-            raise ManifestError(f"{source} line {number}: cannot parse {shown!r}; expected '<64 hex digits>  <file name>'")
+            raise ManifestError(f"{source} line {number}: cannot parse {shown!r}; "
+                                f"expected '<64 hex digits>  <file name>'")
         name = _unescape(match["name"]) if escaped else match["name"]
         _check_safe_name(name, source, number)
         digest = match["hash"].lower()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .constants import IO_CHUNK_BYTES
 from .errors import PartSetError
+from .fileio import advise_sequential, prefetch_range, raise_if_no_space
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Consumer(abc.ABC):
     def consume(self, segment_index: int, position: int, data: memoryview) -> None:
         """``data`` is the chunk at byte ``position`` of segment ``segment_index``."""
 
-    def finish(self) -> None:
+    def finish(self) -> None:  # noqa: B027 - an optional hook; most consumers need no clean-up
         """Called once after the last chunk, on the consumer's thread."""
 
 
@@ -85,8 +86,6 @@ class PwriteConsumer(Consumer):
         self.fds, self.starts, self.targets = list(fds), list(starts), list(targets)
 
     def consume(self, segment_index: int, position: int, data: memoryview) -> None:
-        from .fileio import raise_if_no_space
-
         offset = self.starts[segment_index] + position
         try:
             while data:
@@ -170,11 +169,13 @@ def _read_segments(segments: Sequence[Segment], storage: list[bytearray], pool: 
         with open(segment.path, "rb", buffering=0) as handle:
             if segment.offset:
                 handle.seek(segment.offset)
+            advise_sequential(handle.fileno(), segment.offset, segment.length)
             position = 0
             while position < segment.length:
                 if failed.is_set():
                     return
                 buffer_index = pool.get()
+                prefetch_range(handle.fileno(), segment.offset + position + chunk_bytes, 2 * chunk_bytes)
                 want = min(chunk_bytes, segment.length - position)
                 got = _read_full(handle, memoryview(storage[buffer_index])[:want])
                 if got < want:

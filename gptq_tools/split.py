@@ -17,12 +17,21 @@ import os
 import shutil
 import string
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ChecksumMismatchError, OutputExistsError, UsageError
-from .fileio import (TEMP_PREFIX, check_free_space, fsync_dir, raise_if_no_space, remove_stale_temps,
-                     sha256_file, temp_path_for, write_bytes_atomic)
+from .fileio import (
+    TEMP_PREFIX,
+    check_free_space,
+    fsync_dir,
+    raise_if_no_space,
+    remove_stale_temps,
+    sha256_file,
+    temp_path_for,
+    write_bytes_atomic,
+)
 from .manifest import write_manifest
 from .pipeline import CallbackConsumer, Consumer, PwriteConsumer, Segment, SegmentHasher, WholeHasher, run_pipeline
 from .progress import byte_bar
@@ -68,7 +77,8 @@ def part_names(filename: str, count: int) -> list[str]:
     return names
 
 
-def split_file(path: str | os.PathLike[str], *, max_size: int | str, output_dir: str | os.PathLike[str] | None = None,
+def split_file(path: str | os.PathLike[str], *, max_size: int | str,
+               output_dir: str | os.PathLike[str] | None = None,
                force: bool = False, progress: bool | None = None) -> SplitResult:
     """Split ``path`` into parts of at most ``max_size`` bytes plus a ``SHA256SUMS`` manifest.
 
@@ -100,8 +110,9 @@ def split_file(path: str | os.PathLike[str], *, max_size: int | str, output_dir:
         fds = [os.open(t, os.O_WRONLY) for t in temps]
         try:
             whole, per_part = WholeHasher(), SegmentHasher(count)
-            with byte_bar(size, f"split {source.name}", disable=None if progress is None else not progress) as bar:
-                run_pipeline(segments, [whole, per_part, PwriteConsumer(fds, [0] * count, temps), CallbackConsumer(bar.update)])
+            with byte_bar(size, f"split {source.name}", enabled=progress) as bar:
+                writer = PwriteConsumer(fds, [0] * count, temps)
+                run_pipeline(segments, [whole, per_part, writer, CallbackConsumer(bar.update)])
             for fd, temp in zip(fds, temps):
                 _fsync(fd, temp)
         finally:
@@ -129,18 +140,23 @@ def _fsync(fd: int, target: Path) -> None:
         raise
 
 
-def plan_shards(path: Path, max_shard_size: int) -> list[list[str]]:
-    """Tensor names per shard, in file order; a tensor larger than the limit gets a shard of its own."""
-    header = read_header(path)
+def plan_shards(tensors: Sequence[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
+    """Group ``(name, nbytes)`` pairs, in order, into shards of at most ``max_shard_size`` tensor bytes;
+    a tensor larger than the limit gets a shard of its own (the rule transformers uses)."""
     shards: list[list[str]] = [[]]
     used = 0
-    for entry in sorted(header.tensors.values(), key=lambda e: e.begin):
-        if shards[-1] and used + entry.nbytes > max_shard_size:
+    for name, nbytes in tensors:
+        if shards[-1] and used + nbytes > max_shard_size:
             shards.append([])
             used = 0
-        shards[-1].append(entry.name)
-        used += entry.nbytes
-    return [shard for shard in shards if shard] or [[]]
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+def shard_names(count: int, prefix: str = "model") -> list[str]:
+    """``model-00001-of-00003.safetensors`` ... as transformers names them."""
+    return [f"{prefix}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
 class _PrefixedHasher(Consumer):
@@ -174,8 +190,9 @@ def reshard_file(path: str | os.PathLike[str], output_dir: str | os.PathLike[str
     if (out / INDEX_NAME).exists() and not force:
         raise OutputExistsError(f"{out / INDEX_NAME}: already exists; pass --force to overwrite the shards")
     check_free_space(out, header.file_size, what=f"resharding {source.name}")
-    plan = plan_shards(source, limit)
-    names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    ordered = sorted(header.tensors.values(), key=lambda e: e.begin)
+    plan = plan_shards([(e.name, e.nbytes) for e in ordered], limit)
+    names = shard_names(len(plan))
     metadata = {"format": "pt", **header.metadata}
     work = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}reshard.{os.getpid()}.", dir=out))
     try:
@@ -216,7 +233,7 @@ def _write_shards(work: Path, names: list[str], prefixes: list[bytes], segments:
         hasher = _PrefixedHasher(prefixes)
         writer = PwriteConsumer(fds, [len(p) for p in prefixes], targets)
         total = sum(s.length for s in segments)
-        with byte_bar(total, "reshard", disable=None if progress is None else not progress) as bar:
+        with byte_bar(total, "reshard", enabled=progress) as bar:
             run_pipeline(segments, [hasher, writer, CallbackConsumer(bar.update)])
         for fd, target in zip(fds, targets):
             _fsync(fd, target)

@@ -18,7 +18,7 @@ from .fileio import sha256_file
 from .join import expected_hashes, resolve_part_set
 from .manifest import is_sha256, read_manifest_entries
 from .parts import check_safetensors_parts
-from .pipeline import CallbackConsumer, Segment, SegmentHasher, WholeHasher, run_pipeline
+from .pipeline import CallbackConsumer, Consumer, Segment, SegmentHasher, WholeHasher, run_pipeline
 from .progress import byte_bar
 from .safetensors_format import LFS_POINTER_PREFIX
 
@@ -73,7 +73,7 @@ def verify_files(files: Sequence[str | os.PathLike[str]] = (), *, sha256: str | 
             raise UsageError(f"{manifest}: none of the files it lists is present")
     total = sum(os.path.getsize(path) for _, path, _ in jobs if path.is_file())
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    with byte_bar(total, "verify", disable=None if progress is None else not progress) as bar:
+    with byte_bar(total, "verify", enabled=progress) as bar:
         def check(job: tuple[str, Path, str]) -> FileCheck:
             return _check_one(*job, on_bytes=bar.update)
 
@@ -127,23 +127,27 @@ def _check_one(name: str, path: Path, expected: str, *, on_bytes: object) -> Fil
 
 def verify_parts(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], *,
                  sha256: str | None = None, manifest: str | os.PathLike[str] | None = None,
-                 progress: bool | None = None) -> FileCheck:
+                 part_hashes: bool | None = None, progress: bool | None = None) -> FileCheck:
     """Hash the file that ``parts`` would join into, straight from the parts, writing nothing.
 
     Without an expected hash (``sha256``, ``manifest`` or a ``SHA256SUMS`` beside the parts) the hash is
-    reported with status ``UNVERIFIED``.
+    reported with status ``UNVERIFIED``. Each part's own hash costs a second hashing pass of CPU, so it
+    is computed when the manifest lists part hashes (to name the bad part) or ``part_hashes=True``.
     """
     part_set = resolve_part_set(parts)
     expected = expected_hashes(part_set, expected_sha256=sha256, manifest=manifest)
     if part_set.output_name.endswith(".safetensors"):
         check_safetensors_parts(part_set)
-    whole, per_part = WholeHasher(), SegmentHasher(len(part_set.parts))
+    whole = WholeHasher()
+    consumers: list[Consumer] = [whole]
+    per_part = SegmentHasher(len(part_set.parts)) if (part_hashes or expected.parts) else None
+    if per_part is not None:
+        consumers.append(per_part)
     segments = [Segment(p, 0, s) for p, s in zip(part_set.parts, part_set.sizes)]
-    with byte_bar(part_set.total_size, f"verify {part_set.output_name}",
-                  disable=None if progress is None else not progress) as bar:
-        run_pipeline(segments, [whole, per_part, CallbackConsumer(bar.update)])
+    with byte_bar(part_set.total_size, f"verify {part_set.output_name}", enabled=progress) as bar:
+        run_pipeline(segments, [*consumers, CallbackConsumer(bar.update)])
     actual = whole.hexdigest()
-    part_digests = dict(zip((p.name for p in part_set.parts), per_part.hexdigests()))
+    part_digests = dict(zip((p.name for p in part_set.parts), per_part.hexdigests())) if per_part else {}
     bad = [n for n, d in expected.parts.items() if part_digests.get(n) != d]
     if expected.whole is None and not expected.parts:
         return FileCheck(part_set.output_name, str(part_set.folder), None, actual, "UNVERIFIED",

@@ -52,9 +52,9 @@ def _join(args: argparse.Namespace) -> int:
                           "parts": result.part_sha256, "method": result.method, "seconds": round(seconds, 3),
                           "deleted_parts": [str(p) for p in result.deleted_parts]}, indent=2))
         return 0
-    rate = result.total_bytes / seconds / 1e9 if seconds > 0 else 0.0
+    rate = f"{result.total_bytes / seconds / 1e9:.2f} GB/s, " if seconds > 0 and result.total_bytes > 1 << 26 else ""
     print(f"joined {len(result.part_sha256)} parts -> {result.output} ({format_size(result.total_bytes)}) "
-          f"in {seconds:.1f} s ({rate:.2f} GB/s, {result.method})")
+          f"in {seconds:.1f} s ({rate}{result.method})")
     print(f"{result.sha256}  {result.output.name}")
     if result.verified:
         print(f"verified: SHA256 matches {result.expected_source}")
@@ -78,6 +78,8 @@ def _register_verify(subparsers: argparse._SubParsersAction) -> None:  # type: i
                         help="sha256sum-format manifest (e.g. SHA256SUMS)")
     parser.add_argument("--parts", nargs="+", type=Path, metavar="PART",
                         help="verify the joined file's hash straight from these parts (or a folder / one part)")
+    parser.add_argument("--part-hashes", action="store_true",
+                        help="with --parts: also hash each part on its own (automatic when the manifest lists them)")
     parser.add_argument("--structure", action="store_true",
                         help="validate structure: safetensors rules, GPTQ checkpoint config vs tensors")
     parser.add_argument("--ignore-missing", action="store_true",
@@ -97,7 +99,7 @@ def _verify(args: argparse.Namespace) -> int:
             raise UsageError("--structure needs at least one file or folder")
     elif args.parts:
         parts: Any = args.parts[0] if len(args.parts) == 1 else args.parts
-        results = [verify_parts(parts, sha256=args.sha256, manifest=args.manifest)]
+        results = [verify_parts(parts, sha256=args.sha256, manifest=args.manifest, part_hashes=args.part_hashes)]
     else:
         results = verify_files(args.files, sha256=args.sha256, manifest=args.manifest, workers=args.workers,
                                ignore_missing=args.ignore_missing)
@@ -234,7 +236,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _print_report(report: dict[str, Any], indent: str = "") -> None:
-    print(f"{indent}{report['path']}: {report['kind']}" + (f", {format_size(report['size'])}" if "size" in report else ""))
+    size = f", {format_size(report['size'])}" if "size" in report else ""
+    print(f"{indent}{report['path']}: {report['kind']}{size}")
     for key in ("model_type", "output_name"):
         if report.get(key):
             print(f"{indent}  {key.replace('_', ' ')}: {report[key]}")
