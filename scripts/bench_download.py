@@ -23,7 +23,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.hub_server import HubServer
+from tests.hub_server import HubServer  # noqa: E402 - after the path set-up above
 
 BLOCK = 64 * 1024 * 1024
 

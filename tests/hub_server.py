@@ -148,7 +148,7 @@ class HubServer:
         return repo
 
     def add_fault(self, kind: str, pattern: str = "*", **options: Any) -> Fault:
-        """Inject a fault (see :class:`Fault`; kinds: drop, error500, rate_limit, ignore_range, corrupt, stall, slow)."""
+        """Inject a fault (see :class:`Fault`): drop, error500, rate_limit, ignore_range, corrupt, stall or slow."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}")
         fault = Fault(kind, pattern, **options)
@@ -249,7 +249,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_error(401, "GatedRepo", "Access to model is restricted. You must be authenticated.")
                 return None
             if token not in self.hub.tokens:
-                self._send_error(403, "GatedRepo", "Access to model is restricted and you are not in the authorized list.")
+                self._send_error(403, "GatedRepo",
+                                 "Access to model is restricted and you are not in the authorized list.")
                 return None
         return repo
 

@@ -131,7 +131,8 @@ def test_429_waits_for_retry_after(hub: tuple[HubServer, SeedData], tmp_path: Pa
 def test_too_many_failures_keep_the_partial_bytes(hub: tuple[HubServer, SeedData], tmp_path: Path) -> None:
     server, seed = hub
     server.add_fault("error500", "model.safetensors", times=None)
-    with pytest.raises(IncompleteDownloadError, match=r"model.safetensors: gave up at byte 0 .*run the same command again"):
+    with pytest.raises(IncompleteDownloadError,
+                       match=r"model.safetensors: gave up at byte 0 .*run the same command again"):
         fetch(server, "org/model", tmp_path, options=opts(retries=2))
     assert not (tmp_path / "model.safetensors").exists()
     assert (tmp_path / "config.json").read_bytes() == seed.model_main["config.json"]
@@ -148,8 +149,8 @@ def test_wrong_bytes_twice_report_both_hashes(hub: tuple[HubServer, SeedData], t
     server, seed = hub
     server.add_fault("corrupt", "model.safetensors", times=None)
     expected = sha256(seed.model_main["model.safetensors"])
-    with pytest.raises(ChecksumMismatchError, match=rf"model.safetensors: downloaded twice .*have sha256 [0-9a-f]{{64}}, "
-                                                    rf"but the Hub lists {expected}"):
+    message = rf"model.safetensors: downloaded twice .*have sha256 [0-9a-f]{{64}}, but the Hub lists {expected}"
+    with pytest.raises(ChecksumMismatchError, match=message):
         fetch(server, "org/model", tmp_path)
     assert not (tmp_path / "model.safetensors").exists()
     assert (tmp_path / "config.json").exists()  # the other files still arrived

@@ -38,7 +38,8 @@ def test_json_output(hub: tuple[HubServer, SeedData], tmp_path: Path, capsys: py
     assert data["revision"] == "dev" and data["commit"] == server.repos["org/model"].commits["dev"]
     assert sorted(data["downloaded"]) == sorted(seed.model_dev)
     assert data["bytes_downloaded"] == sum(len(d) for d in seed.model_dev.values())
-    assert {f["path"]: f["hash"] for f in data["files"]}["model.safetensors"] == sha256(seed.model_dev["model.safetensors"])
+    hashes = {f["path"]: f["hash"] for f in data["files"]}
+    assert hashes["model.safetensors"] == sha256(seed.model_dev["model.safetensors"])
 
 
 def test_human_output(hub: tuple[HubServer, SeedData], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -50,7 +51,8 @@ def test_human_output(hub: tuple[HubServer, SeedData], tmp_path: Path, capsys: p
 def test_dry_run_output(hub: tuple[HubServer, SeedData], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["download", "org/split", "--local-dir", str(tmp_path / "x"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "fetch" in out and "gptq_model-4bit--1g.safetensors <- 3 parts (expected sha256 from SHA256SUMS in the repository)" in out
+    assert "fetch" in out
+    assert "gptq_model-4bit--1g.safetensors <- 3 parts (expected sha256 from SHA256SUMS in the repository)" in out
     assert "to download: 879.00 KiB; to join: 878.91 KiB; free:" in out and "(fits)" in out
     assert not (tmp_path / "x").exists()
 

@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description="Download a branch of a Hub repository into a folder: every file checked against the Hub's "
                     "SHA256 before it takes its name, killed downloads resumed, split parts joined on arrival.")
     parser.add_argument("repo", metavar="REPO[:BRANCH]",
-                        help="NAMESPACE/NAME, optionally :BRANCH, or a preset name (e.g. bloomz-176b-gptq:group_size_128g)")
+                        help="NAMESPACE/NAME, optionally :BRANCH, or a preset name "
+                             "(e.g. bloomz-176b-gptq:group_size_128g)")
     parser.add_argument("--revision", help="branch, tag or commit (instead of :BRANCH)")
     parser.add_argument("--local-dir", type=Path,
                         help="destination folder (default: ./NAME, or ./NAME-BRANCH for a non-default branch)")
@@ -83,7 +84,8 @@ def _print_plan(plan: object) -> None:
         else:
             check = "no published sha256: only the parts are verified"
         status = "already joined" if join["done"] else "join"
-        print(f"  {status:<28} {format_size(join['size']):>10}  {join['output']} <- {len(join['parts'])} parts ({check})")
+        print(f"  {status:<28} {format_size(join['size']):>10}  {join['output']} <- {len(join['parts'])} parts "
+              f"({check})")
     fits = "fits" if data["fits"] else "DOES NOT FIT"
     print(f"to download: {format_size(data['download_bytes'])}; to join: {format_size(data['join_bytes'])}; "
           f"free: {format_size(data['free_bytes'])} ({fits})")
