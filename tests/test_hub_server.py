@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx2
@@ -107,3 +110,14 @@ def test_lfs_redirect_to_a_cdn_host(tmp_path: Path) -> None:
         folder = Path(snapshot_download("org/model", local_dir=tmp_path, endpoint=server.endpoint))
         assert all((folder / name).read_bytes() == data for name, data in seed.model_main.items())
         assert any(path.startswith("/lfs-cdn/") for _, path, _ in server.requests)
+
+
+def test_real_client_through_hf_endpoint(served: tuple[HubServer, SeedData], tmp_path: Path) -> None:
+    server, seed = served
+    code = ("import sys; from huggingface_hub import snapshot_download; "
+            "print(snapshot_download('org/model', revision='dev', local_dir=sys.argv[1]))")
+    env = {**os.environ, "HF_ENDPOINT": server.endpoint}
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert all((tmp_path / name).read_bytes() == data for name, data in seed.model_dev.items())
