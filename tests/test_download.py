@@ -361,8 +361,22 @@ def test_lfs_redirects_are_followed_without_leaking_the_token(tmp_path: Path) ->
 def test_offline_mode_is_explained(hub: tuple[HubServer, SeedData], tmp_path: Path,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    with pytest.raises(HubError, match=r"org/model@main: HF_HUB_OFFLINE is set, so the Hub cannot be asked"):
+    with pytest.raises(HubError, match=r"org/model@main: HF_HUB_OFFLINE is set and .* holds no earlier download"):
         fetch(hub[0], "org/model", tmp_path)
+
+
+def test_offline_rerun_checks_what_is_there(hub: tuple[HubServer, SeedData], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    server, seed = hub
+    fetch(server, "org/model:dev", tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    before = len(server.requests)
+    again = fetch(server, "org/model:dev", tmp_path)
+    assert again.downloaded == () and again.plan.repo.commit == server.repos["org/model"].commits["dev"]
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(HubError, match=r"HF_HUB_OFFLINE is set but config.json is missing from .*unset HF_HUB_OFFLINE"):
+        fetch(server, "org/model:dev", tmp_path)
+    assert len(server.requests) == before  # not a single request while offline
 
 
 def test_range_ignored_then_dropped_mid_stream(hub: tuple[HubServer, SeedData], tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from .plan import (
     plan_files,
     select_files,
 )
-from .remote import ResolvedRepo, parse_spec, resolve_repo
+from .remote import ResolvedRepo, listing_of, offline_repo, parse_spec, resolve_repo
 from .state import LocalState
 from .transfer import FileTask, TransferOptions, fetch_files
 
@@ -85,8 +85,14 @@ def plan_download(spec: str, *, local_dir: str | Path, revision: str | None = No
         RepoNotFoundError, RevisionNotFoundError, HubAuthError, HubError: the Hub said no.
         OutputExistsError: foreign files in ``local_dir`` and not ``force``.
     """
-    repo = resolve_repo(parse_spec(spec, revision=revision), endpoint=endpoint, token=token)
+    from huggingface_hub import constants
+
+    repo_spec = parse_spec(spec, revision=revision)
     local = Path(local_dir).expanduser().resolve()
+    if constants.is_offline_mode():
+        repo = offline_repo(repo_spec, LocalState(local).load_listing(repo_spec.revision), where=str(local))
+    else:
+        repo = resolve_repo(repo_spec, endpoint=endpoint, token=token)
     files = select_files(repo, include, exclude)
     hashes = parse_sha256_options(sha256)
     joins = find_joins(repo, files, sha256=hashes) if join else []
@@ -127,6 +133,8 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
         Everything :func:`plan_download` raises, and InsufficientSpaceError, ChecksumMismatchError,
         IncompleteDownloadError (run again to resume), HubError.
     """
+    from huggingface_hub import constants
+
     if max_workers < 1:
         raise UsageError(f"--max-workers must be at least 1, got {max_workers}")
     started = time.monotonic()
@@ -145,6 +153,10 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
     state = LocalState(plan.local_dir)
     joiner = _Joiner(plan, state, delete_parts=delete_parts, force=force)
     todo = [f for f in plan.files if f.status != "present"]
+    if todo and constants.is_offline_mode():
+        raise HubError(f"{plan.repo.repo_id}@{plan.repo.revision}: HF_HUB_OFFLINE is set but "
+                       f"{', '.join(f.remote.path for f in todo[:5])} {'is' if len(todo) == 1 else 'are'} missing "
+                       f"from {plan.local_dir}; unset HF_HUB_OFFLINE to fetch them")
     manifests = [f for f in todo if f.remote.path in MANIFEST_NAMES]
     rest = [f for f in todo if f.remote.path not in MANIFEST_NAMES]
     headers = _headers(token)
@@ -158,6 +170,7 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
         joiner.close()
         raise
     joined = joiner.wait()
+    state.save_listing(plan.repo.revision, listing_of(plan.repo))
     return DownloadResult(plan, tuple(f.remote.path for f in todo), tuple(joined),
                           sum(f.remote.size - f.have_bytes for f in todo), time.monotonic() - started)
 

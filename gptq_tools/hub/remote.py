@@ -164,6 +164,29 @@ def resolve_repo(spec: RepoSpec, *, endpoint: str | None = None, token: str | bo
                         files=tuple(sorted(files, key=lambda f: f.path)), endpoint=base, preset=spec.preset)
 
 
+def listing_of(repo: ResolvedRepo) -> dict[str, object]:
+    """``repo`` as JSON-ready data (saved after a download, so an offline re-run knows the files)."""
+    return {"repo_id": repo.repo_id, "commit": repo.commit, "endpoint": repo.endpoint,
+            "files": [{"path": f.path, "size": f.size, "git_oid": f.git_oid, "sha256": f.sha256} for f in repo.files]}
+
+
+def offline_repo(spec: RepoSpec, listing: dict[str, object] | None, *, where: str) -> ResolvedRepo:
+    """The repository as remembered in ``where`` for offline use (``HF_HUB_OFFLINE``).
+
+    Raises:
+        HubError: nothing was remembered for this repository and revision.
+    """
+    if listing is None or listing.get("repo_id") != spec.repo_id:
+        raise HubError(f"{spec.repo_id}@{spec.revision}: HF_HUB_OFFLINE is set and {where} holds no earlier download "
+                       f"of it; unset HF_HUB_OFFLINE to fetch it")
+    files = tuple(RemoteFile(path=str(f["path"]), size=int(f["size"]), git_oid=str(f["git_oid"]),
+                             sha256=f.get("sha256")) for f in listing["files"])  # type: ignore[attr-defined]
+    logger.info("%s@%s: offline, using the listing of commit %s saved in %s", spec.repo_id, spec.revision,
+                listing["commit"], where)
+    return ResolvedRepo(repo_id=spec.repo_id, revision=spec.revision, commit=str(listing["commit"]), files=files,
+                        endpoint=str(listing.get("endpoint", "")), preset=spec.preset)
+
+
 def _resolve_commit(api: object, spec: RepoSpec) -> str:
     refs = api.list_repo_refs(spec.repo_id)  # type: ignore[attr-defined]
     for ref in list(refs.branches) + list(refs.tags):

@@ -96,6 +96,29 @@ class LocalState:
             write_bytes_atomic(self.folder / "verified.json",
                                json.dumps(self._verified, indent=1, sort_keys=True).encode())
 
+    def save_listing(self, revision: str, listing: dict[str, object]) -> None:
+        """Remember a resolved commit and its files under ``revision`` (read back offline)."""
+        with self._lock:
+            path = self.folder / "resolved.json"
+            try:
+                known = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                known = {}
+            known = known if isinstance(known, dict) else {}
+            known[revision] = listing
+            known[str(listing["commit"])] = listing
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(path, json.dumps(known, indent=1, sort_keys=True).encode())
+
+    def load_listing(self, revision: str) -> dict[str, object] | None:
+        """The listing saved for ``revision`` (a branch, tag or commit), or None."""
+        try:
+            known = json.loads((self.folder / "resolved.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        listing = known.get(revision) if isinstance(known, dict) else None
+        return listing if isinstance(listing, dict) else None
+
     def check_existing(self, rel_path: str, checksum: tuple[str, str], size: int) -> bool | None:
         """Classify the file at ``rel_path``: None absent, True the expected bytes, False foreign.
 
