@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from gptq_tools.errors import ChecksumMismatchError, OutputExistsError
+from gptq_tools.errors import ChecksumMismatchError, OutputExistsError, UsageError
 from gptq_tools.hub import TransferOptions, download
 from tests.download_helpers import FAST, SeedData, blob, populate, sha256
 from tests.hub_server import HubServer
@@ -158,3 +158,14 @@ def test_real_join_rejects_the_wrong_whole_file(hub: tuple[HubServer, SeedData],
 
 def test_join_failure_does_not_hang_other_threads() -> None:
     assert not [t for t in threading.enumerate() if t.name.startswith(("download-", "join"))]
+
+
+def test_delete_parts_needs_a_published_hash(tmp_path: Path, recorder: JoinRecorder) -> None:
+    parts = {f"w.JOINBEFOREUSE.split-{c}.bin": blob(1000, i) for i, c in enumerate("ab")}
+    with HubServer() as server:
+        server.add_repo("org/nohash", {"main": parts})
+        with pytest.raises(UsageError, match=r"--delete-parts needs a published SHA256 of w.bin \(give --sha256"):
+            download("org/nohash", local_dir=tmp_path, endpoint=server.endpoint, delete_parts=True, options=opts())
+        result = download("org/nohash", local_dir=tmp_path, endpoint=server.endpoint, options=opts())
+    assert recorder.calls[0]["expected"] is None and not result.joined[0].verified
+    assert result.joined[0].expected_from == "none" and all((tmp_path / p).exists() for p in parts)

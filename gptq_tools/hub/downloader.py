@@ -133,8 +133,6 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
         Everything :func:`plan_download` raises, and InsufficientSpaceError, ChecksumMismatchError,
         IncompleteDownloadError (run again to resume), HubError.
     """
-    from huggingface_hub import constants
-
     if max_workers < 1:
         raise UsageError(f"--max-workers must be at least 1, got {max_workers}")
     started = time.monotonic()
@@ -142,21 +140,12 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
                          sha256=sha256, force=force, endpoint=endpoint, token=token)
     if dry_run:
         return DownloadResult(plan, (), (), 0, time.monotonic() - started, dry_run=True)
-    if check_space:
-        check_fits(plan)
-    unchecked = [j.output for j in plan.joins if not j.done and j.source == "none"]
-    if delete_parts and unchecked:
-        raise UsageError(f"--delete-parts needs a published SHA256 of {', '.join(unchecked)} (give --sha256 NAME=HEX): "
-                         f"parts are only deleted after the joined file is verified")
+    todo = [f for f in plan.files if f.status != "present"]
+    _check_can_start(plan, todo, check_space=check_space, delete_parts=delete_parts)
     options = options or TransferOptions(max_workers=max_workers)
     plan.local_dir.mkdir(parents=True, exist_ok=True)
     state = LocalState(plan.local_dir)
     joiner = _Joiner(plan, state, delete_parts=delete_parts, force=force)
-    todo = [f for f in plan.files if f.status != "present"]
-    if todo and constants.is_offline_mode():
-        raise HubError(f"{plan.repo.repo_id}@{plan.repo.revision}: HF_HUB_OFFLINE is set but "
-                       f"{', '.join(f.remote.path for f in todo[:5])} {'is' if len(todo) == 1 else 'are'} missing "
-                       f"from {plan.local_dir}; unset HF_HUB_OFFLINE to fetch them")
     manifests = [f for f in todo if f.remote.path in MANIFEST_NAMES]
     rest = [f for f in todo if f.remote.path not in MANIFEST_NAMES]
     headers = _headers(token)
@@ -173,6 +162,22 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
     state.save_listing(plan.repo.revision, listing_of(plan.repo))
     return DownloadResult(plan, tuple(f.remote.path for f in todo), tuple(joined),
                           sum(f.remote.size - f.have_bytes for f in todo), time.monotonic() - started)
+
+
+def _check_can_start(plan: DownloadPlan, todo: list[PlannedFile], *, check_space: bool, delete_parts: bool) -> None:
+    """Refuse a download that cannot fit, cannot delete parts safely, or would need the Hub while offline."""
+    from huggingface_hub import constants
+
+    if check_space:
+        check_fits(plan)
+    unchecked = [j.output for j in plan.joins if not j.done and j.source == "none"]
+    if delete_parts and unchecked:
+        raise UsageError(f"--delete-parts needs a published SHA256 of {', '.join(unchecked)} (give --sha256 NAME=HEX): "
+                         f"parts are only deleted after the joined file is verified")
+    if todo and constants.is_offline_mode():
+        raise HubError(f"{plan.repo.repo_id}@{plan.repo.revision}: HF_HUB_OFFLINE is set but "
+                       f"{', '.join(f.remote.path for f in todo[:5])} {'is' if len(todo) == 1 else 'are'} missing "
+                       f"from {plan.local_dir}; unset HF_HUB_OFFLINE to fetch them")
 
 
 def _headers(token: str | bool | None) -> dict[str, str]:
