@@ -67,6 +67,10 @@ class _LargeReadTransport(httpx2.HTTPTransport):
 
     def __init__(self, limits: httpx2.Limits) -> None:
         super().__init__(limits=limits)
+        if not isinstance(getattr(self, "_pool", None), httpcore2.ConnectionPool):
+            # httpx2 changed its internals: keep its stock pool (64 KiB reads: slower, still correct).
+            logger.debug("httpx2 transport has no _pool ConnectionPool; using its default network backend")
+            return
         self._pool = httpcore2.ConnectionPool(
             ssl_context=httpx2.create_ssl_context(), max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
