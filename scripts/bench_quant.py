@@ -29,11 +29,11 @@ from safetensors.torch import save_file
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from gptq_tools.quant.calibration import load_calibration
-from gptq_tools.quant.config import QuantizeConfig
-from gptq_tools.quant.driver import quantize_model
-from gptq_tools.quant.evaluate import folder_perplexity
-from gptq_tools.tiny import TinySpec, build_tiny_model
+from gptq_tools.quant.calibration import load_calibration  # noqa: E402 - after the path set-up
+from gptq_tools.quant.config import QuantizeConfig  # noqa: E402
+from gptq_tools.quant.driver import quantize_model  # noqa: E402
+from gptq_tools.quant.evaluate import folder_perplexity  # noqa: E402
+from gptq_tools.tiny import TinySpec, build_tiny_model  # noqa: E402
 
 DEFAULT_GPTQMODEL = Path("/work/venv-gptqmodel/bin/python")
 BENCH_SPEC = TinySpec()
@@ -118,7 +118,8 @@ def _table(results: list[dict]) -> str:
         for row in result["rows"]:
             gm_ppl, gm_s = row.get("gptqmodel_ppl"), row.get("gptqmodel_seconds")
             ratios = (f"{row['ppl'] / gm_ppl:.4f} | {row['seconds'] / gm_s:.3f}" if gm_ppl else " | ")
-            lines.append(f"| {result['arch']} | {row['method']} | {row.get('bits', 16)} | {row.get('group_size', '')} | "
+            lines.append(f"| {result['arch']} | {row['method']} | {row.get('bits', 16)} | "
+                         f"{row.get('group_size', '')} | "
                          f"{row.get('desc_act', '')} | {row['ppl']:.3f} | {row.get('seconds', 0):.1f} | "
                          f"{'' if gm_ppl is None else f'{gm_ppl:.3f}'} | {'' if gm_s is None else f'{gm_s:.1f}'} | "
                          f"{ratios} |")

@@ -61,14 +61,16 @@ def test_checkpoint_format_and_quality(tiny_models: dict[str, Path], tmp_path: P
     tensors = _tensors(out)
     prefix = "model.decoder.layers.0.fc1" if arch == "opt" else "transformer.h.0.mlp.dense_h_to_4h"
     inputs, outputs = 64, 256
-    assert tensors[f"{prefix}.qweight"].dtype == torch.int32 and tensors[f"{prefix}.qweight"].shape == (inputs // 8, outputs)
+    assert tensors[f"{prefix}.qweight"].dtype == torch.int32
+    assert tensors[f"{prefix}.qweight"].shape == (inputs // 8, outputs)
     assert tensors[f"{prefix}.qzeros"].dtype == torch.int32 and tensors[f"{prefix}.qzeros"].shape == (2, outputs // 8)
     assert tensors[f"{prefix}.scales"].dtype == torch.float16 and tensors[f"{prefix}.scales"].shape == (2, outputs)
     assert tensors[f"{prefix}.g_idx"].dtype == torch.int32 and tensors[f"{prefix}.g_idx"].shape == (inputs,)
     assert tensors[f"{prefix}.bias"].dtype == torch.float16
     assert f"{prefix}.weight" not in tensors
     assert "lm_head.weight" in tensors  # written although tied
-    assert torch.equal(tensors[f"{prefix}.qzeros"] & 0xF, torch.full_like(tensors[f"{prefix}.qzeros"] & 0xF, 7))  # v1: 8-1
+    low_nibbles = tensors[f"{prefix}.qzeros"] & 0xF
+    assert torch.equal(low_nibbles, torch.full_like(low_nibbles, 7))  # symmetric v1 stores zero 8 as 7
     config = json.loads((out / "config.json").read_text())
     quant = json.loads((out / "quantize_config.json").read_text())
     assert config["quantization_config"] == quant
@@ -79,6 +81,13 @@ def test_checkpoint_format_and_quality(tiny_models: dict[str, Path], tmp_path: P
     sums = dict(reversed(line.split("  ")) for line in (out / "SHA256SUMS").read_text().splitlines())
     assert set(sums) == {p.name for p in out.iterdir()} - {"SHA256SUMS"}
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # staging folder renamed away
+    # the project's own structural validator and checksum verifier accept the checkpoint
+    from gptq_tools.checkpoint import validate_checkpoint
+
+    report = validate_checkpoint(out)
+    assert len(report.modules) == len(summary.linears)
+    assert cli_main(["verify", "--structure", str(out)]) == 0
+    assert cli_main(["verify", "--manifest", str(out / "SHA256SUMS")]) == 0
     text = (model / "eval.txt").read_text()[:20000]
     fp16 = folder_perplexity(model, text, seqlen=64)
     quantized = folder_perplexity(out, text, seqlen=64)
@@ -98,6 +107,10 @@ def test_single_file_sharding_and_asym_v2(tiny_models: dict[str, Path], tmp_path
     shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
     assert len(shards) > 2 and shards[0].endswith(f"-of-{len(shards):05d}.safetensors")
     assert json.loads((sharded / "quantize_config.json").read_text())["checkpoint_format"] == "gptq_v2"
+    from gptq_tools.checkpoint import validate_checkpoint
+
+    validate_checkpoint(single)
+    validate_checkpoint(sharded)
     assert folder_perplexity(sharded, (model / "eval.txt").read_text()[:8000], seqlen=64) < 1e4
 
 
@@ -167,7 +180,8 @@ def test_cholesky_failure_falls_back_to_rtn(tiny_models: dict[str, Path], tmp_pa
     assert "quantized 12 linears in 2 layers" in printed
 
 
-def test_disk_full_leaves_no_output(tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_leaves_no_output(tiny_models: dict[str, Path], tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import gptq_tools.quant.save as save_module
 
     real = save_module._save_safetensors
@@ -287,7 +301,8 @@ def test_cli_options_reach_the_checkpoint(tiny_models: dict[str, Path], tmp_path
     assert "layer  linears  error" in capsys.readouterr().out
     code = cli_main(["quantize", str(model), "-o", str(out), "--calibration", str(model / "train.txt")])
     assert code == 1
-    assert capsys.readouterr().err.strip() == f"gptq-tools: error: {out}: output folder is not empty; choose another or empty it"
+    expected = f"gptq-tools: error: {out}: output folder is not empty; choose another or empty it"
+    assert capsys.readouterr().err.strip() == expected
 
 
 def test_resume_after_crash_while_publishing(tiny_models: dict[str, Path], tmp_path: Path,

@@ -26,7 +26,8 @@ from gptq_tools.quant.gptq import (
 from gptq_tools.quant.rtn import rtn_quantize
 
 
-def _problem(out: int = 48, inp: int = 64, *, seed: int = 0, dead: tuple[int, ...] = (3,)) -> tuple[torch.Tensor, torch.Tensor]:
+def _problem(out: int = 48, inp: int = 64, *, seed: int = 0,
+             dead: tuple[int, ...] = (3,)) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     W = torch.randn(out, inp, generator=generator)
     X = torch.randn(1500, inp, generator=generator) @ torch.randn(inp, inp, generator=generator) * 0.3

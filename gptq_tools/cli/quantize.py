@@ -31,13 +31,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--format", dest="checkpoint_format", default="gptq", choices=("gptq", "gptq_v2"),
                         help="checkpoint format (default gptq = v1, read by everything)")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    parser.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 2048, capped by the model)")
+    parser.add_argument("--seqlen", type=int, default=None,
+                        help="tokens per window (default 2048, capped by the model)")
     parser.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:1 (default cpu)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
     parser.add_argument("--max-shard-size", default="5GB", help="largest shard (default 5GB)")
     parser.add_argument("--single-file", action="store_true",
                         help="one gptq_model-{bits}bit-{gs}g.safetensors file instead of shards")
-    parser.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="rtn gives a round-to-nearest baseline")
+    parser.add_argument("--method", choices=("gptq", "rtn"), default="gptq",
+                        help="rtn gives a round-to-nearest baseline")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     parser.set_defaults(func=_run)
 

@@ -99,7 +99,8 @@ def load_calibration(path: str | Path, tokenizer: Any, *, nsamples: int, seqlen:
     elif suffix in TEXT_SUFFIXES or suffix in JSONL_SUFFIXES:
         text = _read_jsonl(path) if suffix in JSONL_SUFFIXES else _read_text(path)
         if not text.strip():
-            raise CalibrationError(f"{path}: calibration file is empty; give a file with at least {seqlen} tokens of text")
+            raise CalibrationError(f"{path}: calibration file is empty; give a file with at least {seqlen} "
+                                   f"tokens of text")
         ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     else:
         raise CalibrationError(f"{path}: unknown calibration format {path.suffix!r}; use .txt, .jsonl, "

@@ -52,7 +52,8 @@ class QuantizeConfig:
         if self.block_size < 1:
             raise UsageError(f"block_size={self.block_size} must be positive")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
-            raise UsageError(f"checkpoint_format={self.checkpoint_format!r} is unknown; use one of {CHECKPOINT_FORMATS}")
+            raise UsageError(f"checkpoint_format={self.checkpoint_format!r} is unknown; "
+                             f"use one of {CHECKPOINT_FORMATS}")
 
     @property
     def zero_min(self) -> int:

@@ -43,8 +43,8 @@ from .save import (
     copy_tokenizer,
     publish,
     single_file_name,
+    write_checksums,
     write_json,
-    write_manifest,
     write_tensors,
 )
 from .source import SourceModel
@@ -447,7 +447,7 @@ def _finish(source: SourceModel, staging: Path, output: Path, config: QuantizeCo
     model_config["torch_dtype"] = model_config["dtype"] = "float16"
     write_json(staging / "config.json", model_config)
     files += ["quantize_config.json", "config.json"] + copy_tokenizer(model_dir, staging)
-    write_manifest(staging)  # lists files only: the work folder is not part of the checkpoint
+    write_checksums(staging)  # lists files only: the work folder is not part of the checkpoint
     shutil.rmtree(work)  # from here on the staging folder is a complete checkpoint (see _prepare_staging)
     publish(staging, output)
     return sorted(files + ["SHA256SUMS"])

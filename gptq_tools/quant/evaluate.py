@@ -74,7 +74,8 @@ def load_for_eval(folder: str | Path) -> torch.nn.Module:
         if name in own and own[name].shape != tensor.shape and own[name].shape == tensor.t().shape:
             state[name] = tensor.t().contiguous()
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (m.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False))]
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [m for m in missing if not (m.endswith("lm_head.weight") and tied)]
     if missing or unexpected:
         raise CheckpointError(f"{folder}: tensors do not match the model (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")

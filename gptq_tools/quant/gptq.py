@@ -131,7 +131,8 @@ def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
 # preparation shared by the blocked solver and the reference
 
 
-def _prepare(W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _prepare(W: torch.Tensor, H: torch.Tensor,
+             config: QuantizeConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate; zero dead inputs; return (W fp32 (out, in), H with dead diagonal set, perm (in,))."""
     in_features = W.shape[1]
     if H.shape != (in_features, in_features):

@@ -114,11 +114,13 @@ def copy_tokenizer(source: Path, folder: Path) -> list[str]:
     return copied
 
 
-def write_manifest(folder: Path) -> Path:
+def write_checksums(folder: Path) -> Path:
     """``SHA256SUMS`` (sha256sum format) over every file in ``folder`` except itself, sorted by name."""
-    lines = [f"{sha256_file(path)}  {path.name}\n" for path in sorted(folder.iterdir())
-             if path.is_file() and path.name != MANIFEST_NAME]
-    write_bytes_atomic(folder / MANIFEST_NAME, "".join(lines).encode())
+    from ..manifest import write_manifest
+
+    entries = {path.name: sha256_file(path) for path in sorted(folder.iterdir())
+               if path.is_file() and path.name != MANIFEST_NAME}
+    write_manifest(folder / MANIFEST_NAME, entries, merge=False)
     return folder / MANIFEST_NAME
 
 
@@ -165,6 +167,6 @@ __all__ = [
     "publish",
     "single_file_name",
     "write_json",
-    "write_manifest",
+    "write_checksums",
     "write_tensors",
 ]
