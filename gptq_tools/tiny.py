@@ -35,7 +35,7 @@ TRAIN_MODULES = (
 )
 EVAL_MODULES = ("pydoc", "smtplib", "string", "calendar", "traceback", "warnings", "weakref", "queue")
 
-TINY_FILES = ("train.txt", "eval.txt")
+TINY_ARCHS = ("opt", "bloom")
 
 
 @dataclass(frozen=True)
@@ -148,6 +148,8 @@ def build_tiny_model(arch: str = "opt", out_dir: str | Path = "tiny-model", *, s
     """
     from transformers import AutoModelForCausalLM
 
+    if arch not in TINY_ARCHS:
+        raise UsageError(f"tiny models exist for 'opt' and 'bloom', not {arch!r}")
     spec = spec or TinySpec()
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):

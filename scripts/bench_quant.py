@@ -1,7 +1,9 @@
 """Quality benchmark of the GPTQ quantizer on tiny OPT and BLOOM models the project trains itself.
 
-For each model: perplexity on held-out text at fp16, RTN 4-bit and GPTQ 4-bit (group -1 and a real group
-size, act-order off and on), and quantization time. With ``--gptqmodel PYTHON`` (a venv where GPTQModel
+For each model: perplexity on held-out text at fp16, RTN and GPTQ at 4 and 3 bits (group -1 and a real
+group size, act-order off and on), the mean KL divergence of each quantized model's next-token
+distribution from the fp16 model's (much more sensitive than perplexity on models this small), and
+quantization time. With ``--gptqmodel PYTHON`` (a venv where GPTQModel
 is installed, default /work/venv-gptqmodel/bin/python when it exists) the same model, calibration windows
 and settings are also quantized by GPTQModel and evaluated the same way (both checkpoints are read
 through their own qweight/qzeros/scales/g_idx tensors).
@@ -32,7 +34,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from gptq_tools.quant.calibration import load_calibration  # noqa: E402 - after the path set-up
 from gptq_tools.quant.config import QuantizeConfig  # noqa: E402
 from gptq_tools.quant.driver import quantize_model  # noqa: E402
-from gptq_tools.quant.evaluate import folder_perplexity  # noqa: E402
+from gptq_tools.quant.evaluate import compare_to_reference, load_for_eval, log_probs  # noqa: E402
 from gptq_tools.tiny import TinySpec, build_tiny_model  # noqa: E402
 
 DEFAULT_GPTQMODEL = Path("/work/venv-gptqmodel/bin/python")
@@ -79,23 +81,29 @@ def bench_arch(arch: str, root: Path, *, nsamples: int, gptqmodel: Path | None) 
     from transformers import AutoTokenizer
 
     model = _model(arch, root)
-    text = (model / "eval.txt").read_text()
-    ids = load_calibration(model / "train.txt", AutoTokenizer.from_pretrained(model), nsamples=nsamples, seqlen=SEQLEN)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    ids = load_calibration(model / "train.txt", tokenizer, nsamples=nsamples, seqlen=SEQLEN)
     calib = root / f"calib-{arch}.safetensors"
     save_file({"input_ids": ids.contiguous()}, str(calib))
-    rows = [{"method": "fp16", "ppl": folder_perplexity(model, text, seqlen=SEQLEN)}]
+    eval_ids = torch.tensor(tokenizer((model / "eval.txt").read_text())["input_ids"], dtype=torch.long)
+    reference = log_probs(load_for_eval(model), eval_ids, seqlen=SEQLEN)
+
+    def quality(folder: Path) -> dict[str, float]:
+        ppl, kl = compare_to_reference(load_for_eval(folder), eval_ids, reference, seqlen=SEQLEN)
+        return {"ppl": ppl, "kl": kl}
+
+    rows = [{"method": "fp16", **quality(model)}]
     out = root / f"out-{arch}"
     for bits, group_size in itertools.product(BITS, (-1, GROUPED)):
         config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=False)
         seconds = _ours(model, out, calib, config, "rtn", nsamples)
-        rows.append({"method": "rtn", "bits": bits, "group_size": group_size,
-                     "ppl": folder_perplexity(out, text, seqlen=SEQLEN), "seconds": seconds})
+        rows.append({"method": "rtn", "bits": bits, "group_size": group_size, **quality(out), "seconds": seconds})
         print(arch, rows[-1], flush=True)
         for desc_act in (False, True):
             config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act)
             seconds = _ours(model, out, calib, config, "gptq", nsamples)
             row = {"method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
-                   "ppl": folder_perplexity(out, text, seqlen=SEQLEN), "seconds": seconds}
+                   **quality(out), "seconds": seconds}
             if gptqmodel is not None and group_size == GROUPED and desc_act:
                 # the machine is shared: time both tools alternately, REPEATS times, and keep the fastest
                 gm_out = root / f"gptqmodel-{arch}"
@@ -104,25 +112,29 @@ def bench_arch(arch: str, root: Path, *, nsamples: int, gptqmodel: Path | None) 
                     gm_times.append(_gptqmodel(gptqmodel, model, gm_out, calib, config))
                     row["seconds"] = min(row["seconds"], _ours(model, out, calib, config, "gptq", nsamples))
                 row["gptqmodel_seconds"] = min(gm_times)
-                row["gptqmodel_ppl"] = folder_perplexity(gm_out, text, seqlen=SEQLEN)
+                gm_quality = quality(gm_out)
+                row["gptqmodel_ppl"], row["gptqmodel_kl"] = gm_quality["ppl"], gm_quality["kl"]
             rows.append(row)
             print(arch, row, flush=True)
     return {"arch": arch, "rows": rows}
 
 
 def _table(results: list[dict]) -> str:
-    header = ("| model | method | bits | group | act-order | ppl | seconds | GPTQModel ppl | GPTQModel s "
-              "| ppl ratio | time ratio |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| model | method | bits | group | act-order | ppl | KL vs fp16 (1e-3) | seconds | GPTQModel ppl "
+              "| GPTQModel KL (1e-3) | GPTQModel s | ppl ratio | time ratio |")
+    lines = [header, "|" + "---|" * 13]
     for result in results:
         for row in result["rows"]:
-            gm_ppl, gm_s = row.get("gptqmodel_ppl"), row.get("gptqmodel_seconds")
-            ratios = (f"{row['ppl'] / gm_ppl:.4f} | {row['seconds'] / gm_s:.3f}" if gm_ppl else " | ")
-            lines.append(f"| {result['arch']} | {row['method']} | {row.get('bits', 16)} | "
-                         f"{row.get('group_size', '')} | "
-                         f"{row.get('desc_act', '')} | {row['ppl']:.3f} | {row.get('seconds', 0):.1f} | "
-                         f"{'' if gm_ppl is None else f'{gm_ppl:.3f}'} | {'' if gm_s is None else f'{gm_s:.1f}'} | "
-                         f"{ratios} |")
+            gm_ppl, gm_kl, gm_s = row.get("gptqmodel_ppl"), row.get("gptqmodel_kl"), row.get("gptqmodel_seconds")
+            cells = [result["arch"], row["method"], row.get("bits", 16), row.get("group_size", ""),
+                     row.get("desc_act", ""), f"{row['ppl']:.3f}", f"{row['kl'] * 1e3:.3f}",
+                     f"{row.get('seconds', 0):.1f}"]
+            if gm_ppl is None:
+                cells += ["", "", "", "", ""]
+            else:
+                cells += [f"{gm_ppl:.3f}", f"{gm_kl * 1e3:.3f}", f"{gm_s:.1f}", f"{row['ppl'] / gm_ppl:.4f}",
+                          f"{row['seconds'] / gm_s:.3f}"]
+            lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     return "\n".join(lines)
 
 
