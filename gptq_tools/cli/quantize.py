@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import TYPE_CHECKING
 
-from ..quant.config import QuantizeConfig
-from ..quant.driver import QuantizeSummary, quantize_model
+if TYPE_CHECKING:  # the quantizer pulls in torch: import it only when the command runs
+    from ..quant.driver import QuantizeSummary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..quant.config import QuantizeConfig
+    from ..quant.driver import quantize_model
+
     config = QuantizeConfig(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act,
                             static_groups=args.static_groups, sym=args.sym, damp_percent=args.damp,
                             checkpoint_format=args.checkpoint_format)
@@ -58,14 +62,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def format_summary(summary: QuantizeSummary) -> str:
     """The end-of-run table: one row per layer (summed error, GPTQ vs RTN), then totals and fallbacks."""
-    rows = ["layer  linears  error       rtn_error   gain    damp    seconds"]
+    rows = ["error: mean squared output error per calibration token (GPTQ vs round-to-nearest)",
+            "layer  linears  error       rtn_error   gain      damp    seconds"]
     layers = sorted({report.layer for report in summary.linears})
     for layer in layers:
         reports = [r for r in summary.linears if r.layer == layer]
         error = sum(r.error for r in reports)
         rtn_error = sum(r.rtn_error for r in reports)
         gain = rtn_error / error if error > 0 else math.inf
-        rows.append(f"{layer:5d}  {len(reports):7d}  {error:10.4g}  {rtn_error:10.4g}  {gain:5.2f}x  "
+        rows.append(f"{layer:5d}  {len(reports):7d}  {error:10.4g}  {rtn_error:10.4g}  {gain:7.2f}x  "
                     f"{max(r.damp_percent for r in reports):6.3f}  {sum(r.seconds for r in reports):7.2f}")
     rows.append(f"quantized {len(summary.linears)} linears in {len(layers)} layers in {summary.seconds:.1f} s"
                 + (f" (resumed at layer {summary.resumed_from_layer})" if summary.resumed_from_layer else ""))
