@@ -13,7 +13,10 @@ Modules:
 Checkpoint format: AutoGPTQ v1 (``checkpoint_format: "gptq"``) by default. v1 stores ``zero - 1`` and
 cannot hold a zero point of 0, so asymmetric v1 quantization keeps every zero >= 1 (decided in the
 quantizer, not by clamping afterwards, so the stored values are exactly what GPTQ optimised);
-``checkpoint_format="gptq_v2"`` (``--format gptq_v2``) writes unshifted zeros instead.
+``checkpoint_format="gptq_v2"`` (``--format gptq_v2``) writes unshifted zeros instead. Readers: v1
+symmetric is read by everything (AutoGPTQ, GPTQModel, transformers, vLLM); GPTQModel refuses any
+asymmetric v1 checkpoint it did not write itself (AutoGPTQ's were corrupt), so for GPTQModel write
+asymmetric checkpoints as ``gptq_v2`` (tested in tests/test_quant_interop.py).
 
 Example::
 

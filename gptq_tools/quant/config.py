@@ -27,7 +27,8 @@ class QuantizeConfig:
         checkpoint_format: ``"gptq"`` (v1, default) or ``"gptq_v2"``. v1 stores ``zero - 1`` and so
             cannot hold a zero of 0; for asymmetric v1 output the quantizer keeps every zero >= 1 (it
             searches the grid with the zero clamped, so the stored values are exact, at the cost of a
-            sliver of range for all-positive groups). ``gptq_v2`` has no such limit.
+            sliver of range for all-positive groups). ``gptq_v2`` has no such limit, and is what
+            GPTQModel needs for asymmetric checkpoints (it refuses asymmetric v1 from other producers).
     """
 
     bits: int = 4
