@@ -144,6 +144,11 @@ def test_bad_inputs_have_clear_messages() -> None:
         QuantizeConfig(checkpoint_format="awq")
     with pytest.raises(QuantizationError, match="no calibration rows"):
         HessianAccumulator(4).hessian()
+    accumulator = HessianAccumulator(4)
+    accumulator.add(torch.ones(3, 4))
+    assert torch.equal(accumulator.hessian(), torch.full((4, 4), 2.0))
+    with pytest.raises(QuantizationError, match="already taken"):
+        accumulator.hessian()
 
 
 def test_find_params_symmetric_zero_and_fp16_scales() -> None:

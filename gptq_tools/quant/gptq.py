@@ -39,14 +39,18 @@ class HessianAccumulator:
         self.count += rows.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        """``H = 2/N sum x x^T`` (fp32, in x in).
+        """``H = 2/N sum x x^T`` (fp32, in x in), computed in place: the accumulator is used up.
 
         Raises:
-            QuantizationError: no rows were added.
+            QuantizationError: no rows were added, or the Hessian was already taken.
         """
         if self.count == 0:
             raise QuantizationError("no calibration rows reached this linear; check the calibration data")
-        return self.sum * (2.0 / self.count)
+        if self.count < 0:
+            raise QuantizationError("this Hessian was already taken; accumulate into a new HessianAccumulator")
+        hessian = self.sum.mul_(2.0 / self.count)  # in place: no second (in, in) buffer
+        self.count = -1
+        return hessian
 
 
 @dataclass
@@ -124,7 +128,7 @@ def quantize_values(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, ma
 def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
     """``tr(dW H dW^T) / 2``: the mean squared output error per row, ``H = 2/N sum x x^T``."""
     delta = (W - Q).float()  # (out, in)
-    return float(((delta @ H) * delta).sum() / 2)
+    return float(((delta @ H.to(torch.float32)) * delta).sum() / 2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,7 +137,11 @@ def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
 
 def _prepare(W: torch.Tensor, H: torch.Tensor,
              config: QuantizeConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate; zero dead inputs; return (W fp32 (out, in), H with dead diagonal set, perm (in,))."""
+    """Validate; zero dead inputs; return (W fp32 (out, in), dead mask (in,), perm (in,)).
+
+    H is not copied here: at BLOOM-176B's 57344 inputs one fp32 copy is 13 GB, so the solver makes
+    exactly one permuted, damped working copy (see :func:`_inverse_hessian`).
+    """
     in_features = W.shape[1]
     if H.shape != (in_features, in_features):
         raise UsageError(f"Hessian shape {tuple(H.shape)} does not match weight inputs {in_features}")
@@ -144,15 +152,23 @@ def _prepare(W: torch.Tensor, H: torch.Tensor,
     if not torch.isfinite(W).all():
         raise QuantizationError("weight contains NaN or inf; the source checkpoint is damaged")
     W = W.detach().to(torch.float32).clone()
-    H = H.detach().to(torch.float32).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    diag = torch.diag(H).to(torch.float32)  # a copy: (in,)
+    dead = diag == 0
+    diag[dead] = 1  # dead inputs get H_ii = 1 (paper's trick); their weights are zeroed
     W[:, dead] = 0
     if config.desc_act:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        perm = torch.argsort(diag, descending=True, stable=True)
     else:
         perm = torch.arange(in_features, device=W.device)
-    return W, H, perm
+    return W, dead, perm
+
+
+def _working_hessian(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """fp32 ``H`` with dead diagonal entries set to 1, rows and columns permuted: a fresh tensor."""
+    work = H.to(torch.float32).index_select(0, perm).index_select(1, perm)  # (in, in)
+    dead_positions = torch.nonzero(dead[perm]).flatten()
+    work[dead_positions, dead_positions] = 1
+    return work
 
 
 def _static_params(W: torch.Tensor, config: QuantizeConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -165,21 +181,28 @@ def _static_params(W: torch.Tensor, config: QuantizeConfig) -> tuple[torch.Tenso
     return torch.stack([p[0] for p in params]), torch.stack([p[1] for p in params])
 
 
-def _inverse_hessian(H: torch.Tensor, config: QuantizeConfig, *, name: str) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp)^-1``, raising damp (x2, up to ``damp_max``) until it works.
+def _inverse_hessian(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor, config: QuantizeConfig, *,
+                     name: str) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp)^-1`` in permuted order, raising damp (x2, up to ``damp_max``).
+
+    Peak memory is three (in, in) fp32 tensors besides the caller's H: the working copy, then L, then
+    its inverse, then the result, each freed as soon as the next exists.
 
     Raises:
         CholeskyFailure: no dampening up to ``damp_max`` makes H positive definite.
     """
-    mean_diag = float(torch.mean(torch.diag(H)))
     damp = config.damp_percent
-    eye = torch.arange(H.shape[0], device=H.device)
     while True:
-        damped = H.clone()
-        damped[eye, eye] += damp * mean_diag
-        L, info = torch.linalg.cholesky_ex(damped)
+        work = _working_hessian(H, dead, perm)
+        diagonal = work.diagonal()
+        diagonal += damp * float(torch.mean(diagonal))
+        L, info = torch.linalg.cholesky_ex(work)
+        del work, diagonal
         if int(info) == 0:
-            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            del L
+            Hinv, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and torch.isfinite(Hinv).all():
                 if damp != config.damp_percent:
                     logger.warning("%s: Cholesky needed damp_percent %.4g (asked %.4g)", name, damp,
@@ -212,10 +235,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig, *, n
         CholeskyFailure: H cannot be inverted at any dampening (callers fall back to RTN).
     """
     W_orig = W
-    H_input = H.float()
-    W, H, perm = _prepare(W, H, config)
+    W, dead, perm = _prepare(W, H, config)
     static = _static_params(W, config)
-    Hinv, damp = _inverse_hessian(H[perm][:, perm], config, name=name)  # (in, in), permuted
+    Hinv, damp = _inverse_hessian(H, dead, perm, config, name=name)  # (in, in), permuted
     W = W[:, perm]  # (out, in), permuted
     Q, scales, zeros, g_idx = _solve(W, Hinv, perm, static, config)
     invperm = torch.argsort(perm)
@@ -224,7 +246,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig, *, n
     intweight = Q.to(torch.int32)
     result = QuantResult(intweight=intweight, scales=scales.to(torch.float16), zeros=zeros.to(torch.int32),
                          g_idx=g_idx.to(torch.int32), error=0.0, damp_percent=damp, method="gptq")
-    result.error = output_error(W_orig.float(), result.dequantized(), H_input)
+    result.error = output_error(W_orig.float(), result.dequantized(), H)
     return result
 
 
@@ -282,9 +304,8 @@ def gptq_reference(W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig) -> 
     parameters are found on the fully updated columns.
     """
     W_orig = W
-    H_input = H.float()
-    W, H, perm = _prepare(W, H, config)
-    Hp = H[perm][:, perm]
+    W, dead, perm = _prepare(W, H, config)
+    Hp = _working_hessian(H, dead, perm)
     Hp = Hp + config.damp_percent * torch.mean(torch.diag(Hp)) * torch.eye(Hp.shape[0], dtype=Hp.dtype)
     Hinv = torch.linalg.cholesky(torch.linalg.inv(Hp), upper=True)
     static = _static_params(W, config)
@@ -317,5 +338,5 @@ def gptq_reference(W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig) -> 
     result = QuantResult(intweight=Q[:, invperm].to(torch.int32), scales=scale_t.to(torch.float16),
                          zeros=zero_t.to(torch.int32), g_idx=g_idx[invperm].to(torch.int32), error=0.0,
                          damp_percent=config.damp_percent, method="gptq")
-    result.error = output_error(W_orig.float(), result.dequantized(), H_input)
+    result.error = output_error(W_orig.float(), result.dequantized(), H)
     return result
