@@ -148,6 +148,40 @@ def _run_layer(layer: torch.nn.Module, calib: _Calibration, device: torch.device
     return outputs
 
 
+class _GroupDone(Exception):
+    """Raised by the last hook of a true-sequential group: the rest of the layer's forward is not needed."""
+
+
+def _collect_hessians(layer: torch.nn.Module, modules: dict[str, torch.nn.Module], calib: _Calibration,
+                      device: torch.device, conv1d: bool) -> dict[str, HessianAccumulator]:
+    """Run the calibration through ``layer`` up to the last of ``modules`` and accumulate their Hessians."""
+    accumulators = {name: HessianAccumulator(_linear_weight(m, conv1d).shape[1], device=device)
+                    for name, m in modules.items()}
+    seen: set[str] = set()
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            accumulators[name].add(inputs[0])
+            seen.add(name)
+            if len(seen) == len(modules):
+                raise _GroupDone
+        return hook
+
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
+    try:
+        with torch.no_grad():
+            for hidden, args, kwargs in zip(calib.hidden, calib.args, calib.kwargs):
+                seen.clear()
+                try:
+                    layer(hidden.to(device), *args, **kwargs)
+                except _GroupDone:
+                    continue
+    finally:
+        for handle in handles:
+            handle.remove()
+    return accumulators
+
+
 def _linear_weight(module: torch.nn.Module, conv1d: bool) -> torch.Tensor:
     """The weight as (out, in) (transformers' Conv1D stores (in, out))."""
     return module.weight.t() if conv1d else module.weight
@@ -180,15 +214,7 @@ def _quantize_layer(source: SourceModel, index: int, calib: _Calibration, config
     groups = spec.sequential if config.true_sequential else (spec.quantized_linears,)
     for group in groups:
         modules = {name: layer.get_submodule(name) for name in group}
-        accumulators = {name: HessianAccumulator(_linear_weight(m, spec.conv1d).shape[1], device=device)
-                        for name, m in modules.items()}
-        handles = [m.register_forward_hook(lambda mod, inp, out, acc=accumulators[name]: acc.add(inp[0]))
-                   for name, m in modules.items()]
-        try:
-            _run_layer(layer, calib, device)
-        finally:
-            for handle in handles:
-                handle.remove()
+        accumulators = _collect_hessians(layer, modules, calib, device, spec.conv1d)
         for name, module in modules.items():
             started = time.perf_counter()
             full = f"{prefix}.{name}"
