@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -173,7 +174,7 @@ def find_checkpoint_files(folder: str | os.PathLike[str], *, base_name: str | No
     if len(plain) > 1:
         raise CheckpointError(f"{folder}: several safetensors files ({', '.join(p.name for p in plain)}) and no "
                               f"{INDEX_SUFFIX}; keep one, or add an index for a sharded checkpoint")
-    if any(_looks_like_part(p.name) for p in folder.glob("*.safetensors")):
+    if any(_looks_like_part(p.name) for p in folder.glob("*.safetensors*")):
         return _parts(folder)
     pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
@@ -189,7 +190,8 @@ def find_checkpoint_files(folder: str | os.PathLike[str], *, base_name: str | No
 
 def _looks_like_part(name: str) -> bool:
     lowered = name.lower()
-    return ".split-" in lowered or "joinbeforeuse" in lowered or ".part" in lowered
+    return (".split-" in lowered or "joinbeforeuse" in lowered or ".part" in lowered
+            or re.search(r"\.safetensors\.(\d{2,4}|[a-z]{2})$", lowered) is not None)
 
 
 def _sharded(folder: Path, index_path: Path) -> CheckpointFiles:
