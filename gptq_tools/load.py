@@ -113,6 +113,8 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
     check_devices_exist({k: 0 for k in modules_map.values()})
     if "disk" in modules_map.values() and offload_folder is None:
         raise UsageError("the device map sends modules to 'disk' but no offload_folder was given")
+    if offload_folder is not None and "disk" in modules_map.values():
+        Path(offload_folder).mkdir(parents=True, exist_ok=True)
     if verify_hash:
         _verify_weights(files, expected_sha256=expected_sha256, preset=preset)
     offload_index = _stream_weights(model, files, modules_map, dtype=dtype, offload_folder=offload_folder)

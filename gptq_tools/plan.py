@@ -55,8 +55,9 @@ IGNORED_EXTRA_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bi
 def parse_max_memory(spec: str | Mapping[Any, Any] | None) -> dict[DeviceKey, int]:
     """Parse ``"0=60GiB,1=79GiB,cpu=100GiB"`` (or a dict) into ``{0: bytes, 1: bytes, "cpu": bytes}``.
 
-    Keys are CUDA indices (``0``, ``"cuda:1"``), ``"cpu"`` or ``"disk"``; values follow accelerate's units
-    (``GiB`` powers of 2, ``GB`` powers of 10) and a bare number means GiB, as in text-generation-webui.
+    Keys are CUDA indices (``0``, ``"cuda:1"``), ``"cpu"`` or ``"disk"``. String values follow accelerate's
+    units (``GiB`` powers of 2, ``GB`` powers of 10) and a bare number in a string means GiB, as in
+    text-generation-webui; an ``int`` in a dict is a byte count, as in accelerate.
 
     Raises:
         UsageError: a malformed entry, an unknown device or a repeated device.
@@ -77,7 +78,12 @@ def parse_max_memory(spec: str | Mapping[Any, Any] | None) -> dict[DeviceKey, in
         key = _device_key(raw_key)
         if key in caps:
             raise UsageError(f"max_memory: device {key!r} is given twice")
-        caps[key] = parse_size(raw_value, default_unit="GiB", what=f"max_memory[{key!r}]")
+        if isinstance(raw_value, int) and not isinstance(raw_value, bool):
+            if raw_value < 0:
+                raise UsageError(f"max_memory[{key!r}]: {raw_value} is negative")
+            caps[key] = raw_value
+        else:
+            caps[key] = parse_size(raw_value, default_unit="GiB", what=f"max_memory[{key!r}]")
     return caps
 
 

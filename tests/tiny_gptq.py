@@ -10,6 +10,7 @@ state dict (same fp16 tensors, quantized linears dequantized) comes back with it
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, g_idx: torch.
                  sym: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest of ``weight`` (out, in) per group given by ``g_idx``: (intweight (in, out), zeros, scales)."""
     out_features, in_features = weight.shape
-    groups = math.ceil(in_features / group_size)
+    groups = math.ceil(in_features / (group_size if group_size > 0 else in_features))
     maxq = 2**bits - 1
     zeros = torch.empty(groups, out_features, dtype=torch.int64)
     scales = torch.empty(groups, out_features, dtype=torch.float16)
@@ -89,7 +90,7 @@ def build_tiny_checkpoint(folder: Path, model_type: str = "opt", *, bits: int = 
         module = name.rpartition(".")[0]
         if module in quantized and name.endswith(".weight"):
             in_features = value.shape[1]
-            g_idx = torch.arange(in_features) // group_size
+            g_idx = torch.arange(in_features) // (group_size if group_size > 0 else in_features)
             if desc_act:
                 g_idx = g_idx[torch.randperm(in_features, generator=generator)]
             intweight, zeros, scales = rtn_quantize(value, bits, group_size, g_idx, sym=sym)
@@ -136,7 +137,7 @@ def _write_weights(folder: Path, weight_name: str, tensors: dict[str, torch.Tens
         target.unlink()
         stem = weight_name.removesuffix(".safetensors")
         cut = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
-        for letter, (begin, end) in zip("abc", zip(cut, cut[1:])):
+        for letter, (begin, end) in zip("abc", itertools.pairwise(cut)):
             (folder / f"{stem}.JOINBEFOREUSE.split-{letter}.safetensors").write_bytes(data[begin:end])
     return sha
 
