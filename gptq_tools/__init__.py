@@ -27,6 +27,11 @@ _EXPORTS: dict[str, str] = {
     "get_arch": "architectures",
     "pack_qweight": "packing", "pack_qzeros": "packing", "dequantize": "packing",
     "set_progress": "progress",
+    # plan / load / generate
+    "plan_placement": "plan", "parse_max_memory": "plan", "parse_gpus": "plan", "PlanOptions": "plan",
+    "Placement": "plan", "load_quantized": "load", "QuantLinear": "qlinear", "register_kernel": "qlinear",
+    "available_kernels": "qlinear", "generate": "generate", "generate_text": "generate",
+    "load_tokenizer": "generate",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

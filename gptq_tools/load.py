@@ -47,6 +47,7 @@ from .plan import (
 )
 from .progress import byte_bar
 from .qlinear import QuantLinear
+from .units import parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ INTEGER_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8
 def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[Any, Any] | None = None,
                    device_map: str | Mapping[str, DeviceKey] = "auto", dtype: torch.dtype = torch.float16,
                    offload_folder: str | os.PathLike[str] | None = None, kernel: str = "torch",
-                   batch_size: int = 1, seq_len: int = 2048, verify_hash: bool = True,
+                   batch_size: int = 1, seq_len: int = 2048, cuda_context: str | int = "1GiB",
+                   verify_hash: bool = True,
                    expected_sha256: str | None = None, preset: str | None = None, allow_pickle: bool = False,
                    trust_remote_code: bool = False) -> nn.Module:
     """Load the GPTQ checkpoint in ``path`` as a transformers model ready for ``generate``.
@@ -75,6 +77,7 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
         kernel: QuantLinear kernel name (see :func:`gptq_tools.qlinear.available_kernels`).
         batch_size: batch size the GPU headroom is reserved for.
         seq_len: sequence length (prompt plus new tokens) the headroom is reserved for.
+        cuda_context: memory the CUDA context takes per GPU (bare numbers are GiB).
         verify_hash: check the weights' SHA256 when a manifest, ``expected_sha256`` or ``preset`` gives it.
         expected_sha256: the SHA256 of the (joined) weight file.
         preset: a preset whose published hash applies to the weight file.
@@ -99,6 +102,7 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
     placement = None
     if isinstance(device_map, str) and device_map == "auto":
         options = PlanOptions(dtype=dtype, batch_size=batch_size, seq_len=seq_len, kernel=kernel,
+                              cuda_context_bytes=parse_size(cuda_context, default_unit="GiB", what="cuda_context"),
                               allow_disk=offload_folder is not None)
         caps = parse_max_memory(max_memory) if max_memory is not None else default_max_memory()
         check_devices_exist(caps)

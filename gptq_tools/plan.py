@@ -107,8 +107,8 @@ def parse_gpus(spec: str) -> dict[DeviceKey, int]:
     """
     caps: dict[DeviceKey, int] = {}
     for chunk in filter(None, (part.strip() for part in spec.split(","))):
-        count_text, sep, size_text = chunk.lower().partition("x") if re.match(r"^\d+x", chunk.lower()) else (
-            "1", "x", chunk)
+        match = re.match(r"^(\d+)\s*[xX]\s*(.+)$", chunk)
+        count_text, sep, size_text = (match.group(1), "x", match.group(2)) if match else ("1", "x", chunk)
         if not sep or not count_text.isdigit() or int(count_text) < 1:
             raise UsageError(f"--gpus: {chunk!r} is not COUNTxSIZE; write it like 2x80GB or 3x48GiB")
         size = parse_size(size_text, default_unit="GiB", what=f"--gpus {chunk!r}")

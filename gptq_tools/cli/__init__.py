@@ -19,6 +19,8 @@ from ..progress import set_progress
 
 #: Modules that register sub-commands, in the order their commands appear in ``--help``.
 COMMAND_MODULES: tuple[str, ...] = (
+    "gptq_tools.cli.plan",
+    "gptq_tools.cli.generate",
 
 )
 
