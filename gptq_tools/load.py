@@ -2,15 +2,18 @@
 
 The model is built on the meta device from its config, the quantized linears are swapped for
 :class:`~gptq_tools.qlinear.QuantLinear`, the planner decides where every module goes, and each tensor is
-then read from the safetensors file(s) by offset into its final tensor: ``readinto`` the CPU tensor
-itself, or into one reused staging buffer that is copied to the GPU. Nothing else is held: no state
-dict, no second copy, so host memory beyond the CPU-placed weights stays at the staging buffer (the
-largest tensor) plus what the interpreter, torch and transformers need. Modules placed on ``"disk"``
-are written to ``offload_folder`` one at a time. accelerate's hooks then run the offloaded modules.
+then taken from the safetensors file(s) by offset:
 
-Reading is plain positioned ``readinto`` rather than ``mmap``: mapped file pages count towards the
-process's resident memory for as long as the mapping lives, which would break the memory bound on a
-100 GB file; ``readinto`` puts the bytes where they belong and leaves the page cache to the kernel.
+* CPU-placed tensors are views of a copy-on-write memory map of the file (as ``safe_open`` does): no
+  allocation, no copy; the pages are faulted in during the load so the weights are resident after it;
+* GPU-placed tensors are read (``readinto``) into one reused staging buffer and copied to the GPU, so
+  their bytes never accumulate on the host;
+* disk-placed modules are read the same way and written to ``offload_folder`` one module at a time.
+
+Nothing else is held: no state dict, no second copy. Host memory beyond the CPU-placed weights stays at
+the staging buffer (the largest tensor) plus what the interpreter, torch and transformers need.
+accelerate's hooks then run the offloaded modules. Split parts are mapped part by part and read through
+:class:`~gptq_tools.parts.MultiPartReader` as one virtual file, never joined on disk.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .constants import IO_CHUNK_BYTES
 from .errors import CheckpointError, ChecksumMismatchError, UsageError
 from .model_files import (
     CheckpointFiles,
+    MappedWeightFile,
     WeightFile,
     open_weight_file,
     read_tensor_into,
@@ -269,12 +273,14 @@ def _stream_weights(model: nn.Module, files: CheckpointFiles, modules_map: Mappi
     total = sum(e.nbytes for n, e in files.entries.items() if n in wanted)
     with byte_bar(total, "loading") as bar:
         for wf in files.files:
+            mapped = MappedWeightFile(wf) if "cpu" in modules_map.values() else None
             with open_weight_file(wf) as stream:
                 for entry in sorted(wf.header.tensors.values(), key=lambda e: e.begin):
                     if entry.name not in wanted:
                         continue
                     device = _device_for(entry.name, modules_map)
-                    tensor = _read_one(stream, wf, entry, device, expected[entry.name], staging, dtype=dtype)
+                    tensor = _read_one(stream, wf, entry, device, expected[entry.name], staging, dtype=dtype,
+                                       mapped=mapped)
                     _assign(model, entry.name, tensor)
                     module_name = entry.name.rpartition(".")[0]
                     remaining[module_name] -= 1
@@ -285,16 +291,20 @@ def _stream_weights(model: nn.Module, files: CheckpointFiles, modules_map: Mappi
 
 
 def _read_one(stream: Any, wf: WeightFile, entry: Any, device: DeviceKey, like: torch.Tensor, staging: _Staging,
-              *, dtype: torch.dtype) -> torch.Tensor:
+              *, dtype: torch.dtype, mapped: MappedWeightFile | None) -> torch.Tensor:
+    """One tensor on its device: a mapped view on the CPU, else read through the staging buffer."""
     source_dtype = torch_dtype(entry, source=wf.label)
     target_dtype = like.dtype if like.dtype in INTEGER_DTYPES else dtype
-    if isinstance(device, int):
+    if device == "cpu" and source_dtype == target_dtype and mapped is not None:
+        view = mapped.view(entry)
+        if view is not None:
+            return view
+    if isinstance(device, int) or source_dtype != target_dtype:
         host = staging.take(entry.nbytes, source_dtype, tuple(entry.shape))
         read_tensor_into(stream, entry, host, source=wf.label)
-        return host.to(_torch_device(device), dtype=target_dtype, non_blocking=False)
-    host = torch.empty(tuple(entry.shape), dtype=source_dtype)
-    read_tensor_into(stream, entry, host, source=wf.label)
-    return host if source_dtype == target_dtype else host.to(target_dtype)
+        return host.to(_torch_device(device) if isinstance(device, int) else "cpu", dtype=target_dtype, copy=True)
+    host = torch.empty(tuple(entry.shape), dtype=source_dtype)  # disk-bound, or a tensor that cannot be mapped
+    return read_tensor_into(stream, entry, host, source=wf.label)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

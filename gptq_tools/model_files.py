@@ -14,8 +14,10 @@ Only headers are read here; tensors are read on request, straight into a caller-
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
+import mmap
 import os
 import re
 from collections.abc import Iterator
@@ -275,3 +277,47 @@ def torch_dtype(entry: TensorEntry, *, source: str) -> torch.dtype:
     except KeyError:
         raise CheckpointError(f"{source}: tensor {entry.name!r} has dtype {entry.dtype}, which this loader does "
                               f"not read") from None
+
+
+class MappedWeightFile:
+    """Copy-on-write memory maps of a weight file (or of each of its parts), for zero-copy CPU tensors.
+
+    A tensor that lies inside one mapped file becomes a view of the mapping: no allocation and no copy;
+    its pages are the page cache's until written (writes go to private copies; the file never changes).
+    A tensor that straddles two parts, or is misaligned for its dtype, gets no view (``None``).
+    Each view keeps its mapping alive, so the mapping costs memory only for the pages of tensors in use.
+    """
+
+    def __init__(self, wf: WeightFile) -> None:
+        self.label = wf.label
+        self.starts: list[int] = []
+        self.maps: list[mmap.mmap | None] = []
+        position = 0
+        for path in wf.paths:
+            size = path.stat().st_size
+            self.starts.append(position)
+            if size:
+                with open(path, "rb") as handle:
+                    self.maps.append(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY))
+            else:
+                self.maps.append(None)
+            position += size
+
+    def view(self, entry: TensorEntry) -> torch.Tensor | None:
+        """``entry`` as a tensor viewing the mapping, or None when it cannot be viewed in place."""
+        index = bisect.bisect_right(self.starts, entry.begin) - 1
+        mapping = self.maps[index]
+        begin = entry.begin - self.starts[index]
+        dtype = TORCH_DTYPES.get(entry.dtype)
+        if mapping is None or dtype is None or begin + entry.nbytes > len(mapping) or entry.nbytes == 0:
+            return None
+        if begin % torch.empty((), dtype=dtype).element_size():
+            return None
+        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=entry.nbytes, offset=begin)
+        tensor = raw.view(dtype).reshape(entry.shape)
+        raw[::mmap.PAGESIZE].sum()  # fault the pages in now, so that the load leaves the weights resident
+        return tensor
+
+    def close(self) -> None:
+        """Drop this object's references; mappings stay alive while tensors view them."""
+        self.maps = []

@@ -152,7 +152,7 @@ class QuantLinear(nn.Module):
                 f"{int(groups.max())}]; the checkpoint's group_size does not match its tensors")
         if groups.numel() > 1 and bool((groups[1:] < groups[:-1]).any()):
             perm = torch.argsort(groups, stable=True)
-            self.qweight = _permute_packed_rows(self.qweight, perm, self.bits, self.in_features)
+            _permute_packed_rows_(self.qweight, perm, self.bits, self.in_features)
             self.g_idx = self.g_idx[perm].contiguous()
             self.input_perm = perm.to(torch.int32)
             groups = groups[perm]
@@ -168,9 +168,15 @@ class QuantLinear(nn.Module):
         ``start`` and ``stop`` must be multiples of 32 (or ``stop == out_features``).
         """
         word_start, word_stop = start * self.bits // 32, math.ceil(stop * self.bits / 32)
-        intweight = unpack_rows(self.qweight[:, start:stop], self.bits, self.in_features)  # (in, c)
-        zeros = unpack_qzeros(self.qzeros[:, word_start:word_stop], self.bits, stop - start,
-                              checkpoint_format=self.checkpoint_format)  # (groups, c)
+        if 32 % self.bits == 0:  # 2, 4, 8 bits: whole values per word, one shift-and-mask pass
+            intweight = _unpack_words(self.qweight[:, start:stop], self.bits, dim=0)[: self.in_features]
+            zeros = _unpack_words(self.qzeros[:, word_start:word_stop], self.bits, dim=1)[:, : stop - start]
+            if self.checkpoint_format == "gptq":
+                zeros = zeros + 1  # v1 stores zero - 1 (added back unmasked, as AutoGPTQ's kernels do)
+        else:
+            intweight = unpack_rows(self.qweight[:, start:stop], self.bits, self.in_features)  # (in, c)
+            zeros = unpack_qzeros(self.qzeros[:, word_start:word_stop], self.bits, stop - start,
+                                  checkpoint_format=self.checkpoint_format)  # (groups, c)
         scales = self.scales[:, start:stop].to(torch.float32)  # (groups, c)
         if self.group_counts is None:
             rows = self.num_groups * self.group_size
@@ -198,6 +204,17 @@ class QuantLinear(nn.Module):
         return get_kernel(self.kernel).forward(self, x)
 
 
+def _unpack_words(words: torch.Tensor, bits: int, *, dim: int) -> torch.Tensor:
+    """Unpack int32 ``words`` holding ``32 // bits`` values each along ``dim`` (0: rows, 1: columns)."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+    mask = (1 << bits) - 1
+    if dim == 0:
+        values = (words[:, None, :] >> shifts[None, :, None]) & mask  # (words, per_word, cols)
+        return values.reshape(-1, words.shape[1])
+    values = (words[:, :, None] >> shifts[None, None, :]) & mask  # (rows, words, per_word)
+    return values.reshape(words.shape[0], -1)
+
+
 def check_quant_shape(bits: int, in_features: int, out_features: int, *, what: str) -> None:
     """Raise :class:`UsageError` when ``bits`` or the shape cannot be packed."""
     if bits not in SUPPORTED_BITS:
@@ -219,14 +236,15 @@ def quant_tensor_shapes(bits: int, group_size: int, in_features: int,
             "g_idx": (in_features,)}
 
 
-def _permute_packed_rows(qweight: torch.Tensor, perm: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Repack ``qweight`` with its unpacked rows reordered by ``perm``, a column block at a time."""
-    out = torch.empty_like(qweight)
+def _permute_packed_rows_(qweight: torch.Tensor, perm: torch.Tensor, bits: int, in_features: int) -> None:
+    """Reorder the unpacked rows of ``qweight`` by ``perm`` in place, a column block at a time.
+
+    In place, so that a memory-mapped ``qweight`` is rewritten where it lies instead of doubled.
+    """
     step = _column_chunk(in_features, qweight.shape[1])
     for start in range(0, qweight.shape[1], step):
         values = unpack_rows(qweight[:, start:start + step], bits, in_features)
-        out[:, start:start + step] = pack_rows(values[perm.to(values.device)], bits)
-    return out
+        qweight[:, start:start + step] = pack_rows(values[perm.to(values.device)], bits)
 
 
 def _column_chunk(in_features: int, out_features: int) -> int:
@@ -239,20 +257,23 @@ def _torch_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """Dequantize a column block at a time and multiply; act-order inputs are permuted once."""
     if layer.input_perm is not None:
         x = x.index_select(-1, layer.input_perm.to(device=x.device, dtype=torch.long))
-    flat = x.reshape(-1, layer.in_features)  # (tokens, in)
-    out = torch.empty(flat.shape[0], layer.out_features, dtype=x.dtype, device=x.device)
+    # CPUs have no fast half-precision GEMM: multiply in fp32 there (the weights are built in fp32 anyway).
+    half_on_cpu = x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
+    compute_dtype = torch.float32 if half_on_cpu else x.dtype
+    flat = x.reshape(-1, layer.in_features).to(compute_dtype)  # (tokens, in)
+    out = torch.empty(flat.shape[0], layer.out_features, dtype=compute_dtype, device=x.device)
     step = _column_chunk(layer.in_features, layer.out_features)
     for start in range(0, layer.out_features, step):
         stop = min(start + step, layer.out_features)
-        weight = layer.dequantized_columns(start, stop, x.dtype)  # (in, c)
+        weight = layer.dequantized_columns(start, stop, compute_dtype)  # (in, c)
         out[:, start:stop] = flat @ weight
     if layer.bias is not None:
-        out += layer.bias.to(x.dtype)
-    return out.reshape(*x.shape[:-1], layer.out_features)
+        out += layer.bias.to(compute_dtype)
+    return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
 def _torch_workspace(in_features: int, out_features: int, dtype: torch.dtype) -> int:
-    # int64 unpacked values and zeros, fp32 products, the result in dtype: ~20 bytes per element.
+    # unpacked values and zeros (int64 on the 3-bit path), fp32 products, the result: ~20 bytes per element.
     elements = in_features * _column_chunk(in_features, out_features)
     return elements * (8 + 8 + 4 + torch.empty((), dtype=dtype).element_size())
 
