@@ -219,3 +219,15 @@ def test_not_a_gptq_folder(tmp_path: Path) -> None:
     (checkpoint.folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="no quantize_config.json and no quantization_config"):
         load_quantized(checkpoint.folder)
+
+
+def test_checkpoint_files_are_never_modified(tmp_path: Path) -> None:
+    import hashlib
+
+    checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "opt", desc_act=True)
+    path = checkpoint.folder / checkpoint.weight_name
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    model = load_quantized(checkpoint.folder, dtype=torch.float16)  # act-order rows are permuted in place
+    assert any(m.input_perm is not None for m in model.modules() if isinstance(m, QuantLinear))
+    logits(model)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before == checkpoint.sha256
