@@ -72,8 +72,10 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
     Args:
         path: the checkpoint folder (config.json, quantize_config.json, safetensors: one file, shards
             with an index, or split parts read as one file).
-        max_memory: caps per device (``"0=60GiB,1=79GiB,cpu=64GiB"`` or a dict; bare numbers are GiB);
-            None: every visible GPU's free memory and the available host memory.
+        max_memory: caps per device (``"0=60GiB,1=79GiB,cpu=64GiB"`` or a dict; bare numbers are GiB,
+            ints in a dict are bytes); only the devices named are used (the CPU only when named, disk
+            whenever ``offload_folder`` is given). None: every visible GPU's free memory and the
+            available host memory.
         device_map: ``"auto"`` (plan with the caps), a single device (``"cpu"``, ``"cuda:0"``), or an
             explicit ``{module: device}`` map.
         dtype: dtype of every floating-point tensor (scales, norms, embeddings) and of the compute.
@@ -82,7 +84,9 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
         batch_size: batch size the GPU headroom is reserved for.
         seq_len: sequence length (prompt plus new tokens) the headroom is reserved for.
         cuda_context: memory the CUDA context takes per GPU (bare numbers are GiB).
-        verify_hash: check the weights' SHA256 when a manifest, ``expected_sha256`` or ``preset`` gives it.
+        verify_hash: check the weights' SHA256 when ``expected_sha256``, a ``SHA256SUMS`` manifest beside the
+            weights, ``preset``, or (without ``preset``) any preset publishing a hash for that file name
+            gives it.
         expected_sha256: the SHA256 of the (joined) weight file.
         preset: a preset whose published hash applies to the weight file.
         allow_pickle: accept pickled weights when there are no safetensors (unsafe; off by default).
@@ -206,15 +210,16 @@ def _expected_hash(files: CheckpointFiles, *, expected_sha256: str | None, prese
             raise UsageError("expected_sha256 applies to a single weight file (or parts); this checkpoint is sharded, "
                              "use a SHA256SUMS manifest instead")
         return {files.files[0].label: expected_sha256.lower()}
-    hashes: dict[str, str] = {}
-    if preset:
-        from .presets import load_preset
+    from .presets import list_presets, load_preset
 
-        loaded = load_preset(preset)
+    hashes: dict[str, str] = {}
+    # the named preset, else any preset that publishes a hash for a file of this name
+    for candidate in [preset] if preset else list_presets():
+        loaded = load_preset(candidate)
         for wf in files.files:
             digest = next((loaded.expected_sha256(wf.label, branch) for branch in loaded.branches
                            if loaded.expected_sha256(wf.label, branch)), None)
-            if digest:
+            if digest and wf.label not in hashes:
                 hashes[wf.label] = digest.lower()
     manifest = next((files.folder / n for n in MANIFEST_NAMES if (files.folder / n).is_file()), None)
     if manifest is not None:

@@ -231,3 +231,18 @@ def test_checkpoint_files_are_never_modified(tmp_path: Path) -> None:
     assert any(m.input_perm is not None for m in model.modules() if isinstance(m, QuantLinear))
     logits(model)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before == checkpoint.sha256
+
+
+def test_preset_hash_applies_to_a_file_of_that_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "opt")
+    presets = tmp_path / "configs" / "presets"
+    presets.mkdir(parents=True)
+    preset = {"name": "tiny", "repo_id": "test/tiny",
+              "branches": {"main": {"files": {checkpoint.weight_name: {"sha256": "e" * 64}}}}}
+    (presets / "tiny.json").write_text(json.dumps(preset))
+    monkeypatch.setenv("GPTQ_TOOLS_CONFIGS", str(tmp_path / "configs"))
+    with pytest.raises(ChecksumMismatchError, match="expected " + "e" * 64):
+        load_quantized(checkpoint.folder)
+    preset["branches"]["main"]["files"][checkpoint.weight_name]["sha256"] = checkpoint.sha256
+    (presets / "tiny.json").write_text(json.dumps(preset))
+    load_quantized(checkpoint.folder, preset="tiny")
