@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench bench-join bench-load lint clean
+.PHONY: install test demo bench bench-join bench-download bench-load lint clean
 
 install: $(STAMP)
 
@@ -24,10 +24,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-bench: bench-join bench-load
+bench: bench-join bench-download bench-load
 
 bench-join: $(STAMP)
 	$(PY) scripts/bench_join.py
+
+bench-download: $(STAMP)
+	$(PY) scripts/bench_download.py
 
 bench-load: $(STAMP)
 	$(PY) scripts/bench_load.py

@@ -20,6 +20,7 @@ _EXPORTS: dict[str, str] = {
     "UnsupportedArchitectureError": "errors", "CalibrationError": "errors", "QuantizationError": "errors",
     "HubError": "errors", "IncompleteDownloadError": "errors", "PlacementError": "errors",
     "UnsafeCheckpointError": "errors", "UsageError": "errors",
+    "RepoNotFoundError": "errors", "RevisionNotFoundError": "errors", "HubAuthError": "errors",
     # foundation
     "parse_size": "units", "format_size": "units",
     "read_header": "safetensors_format",
@@ -27,6 +28,17 @@ _EXPORTS: dict[str, str] = {
     "get_arch": "architectures",
     "pack_qweight": "packing", "pack_qzeros": "packing", "dequantize": "packing",
     "set_progress": "progress",
+    # files: join, verify, split, reshard, inspect
+    "join_parts": "join", "JoinResult": "join",
+    "verify_files": "verify", "verify_parts": "verify", "FileCheck": "verify",
+    "split_file": "split", "reshard_file": "split",
+    "find_part_set": "parts", "MultiPartReader": "parts",
+    "parse_manifest": "manifest", "write_manifest": "manifest",
+    "validate_checkpoint": "checkpoint",
+    "inspect_path": "inspect_path",
+    # hub download
+    "download": "hub", "plan_download": "hub", "resolve_repo": "hub", "DownloadResult": "hub",
+    "DownloadPlan": "hub", "TransferOptions": "hub",
     # plan / load / generate
     "plan_placement": "plan", "parse_max_memory": "plan", "parse_gpus": "plan", "PlanOptions": "plan",
     "Placement": "plan", "load_quantized": "load", "QuantLinear": "qlinear", "register_kernel": "qlinear",

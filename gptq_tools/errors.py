@@ -69,6 +69,18 @@ class HubError(GptqToolsError, OSError):
     """The Hub (or a Hub-compatible server) refused or failed a request."""
 
 
+class RepoNotFoundError(HubError):
+    """The repository does not exist on the Hub (or is private and no valid token was sent)."""
+
+
+class RevisionNotFoundError(HubError):
+    """The branch, tag or commit does not exist in the repository."""
+
+
+class HubAuthError(HubError, PermissionError):
+    """The repository is gated or private and the request was not authorised (HTTP 401/403)."""
+
+
 class IncompleteDownloadError(GptqToolsError, OSError):
     """A download ended before all its bytes arrived."""
 

@@ -12,10 +12,10 @@ import errno
 import hashlib
 import logging
 import os
+import queue
 import shutil
 import tempfile
 import threading
-import queue
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -29,10 +29,44 @@ TEMP_PREFIX = ".gptq-tools-tmp-"
 
 
 def temp_path_for(final: Path) -> Path:
-    """A fresh, unique temporary path next to ``final`` (same filesystem, so the rename is atomic)."""
-    handle, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{final.name}.", dir=final.parent)
+    """A fresh, unique temporary path next to ``final`` (same filesystem, so the rename is atomic).
+
+    The name carries our PID so that a later run can recognise and remove the leftovers of a run that
+    was killed (see :func:`remove_stale_temps`).
+    """
+    handle, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{final.name}.{os.getpid()}.", dir=final.parent)
     os.close(handle)
     return Path(name)
+
+
+def remove_stale_temps(final: Path) -> list[Path]:
+    """Delete temporaries for ``final`` left by processes that no longer run (killed mid-write)."""
+    removed: list[Path] = []
+    prefix = f"{TEMP_PREFIX}{final.name}."
+    if not final.parent.is_dir():
+        return removed
+    for entry in final.parent.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        pid_text = entry.name[len(prefix):].split(".", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed.append(entry)
+                logger.info("removed %s, left by an interrupted run (pid %s)", entry, pid_text)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_output_free(path: Path, *, force: bool) -> None:
@@ -63,6 +97,7 @@ def atomic_output(final: str | os.PathLike[str], *, force: bool = False, mode: s
     final = Path(final)
     check_output_free(final, force=force)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final)
     temp = temp_path_for(final)
     try:
         with open(temp, mode) as handle:
@@ -106,6 +141,18 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def advise_sequential(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Tell the kernel we read ``fd`` front to back, so it reads ahead in larger windows."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_SEQUENTIAL)
+
+
+def prefetch_range(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start reading ``[offset, offset + length)`` now (keeps the disk queue busy)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+
 def iter_file_chunks(path: Path, *, chunk_bytes: int = IO_CHUNK_BYTES, start: int = 0,
                      length: int | None = None, prefetch: int = 2) -> Iterator[memoryview]:
     """Yield the bytes of ``path`` (from ``start``, ``length`` bytes) in chunks read ahead by a thread.
@@ -126,11 +173,13 @@ def iter_file_chunks(path: Path, *, chunk_bytes: int = IO_CHUNK_BYTES, start: in
         try:
             with open(path, "rb", buffering=0) as handle:
                 handle.seek(start)
+                advise_sequential(handle.fileno(), start, size)
                 remaining = size
                 while remaining > 0 and not stop.is_set():
                     index = free.get()
                     if index < 0:
                         return
+                    prefetch_range(handle.fileno(), start + size - remaining + chunk_bytes, 2 * chunk_bytes)
                     view = memoryview(buffers[index])[: min(chunk_bytes, remaining)]
                     got = handle.readinto(view)
                     if not got:

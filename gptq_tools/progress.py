@@ -34,7 +34,7 @@ def tqdm(*args: Any, disable: bool | None = None, **kwargs: Any) -> _tqdm:
     return _tqdm(*args, disable=disable, **kwargs)
 
 
-def byte_bar(total: int | None, desc: str, *, disable: bool | None = None) -> _tqdm:
-    """A bar counting bytes with rate and ETA."""
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=disable,
-                dynamic_ncols=True, leave=False)
+def byte_bar(total: int | None, desc: str, *, enabled: bool | None = None) -> _tqdm:
+    """A bar counting bytes with rate and ETA; ``enabled=None`` follows :func:`progress_enabled`."""
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=None if enabled is None else not enabled, dynamic_ncols=True, leave=False)

@@ -105,3 +105,22 @@ def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert excinfo.value.code == 0
     assert "gptq-tools 0.1.0" in capsys.readouterr().out
+
+
+def test_every_public_name_resolves() -> None:
+    import gptq_tools
+
+    for name in gptq_tools.__all__:
+        assert getattr(gptq_tools, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        gptq_tools.nope  # noqa: B018
+
+
+def test_cli_help_lists_every_command_and_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from gptq_tools.cli import build_parser; build_parser(); "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False", "building the CLI must not import torch (every command would pay for it)"

@@ -1,0 +1,14 @@
+"""Branch-aware Hub download: verified, resumable, parallel, split parts joined on arrival."""
+
+from __future__ import annotations
+
+from .downloader import DownloadResult, JoinedFile, download, plan_download
+from .plan import DownloadPlan, PlannedFile, PlannedJoin
+from .remote import RemoteFile, RepoSpec, ResolvedRepo, parse_spec, resolve_repo
+from .transfer import FileTask, TransferOptions, fetch_files
+
+__all__ = [
+    "DownloadPlan", "DownloadResult", "FileTask", "JoinedFile", "PlannedFile", "PlannedJoin", "RemoteFile",
+    "RepoSpec", "ResolvedRepo", "TransferOptions", "download", "fetch_files", "parse_spec", "plan_download",
+    "resolve_repo",
+]

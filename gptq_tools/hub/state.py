@@ -1,0 +1,153 @@
+"""What a local folder already holds: verified files, partial downloads, foreign files.
+
+gptq-tools keeps its bookkeeping in ``<local_dir>/.gptq-tools/download/``: ``incomplete/<hash>.incomplete``
+holds the bytes of an unfinished file (named by the expected hash, so a partial file of another version is
+never resumed), and ``verified.json`` remembers which final files were checked (size, mtime, hash), so a
+re-run does not re-hash 100 GB. A file at a final name that is not remembered is hashed before it is
+trusted; one whose bytes differ from the repository's is foreign and is never overwritten silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from ..constants import IO_CHUNK_BYTES
+from ..fileio import iter_file_chunks, write_bytes_atomic
+
+logger = logging.getLogger(__name__)
+
+STATE_DIR = Path(".gptq-tools") / "download"
+
+
+def new_hasher(algorithm: str) -> hashlib._Hash:
+    """A hasher for ``"sha256"`` or ``"git-sha1"`` (the caller feeds the git blob header first)."""
+    return hashlib.sha256() if algorithm == "sha256" else hashlib.sha1()
+
+
+def start_hasher(algorithm: str, size: int) -> hashlib._Hash:
+    """A hasher ready for a file's content: git blob ids hash ``b"blob <size>\\0"`` before the bytes."""
+    hasher = new_hasher(algorithm)
+    if algorithm == "git-sha1":
+        hasher.update(b"blob %d\0" % size)
+    return hasher
+
+
+def feed_file(hasher: hashlib._Hash, path: Path, *, length: int | None = None,
+              on_bytes: Callable[[int], None] | None = None) -> int:
+    """Feed the first ``length`` bytes of ``path`` (all when None) into ``hasher``; returns the count."""
+    size = path.stat().st_size if length is None else length
+    done = 0
+    if size > 0:
+        for chunk in iter_file_chunks(path, chunk_bytes=IO_CHUNK_BYTES, length=size):
+            hasher.update(chunk)
+            done += len(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+    return done
+
+
+class LocalState:
+    """Bookkeeping of one local folder (thread-safe)."""
+
+    def __init__(self, local_dir: Path) -> None:
+        self.local_dir = local_dir
+        self.folder = local_dir / STATE_DIR
+        self._lock = threading.Lock()
+        self._verified: dict[str, dict[str, object]] = self._load()
+
+    def _load(self) -> dict[str, dict[str, object]]:
+        path = self.folder / "verified.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def incomplete_path(self, checksum: tuple[str, str]) -> Path:
+        """Where the partial bytes of a file with ``checksum`` live."""
+        return self.folder / "incomplete" / f"{checksum[1]}.incomplete"
+
+    def verified_record(self, rel_path: str) -> dict[str, object] | None:
+        """What was remembered about ``rel_path`` when it was last verified (None if never)."""
+        return self._verified.get(rel_path)
+
+    def is_verified(self, rel_path: str, checksum: tuple[str, str]) -> bool:
+        """Whether ``rel_path`` was verified as ``checksum`` and has not changed since (size and mtime)."""
+        record = self._verified.get(rel_path)
+        path = self.local_dir / rel_path
+        if record is None or record.get("hash") != checksum[1] or not path.is_file():
+            return False
+        stat = path.stat()
+        return record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns
+
+    def mark_verified(self, rel_path: str, checksum: tuple[str, str]) -> None:
+        """Remember that ``rel_path`` holds the bytes of ``checksum`` (written atomically)."""
+        stat = (self.local_dir / rel_path).stat()
+        with self._lock:
+            self._verified[rel_path] = {"hash": checksum[1], "algorithm": checksum[0], "size": stat.st_size,
+                                        "mtime_ns": stat.st_mtime_ns}
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(self.folder / "verified.json",
+                               json.dumps(self._verified, indent=1, sort_keys=True).encode())
+
+    def save_listing(self, revision: str, listing: dict[str, object]) -> None:
+        """Remember a resolved commit and its files under ``revision`` (read back offline)."""
+        with self._lock:
+            path = self.folder / "resolved.json"
+            try:
+                known = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                known = {}
+            known = known if isinstance(known, dict) else {}
+            known[revision] = listing
+            known[str(listing["commit"])] = listing
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(path, json.dumps(known, indent=1, sort_keys=True).encode())
+
+    def load_listing(self, revision: str) -> dict[str, object] | None:
+        """The listing saved for ``revision`` (a branch, tag or commit), or None."""
+        try:
+            known = json.loads((self.folder / "resolved.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        listing = known.get(revision) if isinstance(known, dict) else None
+        return listing if isinstance(listing, dict) else None
+
+    def check_existing(self, rel_path: str, checksum: tuple[str, str], size: int) -> bool | None:
+        """Classify the file at ``rel_path``: None absent, True the expected bytes, False foreign.
+
+        A file not remembered as verified is hashed (and remembered when it matches).
+        """
+        path = self.local_dir / rel_path
+        if not path.is_file():
+            return None
+        if self.is_verified(rel_path, checksum):
+            return True
+        if path.stat().st_size != size:
+            return False
+        logger.info("%s: already present, checking its %s before trusting it", path, checksum[0])
+        hasher = start_hasher(checksum[0], size)
+        feed_file(hasher, path)
+        if hasher.hexdigest() != checksum[1]:
+            return False
+        self.mark_verified(rel_path, checksum)
+        return True
+
+    def partial_bytes(self, checksum: tuple[str, str], size: int) -> int:
+        """Bytes of an unfinished download on disk (0 when none, or when it is longer than the file)."""
+        path = self.incomplete_path(checksum)
+        try:
+            have = path.stat().st_size
+        except FileNotFoundError:
+            return 0
+        if have > size:
+            logger.warning("%s: longer than the file it belongs to; starting that file again", path)
+            os.unlink(path)
+            return 0
+        return have

@@ -1,0 +1,475 @@
+"""A Hub-compatible HTTP server for tests and benchmarks (127.0.0.1, ephemeral port, one thread).
+
+It serves the endpoints huggingface_hub (``HfApi`` and ``snapshot_download``) and gptq-tools use:
+``/api/models/{repo}/revision/{rev}``, ``/api/models/{repo}/tree/{rev}[/{path}]`` (paginated with a
+``Link`` header), ``POST /api/models/{repo}/paths-info/{rev}``, ``/api/models/{repo}/refs`` and
+``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` with ``X-Repo-Commit``, ``ETag``, ``X-Linked-Etag``,
+``X-Linked-Size`` and HTTP ``Range``. Errors carry the ``X-Error-Code`` header the real Hub sends
+(``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``, ``GatedRepo``), so the real client raises its
+real exceptions.
+
+Repositories are ``namespace/name``; each branch maps file paths to ``bytes`` or to a ``Path`` on disk
+(served with ``sendfile``, so a benchmark measures the client, not the server). Faults are injected per
+file with :meth:`HubServer.add_fault`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+if TYPE_CHECKING:
+    from typing import Self
+
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".model")
+LFS_MIN_SIZE = 10 * 1024 * 1024
+FAULT_KINDS = ("drop", "error500", "rate_limit", "ignore_range", "corrupt", "stall", "slow")
+
+
+@dataclass
+class ServedFile:
+    """One file of one branch: its bytes (in memory or on disk) and its Hub metadata."""
+
+    path: str
+    size: int
+    git_oid: str
+    sha256: str | None  # set for LFS files
+    data: bytes | None = None
+    disk_path: Path | None = None
+
+    def read(self, start: int, end: int) -> bytes:
+        if self.data is not None:
+            return self.data[start:end]
+        assert self.disk_path is not None
+        with open(self.disk_path, "rb") as handle:
+            handle.seek(start)
+            return handle.read(end - start)
+
+    def tree_entry(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"type": "file", "oid": self.git_oid, "size": self.size, "path": self.path}
+        if self.sha256 is not None:
+            entry["lfs"] = {"oid": self.sha256, "size": self.size, "pointerSize": 134}
+        return entry
+
+
+@dataclass
+class Fault:
+    """A fault injected into ``GET .../resolve/...`` of files matching ``pattern``.
+
+    ``times`` is how many requests it hits (None: all). ``after_bytes``: bytes sent before a drop/stall.
+    ``retry_after``: seconds for 429. ``seconds``: stall length. ``rate``: bytes per second for ``slow``.
+    """
+
+    kind: str
+    pattern: str = "*"
+    times: int | None = 1
+    after_bytes: int = 0
+    retry_after: int = 1
+    seconds: float = 30.0
+    rate: int = 1024 * 1024
+    hits: int = 0
+
+
+@dataclass
+class Repo:
+    repo_id: str
+    branches: dict[str, dict[str, ServedFile]]
+    commits: dict[str, str]
+    gated: bool = False
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def _git_blob_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _sha256_path(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(16 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def make_file(path: str, content: bytes | Path, *, lfs: bool | None = None) -> ServedFile:
+    """Build a :class:`ServedFile`; LFS when the name has a weights suffix or the file is >= 10 MiB."""
+    size = len(content) if isinstance(content, bytes) else content.stat().st_size
+    if lfs is None:
+        lfs = path.endswith(LFS_SUFFIXES) or size >= LFS_MIN_SIZE
+    if lfs:
+        sha = hashlib.sha256(content).hexdigest() if isinstance(content, bytes) else _sha256_path(content)
+        pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\nsize {size}\n".encode()
+        oid = _git_blob_oid(pointer)
+    else:
+        data = content if isinstance(content, bytes) else content.read_bytes()
+        sha, oid = None, _git_blob_oid(data)
+    if isinstance(content, bytes):
+        return ServedFile(path, size, oid, sha, data=content)
+    return ServedFile(path, size, oid, sha, disk_path=content)
+
+
+class HubServer:
+    """A fake Hub in a thread. Use as a context manager; ``endpoint`` is the base URL."""
+
+    def __init__(self, *, page_size: int = 1000, redirect_lfs: bool = False) -> None:
+        self.redirect_lfs = redirect_lfs  # LFS files answer 302 to a "CDN" host (localhost), as the Hub does
+        self.repos: dict[str, Repo] = {}
+        self.faults: list[Fault] = []
+        self.tokens: set[str] = {"hf_valid_token"}
+        self.page_size = page_size
+        self.requests: list[tuple[str, str, str | None]] = []
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- set-up -------------------------------------------------------------------------------------
+    def add_repo(self, repo_id: str, branches: dict[str, dict[str, bytes | Path | ServedFile]], *,
+                 gated: bool = False) -> Repo:
+        """Serve ``repo_id`` with ``branches`` (branch -> {path: bytes | Path | ServedFile})."""
+        built: dict[str, dict[str, ServedFile]] = {}
+        commits: dict[str, str] = {}
+        for branch, files in branches.items():
+            built[branch] = {p: c if isinstance(c, ServedFile) else make_file(p, c) for p, c in files.items()}
+            listing = json.dumps(sorted((f.path, f.git_oid) for f in built[branch].values()))
+            commits[branch] = hashlib.sha1(f"{repo_id}\0{branch}\0{listing}".encode()).hexdigest()
+        repo = Repo(repo_id, built, commits, gated=gated)
+        self.repos[repo_id] = repo
+        return repo
+
+    def add_fault(self, kind: str, pattern: str = "*", **options: Any) -> Fault:
+        """Inject a fault (see :class:`Fault`): drop, error500, rate_limit, ignore_range, corrupt, stall or slow."""
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}")
+        fault = Fault(kind, pattern, **options)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def take_fault(self, path: str, kinds: tuple[str, ...]) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.kind in kinds and fnmatch.fnmatch(path, fault.pattern) and (
+                        fault.times is None or fault.hits < fault.times):
+                    fault.hits += 1
+                    return fault
+        return None
+
+    def resolve_requests(self, path_suffix: str = "") -> list[tuple[str, str, str | None]]:
+        """Logged ``(method, url path, Range header)`` of resolve requests ending with ``path_suffix``."""
+        return [r for r in self.requests if "/resolve/" in r[1] and r[1].endswith(path_suffix)]
+
+    # -- life cycle ---------------------------------------------------------------------------------
+    @property
+    def endpoint(self) -> str:
+        assert self._httpd is not None, "server not started"
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> Self:
+        handler = type("Handler", (_Handler,), {"hub": self})
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        httpd.daemon_threads = True
+        httpd.request_queue_size = 128
+        self._httpd = httpd
+        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="hub-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+_API_RE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/(?P<what>revision|tree|paths-info|refs)(?:/(?P<rest>.*))?$")
+_RESOLVE_RE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
+_CDN_RE = re.compile(r"^/lfs-cdn/(?P<sha>[0-9a-f]{64})$")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    hub: HubServer
+    protocol_version = "HTTP/1.1"
+    wbufsize = 0
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    # -- plumbing -----------------------------------------------------------------------------------
+    def _send_json(self, payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_error(self, status: int, code: str | None, message: str) -> None:
+        headers = {"X-Error-Message": message}
+        if code:
+            headers["X-Error-Code"] = code
+        self._send_json({"error": message}, status, headers)
+
+    def _repo(self, repo_id: str) -> Repo | None:
+        repo = self.hub.repos.get(repo_id)
+        if repo is None:
+            self._send_error(401, "RepoNotFound", "Repository not found")
+            return None
+        if repo.gated:
+            auth = self.headers.get("Authorization", "")
+            token = auth.removeprefix("Bearer ").strip()
+            if not token:
+                self._send_error(401, "GatedRepo", "Access to model is restricted. You must be authenticated.")
+                return None
+            if token not in self.hub.tokens:
+                self._send_error(403, "GatedRepo",
+                                 "Access to model is restricted and you are not in the authorized list.")
+                return None
+        return repo
+
+    def _branch(self, repo: Repo, rev: str) -> tuple[str, dict[str, ServedFile]] | None:
+        rev = unquote(rev)
+        if rev in repo.branches:
+            return repo.commits[rev], repo.branches[rev]
+        for branch, commit in repo.commits.items():
+            if commit == rev:
+                return commit, repo.branches[branch]
+        self._send_error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        return None
+
+    # -- verbs --------------------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        url = urlsplit(self.path)
+        self.hub.requests.append((self.command, url.path, self.headers.get("Range")))
+        api = _API_RE.match(url.path)
+        resolve = _RESOLVE_RE.match(url.path)
+        cdn = _CDN_RE.match(url.path)
+        try:
+            if cdn:
+                self._cdn(cdn.group("sha"))
+            elif api:
+                self._api(api.group("repo"), api.group("what"), api.group("rest") or "", parse_qs(url.query))
+            elif resolve:
+                self._resolve(resolve.group("repo"), resolve.group("rev"), unquote(resolve.group("path")))
+            else:
+                self._send_error(404, None, f"no route for {url.path}")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _api(self, repo_id: str, what: str, rest: str, query: dict[str, list[str]]) -> None:
+        repo = self._repo(repo_id)
+        if repo is None:
+            return
+        if what == "refs":
+            branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c} for b, c in repo.commits.items()]
+            tags = [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": c} for t, c in repo.tags.items()]
+            self._send_json({"branches": branches, "tags": tags, "converts": [], "pullRequests": []})
+            return
+        rev, _, sub_path = rest.partition("/")
+        found = self._branch(repo, rev)
+        if found is None:
+            return
+        commit, files = found
+        if what == "revision":
+            siblings = [{"rfilename": f.path, "size": f.size, "blobId": f.git_oid,
+                         **({"lfs": {"sha256": f.sha256, "size": f.size, "pointerSize": 134}} if f.sha256 else {})}
+                        for f in files.values()]
+            self._send_json({"id": repo.repo_id, "modelId": repo.repo_id, "sha": commit, "private": False,
+                             "gated": "auto" if repo.gated else False, "siblings": siblings, "tags": []})
+        elif what == "tree":
+            self._tree(repo, rev, commit, files, unquote(sub_path), query)
+        else:
+            self._paths_info(files)
+
+    def _tree(self, repo: Repo, rev: str, commit: str, files: dict[str, ServedFile], sub_path: str,
+              query: dict[str, list[str]]) -> None:
+        recursive = query.get("recursive", ["False"])[0].lower() in {"1", "true"}
+        prefix = f"{sub_path.strip('/')}/" if sub_path.strip("/") else ""
+        entries: dict[str, dict[str, Any]] = {}
+        for path in sorted(files):
+            if not path.startswith(prefix):
+                continue
+            rest = path[len(prefix):]
+            if recursive or "/" not in rest:
+                entries[path] = files[path].tree_entry()
+            else:
+                folder = prefix + rest.split("/", 1)[0]
+                entries.setdefault(folder, {"type": "directory", "oid": "0" * 40, "size": 0, "path": folder})
+            if recursive:  # the Hub lists the folders too
+                parts = rest.split("/")[:-1]
+                for depth in range(1, len(parts) + 1):
+                    folder = prefix + "/".join(parts[:depth])
+                    entries.setdefault(folder, {"type": "directory", "oid": "0" * 40, "size": 0, "path": folder})
+        listing = [entries[key] for key in sorted(entries)]
+        start = int(query.get("cursor", ["0"])[0])
+        page = listing[start:start + self.hub.page_size]
+        headers = {}
+        if start + self.hub.page_size < len(listing):
+            next_url = (f"{self.hub.endpoint}/api/models/{repo.repo_id}/tree/{quote(rev, safe='')}"
+                        f"{'/' + quote(sub_path) if sub_path else ''}?recursive={recursive}"
+                        f"&cursor={start + self.hub.page_size}")
+            headers["Link"] = f'<{next_url}>; rel="next"'
+        self._send_json(page, headers=headers)
+
+    def _paths_info(self, files: dict[str, ServedFile]) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        form = parse_qs(self.rfile.read(length).decode()) if length else {}
+        wanted = form.get("paths", [])
+        self._send_json([files[p].tree_entry() for p in wanted if p in files])
+
+    # -- file bytes ---------------------------------------------------------------------------------
+    def _resolve(self, repo_id: str, rev: str, path: str) -> None:
+        repo = self._repo(repo_id)
+        if repo is None:
+            return
+        found = self._branch(repo, rev)
+        if found is None:
+            return
+        commit, files = found
+        served = files.get(path)
+        if served is None:
+            self._send_error(404, "EntryNotFound", f"{path} does not exist on {rev}")
+            return
+        if served.sha256 and self.hub.redirect_lfs:
+            self._redirect(served, commit)
+            return
+        self._serve(served, commit, path)
+
+    def _redirect(self, served: ServedFile, commit: str) -> None:
+        port = self.hub.endpoint.rsplit(":", 1)[1]
+        self.send_response(302)
+        self.send_header("Location", f"http://localhost:{port}/lfs-cdn/{served.sha256}")
+        self.send_header("ETag", f'"{served.git_oid}"')
+        self.send_header("X-Repo-Commit", commit)
+        self.send_header("X-Linked-Etag", f'"{served.sha256}"')
+        self.send_header("X-Linked-Size", str(served.size))
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _cdn(self, sha: str) -> None:
+        if self.headers.get("Authorization"):
+            self._send_error(400, None, "the CDN must not receive the Hub token")
+            return
+        for repo in self.hub.repos.values():
+            for branch, files in repo.branches.items():
+                for served in files.values():
+                    if served.sha256 == sha:
+                        self._serve(served, repo.commits[branch], served.path)
+                        return
+        self._send_error(404, None, "no such object")
+
+    def _serve(self, served: ServedFile, commit: str, path: str) -> None:
+        if self.command == "GET" and self._early_fault(path):
+            return
+        start, end = 0, served.size
+        range_header = self.headers.get("Range")
+        ranged = False
+        if range_header and not (self.command == "GET" and self.hub.take_fault(path, ("ignore_range",))):
+            match = re.fullmatch(r"bytes=(\d+)-(\d*)", range_header.strip())
+            if match is None or int(match.group(1)) >= max(served.size, 1):
+                self._send_error(416, None, f"bad range {range_header}")
+                return
+            start = int(match.group(1))
+            end = min(int(match.group(2)) + 1, served.size) if match.group(2) else served.size
+            ranged = True
+        self.send_response(206 if ranged else 200)
+        etag = served.sha256 or served.git_oid
+        self.send_header("ETag", f'"{etag}"')
+        self.send_header("X-Repo-Commit", commit)
+        if served.sha256:
+            self.send_header("X-Linked-Etag", f'"{served.sha256}"')
+            self.send_header("X-Linked-Size", str(served.size))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(end - start))
+        if ranged:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{served.size}")
+        self.end_headers()
+        if self.command == "GET":
+            self._send_body(served, path, start, end)
+
+    def _early_fault(self, path: str) -> bool:
+        fault = self.hub.take_fault(path, ("error500", "rate_limit"))
+        if fault is None:
+            return False
+        if fault.kind == "error500":
+            self._send_error(500, None, "Internal Error (injected)")
+        else:
+            self._send_json({"error": "rate limited"}, 429, {"Retry-After": str(fault.retry_after)})
+        return True
+
+    def _send_body(self, served: ServedFile, path: str, start: int, end: int) -> None:
+        fault = self.hub.take_fault(path, ("drop", "stall", "corrupt", "slow"))
+        if fault is None:
+            self._sendfile(served, start, end)
+        elif fault.kind in ("drop", "stall"):
+            cut = min(start + fault.after_bytes, end)
+            self.wfile.write(served.read(start, cut))
+            if fault.kind == "stall":
+                self.hub.stopping.wait(fault.seconds)
+            self.close_connection = True
+            self.connection.shutdown(2)
+        elif fault.kind == "corrupt":
+            data = bytearray(served.read(start, end))
+            if data:
+                data[len(data) // 2] ^= 0xFF
+            self.wfile.write(bytes(data))
+        else:
+            self._send_slowly(served, start, end, fault.rate)
+
+    def _send_slowly(self, served: ServedFile, start: int, end: int, rate: int) -> None:
+        step = max(rate // 20, 1)
+        for offset in range(start, end, step):
+            if self.hub.stopping.is_set():
+                self.close_connection = True
+                return
+            self.wfile.write(served.read(offset, min(offset + step, end)))
+            time.sleep(0.05)
+
+    def _sendfile(self, served: ServedFile, start: int, end: int) -> None:
+        if served.disk_path is None:
+            self.wfile.write(memoryview(served.data or b"")[start:end])
+            return
+        with open(served.disk_path, "rb") as handle:
+            offset = start
+            while offset < end:
+                sent = os.sendfile(self.connection.fileno(), handle.fileno(), offset, min(end - offset, 1 << 30))
+                if sent == 0:
+                    raise ConnectionResetError("client went away")
+                offset += sent
