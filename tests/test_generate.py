@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_gptq import TinyCheckpoint, build_tiny_checkpoint, reference_model
 
 from gptq_tools.cli import main
 from gptq_tools.errors import CheckpointError, UsageError
 from gptq_tools.generate import generate, generate_text, load_tokenizer
 from gptq_tools.load import load_quantized
+
+from .tiny_gptq import TinyCheckpoint, build_tiny_checkpoint, reference_model
 
 
 def save_tokenizer(folder: Path, vocab: int = 96) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_gptq import TinyCheckpoint, build_tiny_checkpoint, reference_model
 
 from gptq_tools.architectures import get_arch
 from gptq_tools.errors import (
@@ -19,6 +18,8 @@ from gptq_tools.errors import (
 )
 from gptq_tools.load import load_quantized
 from gptq_tools.qlinear import QuantLinear
+
+from .tiny_gptq import TinyCheckpoint, build_tiny_checkpoint, reference_model
 
 
 def logits(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:

@@ -27,7 +27,7 @@ def load_script():  # returns the script as a module
 
 @pytest.mark.parametrize("model_type", ["opt", "bloom"])
 def test_round_trip_with_gptqmodel(tmp_path: Path, model_type: str) -> None:
-    from tiny_gptq import build_tiny_checkpoint
+    from .tiny_gptq import build_tiny_checkpoint
 
     interop = load_script()
     ids = torch.randint(3, interop.VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_gptq import build_tiny_checkpoint, reference_model
 
 from gptq_tools.load import load_quantized
+
+from .tiny_gptq import build_tiny_checkpoint, reference_model
 
 pytestmark = pytest.mark.gpu
 

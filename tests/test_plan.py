@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_gptq import build_tiny_checkpoint
 
 from gptq_tools.cli import main
 from gptq_tools.errors import CheckpointError, UsageError
@@ -24,6 +23,8 @@ from gptq_tools.plan import (
     plan_placement,
 )
 from gptq_tools.safetensors_format import read_header
+
+from .tiny_gptq import build_tiny_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET = "bloomz-176b-gptq"
@@ -183,9 +184,9 @@ def test_cli_plan_needs_one_cap_option(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_cli_plan_entry_point_text() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, "-m", "gptq_tools", "plan", PRESET, "--gpus", "2x80GB"],
-                            check=False, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-                            timeout=120)
+                            check=False, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "reserved: cuda_context 1.00 GiB" in result.stdout
     assert result.stdout.rstrip().endswith("fits")

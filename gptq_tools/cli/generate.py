@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 EPILOG = """example (BLOOMZ, prompt format from its model card):
   gptq-tools generate ./bloomz-176B-GPTQ --max-memory 0=60GiB,1=79GiB \\
@@ -15,14 +17,16 @@ EPILOG = """example (BLOOMZ, prompt format from its model card):
 Translation:" --max-new-tokens 16
 """
 
-_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+_DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float32": "float32", "fp32": "float32"}
 
 
 def parse_dtype(text: str) -> torch.dtype:
     """``"float16"`` / ``"bfloat16"`` / ``"float32"`` (and short forms) to a torch dtype."""
+    import torch
+
     try:
-        return _DTYPES[text.lower()]
+        return getattr(torch, _DTYPES[text.lower()])
     except KeyError:
         raise UsageError(f"--dtype {text!r} is not supported; use float16, bfloat16 or float32") from None
 

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
-from ..plan import (
-    Placement,
-    PlanOptions,
-    load_layout,
-    parse_gpus,
-    parse_max_memory,
-    place_layout,
-)
 from ..units import format_size, parse_size
 from .generate import parse_dtype
+
+if TYPE_CHECKING:  # the planner imports torch: only when a command runs, not to build the CLI
+    from ..plan import Placement, PlanOptions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,6 +42,8 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> PlanOptions:
+    from ..plan import PlanOptions
+
     if args.batch_size < 1 or args.seq_len < 1:
         raise UsageError("--batch-size and --seq-len must be positive")
     return PlanOptions(dtype=parse_dtype(args.dtype), batch_size=args.batch_size, seq_len=args.seq_len,
@@ -54,6 +52,8 @@ def options_from_args(args: argparse.Namespace) -> PlanOptions:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from ..plan import load_layout, parse_gpus, parse_max_memory, place_layout
+
     if bool(args.max_memory) == bool(args.gpus):
         raise UsageError("give exactly one of --max-memory (0=60GiB,1=79GiB) or --gpus (2x80GB)")
     caps = parse_max_memory(args.max_memory) if args.max_memory else parse_gpus(args.gpus)
