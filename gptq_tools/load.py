@@ -123,6 +123,8 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
     else:
         modules_map = {name: _normalise_device(device) for name, device in device_map.items()}
     check_devices_exist({k: 0 for k in modules_map.values()})
+    for name in model.state_dict(keep_vars=True):  # an explicit map must place every tensor: fail before reading
+        _device_for(name, modules_map)
     if "disk" in modules_map.values() and offload_folder is None:
         raise UsageError("the device map sends modules to 'disk' but no offload_folder was given")
     if offload_folder is not None and "disk" in modules_map.values():
@@ -132,6 +134,7 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
     offload_index = _stream_weights(model, files, modules_map, dtype=dtype, offload_folder=offload_folder)
     model.tie_weights()
     _check_nothing_missing(model, modules_map, folder)
+    _place_computed_buffers(model, modules_map)
     _dispatch(model, modules_map, offload_folder, offload_index)
     model.eval()
     model.gptq_placement = placement
@@ -194,7 +197,7 @@ def _device_for(name: str, modules_map: Mapping[str, DeviceKey]) -> DeviceKey:
         if module in modules_map:
             return modules_map[module]
         if not module:
-            raise CheckpointError(f"device map has no entry for tensor {name!r}; add its module (or '')")
+            raise UsageError(f"device_map has no entry for tensor {name!r}; add its module (or '' for the rest)")
         module = module.rpartition(".")[0]
 
 
@@ -373,6 +376,18 @@ def _check_nothing_missing(model: nn.Module, modules_map: Mapping[str, DeviceKey
         if tensor.device.type == "meta" and _device_for(name, modules_map) != "disk":
             raise CheckpointError(f"{folder}: tensor {name!r} is missing from the checkpoint; the files belong to "
                                   f"another model or are incomplete")
+
+
+def _place_computed_buffers(model: nn.Module, modules_map: Mapping[str, DeviceKey]) -> None:
+    """Move buffers the model computes itself (rotary tables: not in the checkpoint) to their module's device."""
+    persistent = set(model.state_dict(keep_vars=True))
+    for name, buffer in list(model.named_buffers()):
+        if name in persistent or buffer is None or buffer.device.type == "meta":
+            continue
+        device = _device_for(name, modules_map)
+        if isinstance(device, int) and buffer.device != _torch_device(device):
+            module_name, _, attribute = name.rpartition(".")
+            model.get_submodule(module_name)._buffers[attribute] = buffer.to(_torch_device(device))
 
 
 def _dispatch(model: nn.Module, modules_map: Mapping[str, DeviceKey], offload_folder: str | os.PathLike[str] | None,

@@ -214,7 +214,8 @@ def _replace_linear(model: nn.Module, path: str, arch: ArchSpec, settings: Quant
     linear = model.get_submodule(path)
     weight = getattr(linear, "weight", None)
     if weight is None or weight.dim() != 2:
-        raise UnsupportedLinearError(f"{path}: not a linear layer ({type(linear).__name__})")
+        raise CheckpointError(f"{path}: the architecture table names it as a quantized linear but it is a "
+                              f"{type(linear).__name__}; the config does not match the architecture")
     in_features, out_features = (weight.shape[0], weight.shape[1]) if arch.conv1d else (weight.shape[1],
                                                                                         weight.shape[0])
     check_quant_shape(settings.bits, in_features, out_features, what=path)
@@ -224,10 +225,6 @@ def _replace_linear(model: nn.Module, path: str, arch: ArchSpec, settings: Quant
     layer.name = path
     parent_path, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent_path), child, layer)
-
-
-class UnsupportedLinearError(CheckpointError):
-    """A module the architecture table names as a quantized linear is not a linear layer."""
 
 
 def expected_tensors(model: nn.Module) -> dict[str, nn.Parameter | torch.Tensor]:

@@ -247,3 +247,9 @@ def test_preset_hash_applies_to_a_file_of_that_name(tmp_path: Path, monkeypatch:
     preset["branches"]["main"]["files"][checkpoint.weight_name]["sha256"] = checkpoint.sha256
     (presets / "tiny.json").write_text(json.dumps(preset))
     load_quantized(checkpoint.folder, preset="tiny")
+
+
+def test_explicit_device_map_must_cover_every_module(tmp_path: Path) -> None:
+    checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "opt")
+    with pytest.raises(UsageError, match=r"device_map has no entry for tensor 'model.decoder.embed_tokens.weight'"):
+        load_quantized(checkpoint.folder, device_map={"model.decoder.layers": "cpu"})
