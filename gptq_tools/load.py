@@ -118,15 +118,8 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
                                  caps, options)
         placement.raise_if_unfit()
         modules_map: dict[str, DeviceKey] = dict(placement.device_map)
-    elif isinstance(device_map, str):
-        modules_map = {"": _single_device(device_map)}
     else:
-        modules_map = {name: _normalise_device(device) for name, device in device_map.items()}
-    check_devices_exist({k: 0 for k in modules_map.values()})
-    for name in model.state_dict(keep_vars=True):  # an explicit map must place every tensor: fail before reading
-        _device_for(name, modules_map)
-    if "disk" in modules_map.values() and offload_folder is None:
-        raise UsageError("the device map sends modules to 'disk' but no offload_folder was given")
+        modules_map = _explicit_map(model, device_map, offload_folder)
     if offload_folder is not None and "disk" in modules_map.values():
         Path(offload_folder).mkdir(parents=True, exist_ok=True)
     if verify_hash:
@@ -141,6 +134,21 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
     model.gptq_settings = settings
     logger.info("loaded %s in %.1f s", folder, time.perf_counter() - started)
     return model
+
+
+def _explicit_map(model: nn.Module, device_map: str | Mapping[str, DeviceKey],
+                  offload_folder: str | os.PathLike[str] | None) -> dict[str, DeviceKey]:
+    """A single device or a ``{module: device}`` map, checked before anything is read."""
+    if isinstance(device_map, str):
+        modules_map: dict[str, DeviceKey] = {"": _single_device(device_map)}
+    else:
+        modules_map = {name: _normalise_device(device) for name, device in device_map.items()}
+    check_devices_exist({k: 0 for k in modules_map.values()})
+    for name in model.state_dict(keep_vars=True):  # every tensor must have a place
+        _device_for(name, modules_map)
+    if "disk" in modules_map.values() and offload_folder is None:
+        raise UsageError("the device map sends modules to 'disk' but no offload_folder was given")
+    return modules_map
 
 
 def default_max_memory() -> dict[DeviceKey, int]:
