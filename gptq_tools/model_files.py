@@ -218,9 +218,10 @@ def _sharded(folder: Path, index_path: Path) -> CheckpointFiles:
 
 
 def _parts(folder: Path) -> CheckpointFiles:
-    from .parts import MultiPartReader, find_part_set
+    from .parts import MultiPartReader, check_safetensors_parts, find_part_set
 
     part_set = find_part_set(folder)
+    check_safetensors_parts(part_set)  # names the missing, truncated or extra part
     reader = MultiPartReader(part_set.parts)
     try:
         header = read_header_from(reader, reader.size, source=f"{folder / part_set.output_name} (as parts)")

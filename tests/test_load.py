@@ -253,3 +253,24 @@ def test_explicit_device_map_must_cover_every_module(tmp_path: Path) -> None:
     checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "opt")
     with pytest.raises(UsageError, match=r"device_map has no entry for tensor 'model.decoder.embed_tokens.weight'"):
         load_quantized(checkpoint.folder, device_map={"model.decoder.layers": "cpu"})
+
+
+@pytest.mark.parametrize("removed,message", [
+    ("b", r"is missing part\(s\) 'b'"),  # a gap in the letters
+    ("c", r"part\(s\) after .*split-b.safetensors are missing: the set is \d+ bytes short"),  # only the header
+                                                                                            # reveals a lost last part
+])
+def test_missing_part(tmp_path: Path, removed: str, message: str) -> None:
+    from gptq_tools.errors import PartSetError
+
+    checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "opt", layout="parts")
+    stem = checkpoint.weight_name.removesuffix(".safetensors")
+    (checkpoint.folder / f"{stem}.JOINBEFOREUSE.split-{removed}.safetensors").unlink()
+    with pytest.raises(PartSetError, match=message):
+        load_quantized(checkpoint.folder)
+
+
+def test_disk_in_device_map_needs_offload_folder(tmp_path: Path) -> None:
+    checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "opt")
+    with pytest.raises(UsageError, match="sends modules to 'disk' but no offload_folder was given"):
+        load_quantized(checkpoint.folder, device_map={"": "disk"})
