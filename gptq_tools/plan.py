@@ -286,7 +286,10 @@ def layout_from_model(model: nn.Module, arch: ArchSpec, settings: QuantizeSettin
     sizes: dict[str, int] = {}
     order: list[str] = []
     tied_block: dict[str, str] = {}
-    for name, tensor in expected_tensors(model).items():
+    tensors = expected_tensors(model)
+    # buffers the model computes itself (rotary tables) are placed too, though no checkpoint holds them
+    tensors.update({name: buffer for name, buffer in model.named_buffers() if name not in tensors})
+    for name, tensor in tensors.items():
         block = block_of(name, arch)
         if block not in sizes:
             sizes[block] = 0

@@ -48,6 +48,11 @@ def test_logits_equal_dequantized_float_model(tmp_path: Path, model_type: str, c
     assert_matches_reference(model, checkpoint)
 
 
+def test_llama_with_grouped_kv_heads_and_rotary_buffers(tmp_path: Path) -> None:
+    checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "llama", desc_act=True, tie=False)
+    assert_matches_reference(load_quantized(checkpoint.folder, dtype=torch.float32), checkpoint)
+
+
 @pytest.mark.parametrize("bits,group_size", [(2, 32), (3, -1), (8, 16)])
 def test_other_bit_widths_and_groups(tmp_path: Path, bits: int, group_size: int) -> None:
     checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "opt", bits=bits, group_size=group_size, desc_act=True)

@@ -42,6 +42,13 @@ def tiny_config(model_type: str, *, tie: bool = True, hidden: int = 64, layers: 
     if model_type == "bloom":
         return BloomConfig(hidden_size=hidden, n_layer=layers, n_head=4, vocab_size=vocab, tie_word_embeddings=tie,
                            pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    if model_type == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=2 * hidden,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                           max_position_embeddings=128, tie_word_embeddings=tie, pad_token_id=1, bos_token_id=2,
+                           eos_token_id=2)
     raise ValueError(model_type)
 
 
