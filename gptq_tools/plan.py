@@ -298,6 +298,10 @@ def layout_from_model(model: nn.Module, arch: ArchSpec, settings: QuantizeSettin
             tied_block[block] = block_of(followers[name], arch)
         else:
             sizes[block] += tensor.numel() * tensor.element_size()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and settings.desc_act and module.num_groups > 1:
+            # act-order: QuantLinear.prepare() adds the int32 input permutation (in_features,)
+            sizes[block_of(name + ".qweight", arch)] += module.in_features * 4
     workspace = _workspace_per_block(model, arch, kernel)
     ranked = sorted(order, key=lambda b: _execution_rank(b, arch))
     blocks = tuple(Block(name=b, weight_bytes=sizes[b], is_layer=_layer_index(b, arch) is not None,

@@ -8,16 +8,31 @@ import pytest
 import torch
 
 from gptq_tools.load import load_quantized
+from gptq_tools.plan import PlanOptions, load_layout, place_layout
 
 from .tiny_gptq import build_tiny_checkpoint, reference_model
 
-pytestmark = pytest.mark.gpu
+
+def half_model_cap(folder: Path) -> int:
+    """A GPU 0 cap that holds the headroom and about half the weights (the rest goes to the CPU)."""
+    options = PlanOptions(dtype=torch.float32, cuda_context_bytes=0, seq_len=16)
+    layout, _ = load_layout(folder, options=options)
+    whole = place_layout(layout, {0: 2**40}, options)
+    return whole.devices["0"].reserved_bytes + layout.total_weight_bytes // 2
 
 
+def test_half_model_cap_splits_the_plan(tmp_path: Path) -> None:  # runs without a GPU: the planner only
+    checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "opt", desc_act=True, layers=4)
+    options = PlanOptions(dtype=torch.float32, cuda_context_bytes=0, seq_len=16)
+    layout, _ = load_layout(checkpoint.folder, options=options)
+    placement = place_layout(layout, {0: half_model_cap(checkpoint.folder), "cpu": 2**30}, options)
+    assert placement.fits and placement.devices["0"].modules and placement.devices["cpu"].modules
+
+
+@pytest.mark.gpu
 def test_split_between_cuda0_and_cpu_respects_the_cap(tmp_path: Path) -> None:
     checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "opt", desc_act=True, layers=4)
-    whole = load_quantized(checkpoint.folder, dtype=torch.float32, max_memory={"cpu": "1GiB"})
-    cap = whole.gptq_placement.total_weight_bytes // 2 + 2**20
+    cap = half_model_cap(checkpoint.folder)
     model = load_quantized(checkpoint.folder, dtype=torch.float32, max_memory={0: cap, "cpu": "1GiB"},
                            cuda_context=0, seq_len=16)
     placement = model.gptq_placement
@@ -34,6 +49,7 @@ def test_split_between_cuda0_and_cpu_respects_the_cap(tmp_path: Path) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.gpu
 def test_whole_model_on_cuda0_matches_cpu(tmp_path: Path) -> None:
     checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "bloom", desc_act=True, checkpoint_format="gptq_v2")
     model = load_quantized(checkpoint.folder, dtype=torch.float16, device_map="cuda:0")
