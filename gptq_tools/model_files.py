@@ -19,7 +19,6 @@ import json
 import logging
 import mmap
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -96,21 +95,32 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_quantize_settings(folder: Path) -> QuantizeSettings:
-    """Settings from ``quantize_config.json``, else from ``config.json``'s ``quantization_config``.
+def read_quantize_config(folder: Path) -> tuple[dict[str, Any], str]:
+    """The raw quantization settings and where they came from: ``quantize_config.json``, else
+    ``config.json``'s ``quantization_config``.
 
     Raises:
-        CheckpointError: neither exists, or the settings are invalid.
+        CheckpointError: neither exists.
     """
     path = folder / "quantize_config.json"
     if path.is_file():
-        return settings_from_dict(read_json(path), source=str(path))
+        return read_json(path), str(path)
     config_path = folder / "config.json"
     quantization = read_json(config_path).get("quantization_config") if config_path.is_file() else None
     if isinstance(quantization, dict):
-        return settings_from_dict(quantization, source=f"{config_path} quantization_config")
+        return dict(quantization), f"{config_path} quantization_config"
     raise CheckpointError(f"{folder}: no quantize_config.json and no quantization_config in config.json; "
                           f"this is not a GPTQ checkpoint folder")
+
+
+def read_quantize_settings(folder: Path) -> QuantizeSettings:
+    """Validated settings from :func:`read_quantize_config`.
+
+    Raises:
+        CheckpointError: no settings, or invalid ones.
+    """
+    data, source = read_quantize_config(folder)
+    return settings_from_dict(data, source=source)
 
 
 @dataclass(frozen=True)
@@ -176,7 +186,7 @@ def find_checkpoint_files(folder: str | os.PathLike[str], *, base_name: str | No
     if len(plain) > 1:
         raise CheckpointError(f"{folder}: several safetensors files ({', '.join(p.name for p in plain)}) and no "
                               f"{INDEX_SUFFIX}; keep one, or add an index for a sharded checkpoint")
-    if any(_looks_like_part(p.name) for p in folder.glob("*.safetensors*")):
+    if any(_looks_like_part(p.name) for p in folder.iterdir() if ".safetensors" in p.name):
         return _parts(folder)
     pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
@@ -191,9 +201,9 @@ def find_checkpoint_files(folder: str | os.PathLike[str], *, base_name: str | No
 
 
 def _looks_like_part(name: str) -> bool:
-    lowered = name.lower()
-    return (".split-" in lowered or "joinbeforeuse" in lowered or ".part" in lowered
-            or re.search(r"\.safetensors\.(\d{2,4}|[a-z]{2})$", lowered) is not None)
+    from .parts import parse_part_name
+
+    return parse_part_name(name) is not None
 
 
 def _sharded(folder: Path, index_path: Path) -> CheckpointFiles:
