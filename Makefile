@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench bench-join bench-download bench-quant lint clean
+.PHONY: install test demo bench bench-join bench-download bench-load bench-quant lint clean
 
 install: $(STAMP)
 
@@ -24,13 +24,16 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-bench: bench-join bench-download bench-quant
+bench: bench-join bench-download bench-load bench-quant
 
 bench-join: $(STAMP)
 	$(PY) scripts/bench_join.py
 
 bench-download: $(STAMP)
 	$(PY) scripts/bench_download.py
+
+bench-load: $(STAMP)
+	$(PY) scripts/bench_load.py
 
 # GPTQ quality benchmark on tiny OPT/BLOOM models trained here; adds GPTQModel side by side when
 # GPTQMODEL_PYTHON (default /work/venv-gptqmodel/bin/python) exists.

@@ -39,6 +39,11 @@ _EXPORTS: dict[str, str] = {
     # hub download
     "download": "hub", "plan_download": "hub", "resolve_repo": "hub", "DownloadResult": "hub",
     "DownloadPlan": "hub", "TransferOptions": "hub",
+    # plan / load / generate
+    "plan_placement": "plan", "parse_max_memory": "plan", "parse_gpus": "plan", "PlanOptions": "plan",
+    "Placement": "plan", "load_quantized": "load", "QuantLinear": "qlinear", "register_kernel": "qlinear",
+    "available_kernels": "qlinear", "generate": "generate", "generate_text": "generate",
+    "load_tokenizer": "generate",
     # quantizer
     "QuantizeConfig": "quant.config", "quantize_model": "quant.driver", "QuantizeSummary": "quant.driver",
     "LinearReport": "quant.driver", "gptq_quantize": "quant.gptq", "rtn_quantize": "quant.rtn",

@@ -8,7 +8,6 @@ architecture has its quantized linears.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -17,25 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from .architectures import get_arch
-from .errors import CheckpointError, GptqToolsError, UnsafeCheckpointError
+from .errors import CheckpointError, GptqToolsError
+from .model_files import WeightFile, find_checkpoint_files, open_weight_file, read_json, read_quantize_config
 from .packing import SUPPORTED_BITS
-from .parts import MultiPartReader, find_part_set
-from .safetensors_format import TensorEntry, read_header, read_header_from
+from .safetensors_format import TensorEntry
 
 logger = logging.getLogger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    """Tensors of one checkpoint file (a real file, or parts read as one)."""
-
-    path: Path
-    tensors: dict[str, TensorEntry]
-    parts: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -43,7 +31,7 @@ class CheckpointReport:
     """What :func:`validate_checkpoint` found."""
 
     folder: Path
-    files: list[WeightFile]
+    files: tuple[WeightFile, ...]
     quantize_config: dict[str, Any]
     model_type: str | None
     modules: list[str] = field(default_factory=list)
@@ -52,77 +40,6 @@ class CheckpointReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def read_quantize_config(folder: Path) -> dict[str, Any]:
-    """``quantize_config.json``, else ``config.json``'s ``quantization_config``.
-
-    Raises:
-        CheckpointError: neither exists, or it is not JSON.
-    """
-    for name in ("quantize_config.json", "quantization_config.json"):
-        path = folder / name
-        if path.is_file():
-            return _read_json(path)
-    config = folder / "config.json"
-    if config.is_file() and isinstance(_read_json(config).get("quantization_config"), dict):
-        return dict(_read_json(config)["quantization_config"])
-    raise CheckpointError(f"{folder}: no quantize_config.json and no quantization_config in config.json; "
-                          f"is this a GPTQ checkpoint?")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
-def find_weight_files(folder: Path, *, quantize_config: dict[str, Any] | None = None) -> list[WeightFile]:
-    """The checkpoint's safetensors files: from the index, a single file, or a part set read as one file.
-
-    Raises:
-        CheckpointError: a shard named by the index is missing, or there is no safetensors weight at all.
-        UnsafeCheckpointError: only pickled weights (``.bin``/``.pt``) are present.
-    """
-    index = folder / INDEX_NAME
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: has no weight_map")
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise CheckpointError(f"{folder}: shard(s) {', '.join(missing)} named by {INDEX_NAME} are missing; "
-                                  f"download them again")
-        return [WeightFile(folder / s, read_header(folder / s).tensors) for s in shards]
-    base = (quantize_config or {}).get("model_file_base_name")
-    singles = sorted(p for p in folder.glob("*.safetensors") if _is_whole_file(p))
-    if base and (folder / f"{base}.safetensors").is_file():
-        singles = [folder / f"{base}.safetensors"]
-    if singles:
-        return [WeightFile(p, read_header(p).tensors) for p in singles]
-    try:
-        part_set = find_part_set(folder)
-    except GptqToolsError:
-        part_set = None
-    if part_set is not None:
-        with MultiPartReader(part_set.parts) as reader:
-            header = read_header_from(reader, reader.size, source=f"{part_set.output_name} (from parts)")
-        return [WeightFile(folder / part_set.output_name, header.tensors, part_set.parts)]
-    if any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
-        raise UnsafeCheckpointError(f"{folder}: only pickled weights (.bin/.pt) found; they can run code when "
-                                    f"loaded. Convert them to safetensors, or allow pickle explicitly")
-    raise CheckpointError(f"{folder}: no .safetensors weights found")
-
-
-def _is_whole_file(path: Path) -> bool:
-    from .parts import parse_part_name
-
-    return parse_part_name(path.name) is None
 
 
 def validate_checkpoint(folder: str | os.PathLike[str], *, raise_on_error: bool = True) -> CheckpointReport:
@@ -134,13 +51,13 @@ def validate_checkpoint(folder: str | os.PathLike[str], *, raise_on_error: bool 
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder; give the checkpoint folder")
-    qconfig = read_quantize_config(folder)
-    files = find_weight_files(folder, quantize_config=qconfig)
+    qconfig, _ = read_quantize_config(folder)
+    files = find_checkpoint_files(folder, base_name=qconfig.get("model_file_base_name")).files
     config_path = folder / "config.json"
-    config = _read_json(config_path) if config_path.is_file() else {}
+    config = read_json(config_path) if config_path.is_file() else {}
     report = CheckpointReport(folder, files, qconfig, config.get("model_type"))
     bits, group_size = _check_quantize_config(qconfig, report.problems)
-    tensors = {name: (entry, wf) for wf in files for name, entry in wf.tensors.items()}
+    tensors = {name: (entry, wf) for wf in files for name, entry in wf.header.tensors.items()}
     report.modules = sorted(name[: -len(".qweight")] for name in tensors if name.endswith(".qweight"))
     if bits is not None and group_size is not None:
         for module in report.modules:
@@ -220,13 +137,9 @@ def _check_g_idx(entry: TensorEntry, weight_file: WeightFile, groups: int, group
 
 
 def _read_range(weight_file: WeightFile, offset: int, length: int) -> bytes:
-    if weight_file.parts:
-        with MultiPartReader(weight_file.parts) as reader:
-            reader.seek(offset)
-            return reader.read(length)
-    with open(weight_file.path, "rb") as handle:
-        handle.seek(offset)
-        return handle.read(length)
+    with open_weight_file(weight_file) as stream:
+        stream.seek(offset)
+        return stream.read(length)
 
 
 def _check_layers(config: dict[str, Any], modules: set[str], problems: list[str]) -> None:

@@ -74,7 +74,8 @@ def _inspect_part_set(part: Path, list_tensors: bool) -> dict[str, Any]:
 
 
 def _inspect_folder(folder: Path, list_tensors: bool) -> dict[str, Any]:
-    from .checkpoint import read_quantize_config, validate_checkpoint
+    from .checkpoint import validate_checkpoint
+    from .model_files import read_quantize_config
 
     report: dict[str, Any] = {"path": str(folder), "kind": "folder", "problems": []}
     report["files"] = [{"name": p.name, "size": p.stat().st_size} for p in sorted(folder.iterdir()) if p.is_file()
@@ -102,7 +103,7 @@ def _inspect_folder(folder: Path, list_tensors: bool) -> dict[str, Any]:
     report["gptq"] = {key: checkpoint.quantize_config.get(key) for key in
                       ("bits", "group_size", "desc_act", "sym", "static_groups", "checkpoint_format", "damp_percent")}
     report["gptq"]["modules"] = len(checkpoint.modules)
-    report["weights"] = [{"file": wf.path.name, "tensors": len(wf.tensors), "from_parts": [p.name for p in wf.parts]}
-                         for wf in checkpoint.files]
+    report["weights"] = [{"file": wf.label, "tensors": len(wf.header.tensors),
+                          "from_parts": [p.name for p in wf.paths] if wf.is_parts else []} for wf in checkpoint.files]
     report["problems"].extend(checkpoint.problems)
     return report

@@ -22,6 +22,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gptq_tools.cli.download",
     "gptq_tools.cli.files",
     "gptq_tools.cli.quantize",
+    "gptq_tools.cli.plan",
+    "gptq_tools.cli.generate",
 )
 
 

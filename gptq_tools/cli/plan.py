@@ -1,0 +1,96 @@
+"""``gptq-tools plan``: where a model's modules go on the given devices, and whether it fits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING
+
+from ..errors import UsageError
+from ..units import format_size, parse_size
+from .generate import parse_dtype
+
+if TYPE_CHECKING:  # the planner imports torch: only when a command runs, not to build the CLI
+    from ..plan import Placement, PlanOptions
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plan", help="plan the placement of a GPTQ model on GPUs/CPU/disk (reads only config and headers)",
+        description="Plan where every module of a GPTQ checkpoint (folder) or preset goes under per-device "
+                    "memory caps, with headroom for the CUDA context, activations, KV cache and output. "
+                    "Exit status 0 when it fits, 1 when it does not.")
+    add_placement_arguments(parser)
+    parser.add_argument("source", metavar="PATH|PRESET", help="checkpoint folder or preset name")
+    parser.add_argument("--gpus", help="GPU sizes instead of --max-memory: 2x80GB, 3x48GiB or 80GiB,48GiB")
+    parser.add_argument("--branch", help="preset branch whose quantization settings apply")
+    parser.add_argument("--json", action="store_true", help="print the placement as JSON")
+    parser.set_defaults(func=run_plan)
+
+
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``plan`` and ``generate``."""
+    parser.add_argument("--max-memory", help="caps per device: 0=60GiB,1=79GiB,cpu=64GiB (bare numbers are GiB)")
+    parser.add_argument("--batch-size", type=int, default=1, help="batch size to reserve headroom for (default 1)")
+    parser.add_argument("--seq-len", type=int, default=2048,
+                        help="prompt + new tokens to reserve headroom for (default 2048)")
+    parser.add_argument("--dtype", default="float16", help="float16 (default), bfloat16 or float32")
+    parser.add_argument("--cuda-context", default="1GiB", help="memory the CUDA context takes per GPU (default 1GiB)")
+    parser.add_argument("--offload-folder", help="allow modules that fit nowhere else on disk, in this folder")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow model code shipped with the checkpoint (off by default)")
+
+
+def options_from_args(args: argparse.Namespace) -> PlanOptions:
+    from ..plan import PlanOptions
+
+    if args.batch_size < 1 or args.seq_len < 1:
+        raise UsageError("--batch-size and --seq-len must be positive")
+    return PlanOptions(dtype=parse_dtype(args.dtype), batch_size=args.batch_size, seq_len=args.seq_len,
+                       cuda_context_bytes=parse_size(args.cuda_context, default_unit="GiB", what="--cuda-context"),
+                       allow_disk=args.offload_folder is not None)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from ..plan import load_layout, parse_gpus, parse_max_memory, place_layout
+
+    if bool(args.max_memory) == bool(args.gpus):
+        raise UsageError("give exactly one of --max-memory (0=60GiB,1=79GiB) or --gpus (2x80GB)")
+    caps = parse_max_memory(args.max_memory) if args.max_memory else parse_gpus(args.gpus)
+    options = options_from_args(args)
+    layout, _ = load_layout(args.source, options=options, branch=args.branch,
+                            trust_remote_code=args.trust_remote_code)
+    placement = place_layout(layout, caps, options)
+    if args.json:
+        print(json.dumps(placement.to_json(), indent=2))
+    else:
+        print(format_placement(placement))
+    return 0 if placement.fits else 1
+
+
+def format_placement(placement: Placement) -> str:
+    """The placement as a table, one device a line, then the verdict."""
+    lines = [(f"{placement.source}: {format_size(placement.total_weight_bytes)} of weights, headroom for batch "
+              f"{placement.options.batch_size} x {placement.options.seq_len} tokens"),
+             f"{'device':>6}  {'cap':>11}  {'weights':>11}  {'reserved':>11}  {'free':>11}  modules"]
+    for key, device in placement.devices.items():
+        cap = "unlimited" if device.cap_bytes is None else format_size(device.cap_bytes)
+        free = "-" if device.free_bytes is None else format_size(device.free_bytes)
+        lines.append(f"{key:>6}  {cap:>11}  {format_size(device.weight_bytes):>11}  "
+                     f"{format_size(device.reserved_bytes):>11}  {free:>11}  {_summarise(device.modules)}")
+        if device.reserved:
+            detail = ", ".join(f"{name} {format_size(size)}" for name, size in device.reserved.items())
+            lines.append(f"{'':>6}  reserved: {detail}")
+    lines.append("fits" if placement.fits else f"{placement.reason}\n{placement.suggestion}")
+    return "\n".join(lines)
+
+
+def _summarise(modules: tuple[str, ...]) -> str:
+    layers = [m for m in modules if m.rpartition(".")[2].isdigit()]
+    others = [m for m in modules if m not in layers]
+    parts = []
+    if layers:
+        first, last = layers[0].rpartition(".")[2], layers[-1].rpartition(".")[2]
+        parts.append(f"{len(layers)} layers ({first}-{last})")
+    parts.extend(others)
+    return ", ".join(parts) or "-"
