@@ -322,3 +322,19 @@ def test_resume_after_crash_while_publishing(tiny_models: dict[str, Path], tmp_p
     assert summary.resumed_from_layer == 2 and "SHA256SUMS" in summary.files
     quantize_model(model, tmp_path / "straight", **kwargs)
     assert (tmp_path / "out" / "SHA256SUMS").read_bytes() == (tmp_path / "straight" / "SHA256SUMS").read_bytes()
+
+
+@pytest.mark.parametrize("arch", ["opt", "bloom"])
+def test_project_loader_reads_our_checkpoint(tiny_models: dict[str, Path], tmp_path: Path, arch: str) -> None:
+    from gptq_tools.load import load_quantized
+    from gptq_tools.quant.evaluate import load_for_eval
+
+    model = tiny_models[arch]
+    out = tmp_path / "out"
+    quantize_model(model, out, calibration=model / "train.txt", config=QuantizeConfig(group_size=16), **FAST)
+    loaded = load_quantized(out, device_map="cpu", dtype=torch.float32)  # also checks SHA256SUMS
+    ids = torch.arange(5, 69).unsqueeze(0)
+    with torch.no_grad():
+        theirs = loaded(input_ids=ids).logits
+        ours = load_for_eval(out)(input_ids=ids).logits
+    assert torch.allclose(theirs.float(), ours, atol=1e-3, rtol=1e-3)
