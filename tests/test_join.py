@@ -195,6 +195,18 @@ def test_model_card_single_space_manifest_and_auto_sha256sums(model_parts: tuple
     assert result.verified and result.expected_source.endswith("SHA256SUMS")
 
 
+def test_copy_file_range_refused_falls_back_to_writing(model_parts: tuple[Path, list[Path]],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    source, parts = model_parts
+
+    def refuse(*args: object) -> int:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    result = join_parts(parts, expected_sha256=sha256(source))
+    assert result.method == "copy_file_range" and sha256(result.output) == sha256(source)
+
+
 def test_injected_enospc_leaves_nothing(model_parts: tuple[Path, list[Path]], monkeypatch: pytest.MonkeyPatch) -> None:
     source, parts = model_parts
     real_pwrite = os.pwrite

@@ -33,7 +33,7 @@ def _register_join(subparsers: argparse._SubParsersAction) -> None:  # type: ign
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     parser.add_argument("--delete-parts", action="store_true", help="delete the parts after a verified join")
     parser.add_argument("--method", default="auto", choices=["auto", "reflink", "copy_file_range", "readwrite"],
-                        help="how bytes are moved (default: reflink where possible, else read/write)")
+                        help="how bytes are moved (default: reflink where possible, else copy_file_range)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=_join)
 
