@@ -20,13 +20,13 @@ QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: no .safetensors files")
-    return files
+    """The weight files of a folder (fp16 model or GPTQ checkpoint), found as the loader finds them."""
+    from ..model_files import find_checkpoint_files
+
+    found = find_checkpoint_files(folder)
+    if any(wf.is_parts for wf in found.files):
+        raise CheckpointError(f"{folder}: weights are split parts; join them first (gptq-tools join)")
+    return [wf.paths[0] for wf in found.files]
 
 
 def _read_state_dict(folder: Path, quant: dict | None) -> dict[str, torch.Tensor]:

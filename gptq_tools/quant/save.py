@@ -19,6 +19,7 @@ import torch
 
 from ..errors import InsufficientSpaceError, OutputExistsError
 from ..fileio import fsync_dir, raise_if_no_space, sha256_file, write_bytes_atomic
+from ..split import plan_shards, shard_names
 
 logger = logging.getLogger(__name__)
 
@@ -40,19 +41,6 @@ class TensorRef:
 def single_file_name(bits: int, group_size: int) -> str:
     """AutoGPTQ's file name, ``gptq_model-4bit-128g.safetensors`` (group -1 gives ``--1g``)."""
     return f"gptq_model-{bits}bit-{group_size}g.safetensors"
-
-
-def plan_shards(refs: Sequence[TensorRef], max_shard_size: int) -> list[list[TensorRef]]:
-    """Split ``refs`` in order into shards of at most ``max_shard_size`` bytes (a bigger tensor gets its own)."""
-    shards: list[list[TensorRef]] = [[]]
-    size = 0
-    for ref in refs:
-        if shards[-1] and size + ref.nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(ref)
-        size += ref.nbytes
-    return shards
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -85,11 +73,11 @@ def write_tensors(refs: Sequence[TensorRef], folder: Path, *, max_shard_size: in
     if single_file:
         _save_safetensors({ref.name: ref.load() for ref in refs}, folder / single_file)
         return [single_file]
-    shards = plan_shards(refs, max_shard_size)
+    by_name = {ref.name: ref for ref in refs}
+    shards = [[by_name[n] for n in names] for names in plan_shards([(r.name, r.nbytes) for r in refs], max_shard_size)]
     weight_map: dict[str, str] = {}
     names = []
-    for number, shard in enumerate(shards, start=1):
-        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+    for name, shard in zip(shard_names(len(shards)), shards):
         _save_safetensors({ref.name: ref.load() for ref in shard}, folder / name)
         weight_map.update({ref.name: name for ref in shard})
         names.append(name)
@@ -163,7 +151,6 @@ __all__ = [
     "TensorRef",
     "check_output_folder",
     "copy_tokenizer",
-    "plan_shards",
     "publish",
     "single_file_name",
     "write_json",
