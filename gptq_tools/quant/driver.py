@@ -183,8 +183,9 @@ def _collect_hessians(layer: torch.nn.Module, modules: dict[str, torch.nn.Module
 
 
 def _linear_weight(module: torch.nn.Module, conv1d: bool) -> torch.Tensor:
-    """The weight as (out, in) (transformers' Conv1D stores (in, out))."""
-    return module.weight.t() if conv1d else module.weight
+    """The weight as (out, in) (transformers' Conv1D stores (in, out)), detached: the math needs no graph."""
+    weight = module.weight.detach()
+    return weight.t() if conv1d else weight
 
 
 def _quantize_linear(name: str, W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig,
