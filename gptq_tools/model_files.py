@@ -15,6 +15,7 @@ Only headers are read here; tensors are read on request, straight into a caller-
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import logging
 import mmap
@@ -309,7 +310,10 @@ class MappedWeightFile:
             self.starts.append(position)
             if size:
                 with open(path, "rb") as handle:
-                    self.maps.append(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY))
+                    mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                    with contextlib.suppress(AttributeError, OSError):  # larger readahead on page faults
+                        mapping.madvise(mmap.MADV_SEQUENTIAL)
+                    self.maps.append(mapping)
             else:
                 self.maps.append(None)
             position += size
@@ -324,6 +328,9 @@ class MappedWeightFile:
             return None
         if begin % torch.empty((), dtype=dtype).element_size():
             return None
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
+        with contextlib.suppress(AttributeError, OSError):  # read the whole tensor ahead, not page by page
+            mapping.madvise(mmap.MADV_WILLNEED, start, begin + entry.nbytes - start)
         raw = torch.frombuffer(mapping, dtype=torch.uint8, count=entry.nbytes, offset=begin)
         tensor = raw.view(dtype).reshape(entry.shape)
         raw[::mmap.PAGESIZE].sum()  # fault the pages in now, so that the load leaves the weights resident
