@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench bench-join bench-download bench-load bench-quant lint clean
+.PHONY: install test demo bench bench-join bench-download bench-load bench-quant venv-gptqmodel lint clean
 
 install: $(STAMP)
 
@@ -36,10 +36,17 @@ bench-load: $(STAMP)
 	$(PY) scripts/bench_load.py
 
 # GPTQ quality benchmark on tiny OPT/BLOOM models trained here; adds GPTQModel side by side when
-# GPTQMODEL_PYTHON (default /work/venv-gptqmodel/bin/python) exists.
-GPTQMODEL_PYTHON ?= /work/venv-gptqmodel/bin/python
+# GPTQMODEL_PYTHON (default .venv-gptqmodel/bin/python, made by `make venv-gptqmodel`) exists.
+GPTQMODEL_PYTHON ?= .venv-gptqmodel/bin/python
 bench-quant: $(STAMP)
 	$(PY) scripts/bench_quant.py $(if $(wildcard $(GPTQMODEL_PYTHON)),--gptqmodel $(GPTQMODEL_PYTHON),--no-gptqmodel)
+
+# GPTQModel, our side-by-side peer, in a venv of its own (torch pinned; GPTQModel needs
+# GPTQMODEL_CPU_WORKERS=2 on two cores, which the scripts set).
+venv-gptqmodel:
+	test -x .venv-gptqmodel/bin/python || $(PYTHON) -m venv .venv-gptqmodel
+	.venv-gptqmodel/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
+	.venv-gptqmodel/bin/python -m pip install -q -c constraints.txt gptqmodel
 
 lint: $(STAMP)
 	$(PY) -m ruff check gptq_tools scripts tests

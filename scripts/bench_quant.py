@@ -3,9 +3,9 @@
 For each model: perplexity on held-out text at fp16, RTN and GPTQ at 4 and 3 bits (group -1 and a real
 group size, act-order off and on), the mean KL divergence of each quantized model's next-token
 distribution from the fp16 model's (much more sensitive than perplexity on models this small), and
-quantization time. With ``--gptqmodel PYTHON`` (a venv where GPTQModel
-is installed, default /work/venv-gptqmodel/bin/python when it exists) the same model, calibration windows
-and settings are also quantized by GPTQModel and evaluated the same way (both checkpoints are read
+quantization time. With ``--gptqmodel PYTHON`` (a venv where GPTQModel is installed; default
+.venv-gptqmodel/bin/python, made by ``make venv-gptqmodel``, when it exists) the same model, calibration
+windows and settings are also quantized by GPTQModel and evaluated the same way (both checkpoints are read
 through their own qweight/qzeros/scales/g_idx tensors).
 
 Usage: python scripts/bench_quant.py [--out bench-out/quant] [--nsamples 64] [--gptqmodel PYTHON]
@@ -37,7 +37,7 @@ from gptq_tools.quant.driver import quantize_model  # noqa: E402
 from gptq_tools.quant.evaluate import compare_to_reference, load_for_eval, log_probs  # noqa: E402
 from gptq_tools.tiny import TinySpec, build_tiny_model  # noqa: E402
 
-DEFAULT_GPTQMODEL = Path("/work/venv-gptqmodel/bin/python")
+DEFAULT_GPTQMODEL = Path(os.environ.get("GPTQMODEL_PYTHON", REPO_ROOT / ".venv-gptqmodel" / "bin" / "python"))
 BENCH_SPEC = TinySpec()
 SEQLEN = 128
 BITS = (4, 3)  # 4-bit is the target; 3-bit shows the methods apart where the tiny models feel quantization

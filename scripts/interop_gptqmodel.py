@@ -1,6 +1,6 @@
 """Round-trip GPTQ checkpoints between GPTQModel and gptq-tools on CPU, comparing logits both ways.
 
-Run with a Python that has GPTQModel installed (``/work/venv-gptqmodel/bin/python`` here):
+Run with a Python that has GPTQModel installed (``.venv-gptqmodel/bin/python``, made by ``make venv-gptqmodel``):
 
 1. GPTQModel quantizes a tiny random OPT (and BLOOM) and saves it; GPTQModel loads it back and
    gives logits; ``gptq_tools.load_quantized`` loads the same folder: the logits must agree.

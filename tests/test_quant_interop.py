@@ -1,6 +1,7 @@
 """GPTQModel (in its own venv) loads our checkpoint and computes what our checkpoint says.
 
-Skipped unless a Python with GPTQModel exists (``GPTQMODEL_PYTHON``, default /work/venv-gptqmodel).
+Skipped unless a Python with GPTQModel exists (``GPTQMODEL_PYTHON``, default .venv-gptqmodel from
+``make venv-gptqmodel``).
 Asymmetric checkpoints are checked in the ``gptq_v2`` format: GPTQModel refuses every asymmetric v1
 checkpoint not written by GPTQModel itself (AutoGPTQ's were corrupt), whatever its contents.
 """
@@ -19,7 +20,8 @@ from gptq_tools.quant.driver import quantize_model
 from gptq_tools.quant.evaluate import load_for_eval
 from gptq_tools.tiny import TinySpec, build_tiny_model
 
-GPTQMODEL_PYTHON = Path(os.environ.get("GPTQMODEL_PYTHON", "/work/venv-gptqmodel/bin/python"))
+GPTQMODEL_PYTHON = Path(os.environ.get("GPTQMODEL_PYTHON",
+                                       Path(__file__).resolve().parents[1] / ".venv-gptqmodel" / "bin" / "python"))
 
 SCRIPT = """
 import os, sys
