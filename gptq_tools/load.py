@@ -18,6 +18,7 @@ accelerate's hooks then run the offloaded modules. Split parts are mapped part b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -162,13 +163,12 @@ def default_max_memory() -> dict[DeviceKey, int]:
 
 
 def _available_host_memory() -> int:
-    try:
+    """MemAvailable (free plus reclaimable page cache); free pages only where /proc is unreadable."""
+    with contextlib.suppress(OSError):
         with open("/proc/meminfo", encoding="ascii") as handle:
             for line in handle:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
-        pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 

@@ -473,7 +473,7 @@ def _worker(sched: _Scheduler, client: Any) -> None:
         try:
             _fetch_chunk(job, start, end, generation, client, sched)
         except _Abandon:
-            pass
+            continue  # the job was restarted or failed elsewhere: this range is no longer wanted
         except GptqToolsError as exc:
             job.fail(exc)
         except BaseException as exc:  # noqa: BLE001 - kept on the job and re-raised in the calling thread
