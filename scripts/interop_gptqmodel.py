@@ -125,11 +125,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="keep the checkpoints in this folder (default: a temporary folder)")
     args = parser.parse_args()
+    # GPTQModel writes a logs/ folder into the working directory: keep it with the checkpoints.
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        results = run(Path(args.out))
+        out = Path(args.out).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        os.chdir(out)
+        results = run(out)
     else:
         with tempfile.TemporaryDirectory() as folder:
+            os.chdir(folder)
             results = run(Path(folder))
     for row in results:
         print(json.dumps(row))
