@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
-import queue
 import shutil
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -153,68 +150,14 @@ def prefetch_range(fd: int, offset: int, length: int) -> None:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
 
 
-def iter_file_chunks(path: Path, *, chunk_bytes: int = IO_CHUNK_BYTES, start: int = 0,
-                     length: int | None = None, prefetch: int = 2) -> Iterator[memoryview]:
-    """Yield the bytes of ``path`` (from ``start``, ``length`` bytes) in chunks read ahead by a thread.
-
-    Reading happens in a background thread into ``prefetch + 1`` reused buffers, so that I/O overlaps
-    with whatever the caller does with each chunk (hashing releases the GIL). A yielded view is valid
-    only until the next one is requested.
-    """
-    size = os.path.getsize(path) - start if length is None else length
-    buffers = [bytearray(chunk_bytes) for _ in range(prefetch + 1)]
-    free: queue.Queue[int] = queue.Queue()
-    ready: queue.Queue[tuple[int, int] | BaseException | None] = queue.Queue()
-    for index in range(len(buffers)):
-        free.put(index)
-    stop = threading.Event()
-
-    def reader() -> None:
-        try:
-            with open(path, "rb", buffering=0) as handle:
-                handle.seek(start)
-                advise_sequential(handle.fileno(), start, size)
-                remaining = size
-                while remaining > 0 and not stop.is_set():
-                    index = free.get()
-                    if index < 0:
-                        return
-                    prefetch_range(handle.fileno(), start + size - remaining + chunk_bytes, 2 * chunk_bytes)
-                    view = memoryview(buffers[index])[: min(chunk_bytes, remaining)]
-                    got = handle.readinto(view)
-                    if not got:
-                        ready.put(EOFError(f"{path}: file ended {remaining} bytes early (was it truncated?)"))
-                        return
-                    remaining -= got
-                    ready.put((index, got))
-            ready.put(None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, re-raised there
-            ready.put(exc)
-
-    thread = threading.Thread(target=reader, name=f"read:{Path(path).name}", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = ready.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            index, got = item
-            yield memoryview(buffers[index])[:got]
-            free.put(index)
-    finally:
-        stop.set()
-        free.put(-1)
-        thread.join()
-
-
 def sha256_file(path: str | os.PathLike[str], *, on_bytes: Callable[[int], None] | None = None,
                 chunk_bytes: int = IO_CHUNK_BYTES) -> str:
     """Hex SHA256 of a file, read ahead in a thread so that reading and hashing overlap."""
-    digest = hashlib.sha256()
-    for chunk in iter_file_chunks(Path(path), chunk_bytes=chunk_bytes):
-        digest.update(chunk)
-        if on_bytes is not None:
-            on_bytes(len(chunk))
-    return digest.hexdigest()
+    from .pipeline import CallbackConsumer, Consumer, WholeHasher, file_segments, run_pipeline
+
+    hasher = WholeHasher()
+    consumers: list[Consumer] = [hasher]
+    if on_bytes is not None:
+        consumers.append(CallbackConsumer(on_bytes))
+    run_pipeline(file_segments([Path(path)]), consumers, chunk_bytes=chunk_bytes)
+    return hasher.hexdigest()

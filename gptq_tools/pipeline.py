@@ -44,10 +44,11 @@ class Consumer(abc.ABC):
 
 
 class WholeHasher(Consumer):
-    """SHA256 of all segments together (the joined file)."""
+    """One digest over all segments together (the joined file): SHA256 unless another hashlib
+    object is given."""
 
-    def __init__(self) -> None:
-        self.digest = hashlib.sha256()
+    def __init__(self, digest: hashlib._Hash | None = None) -> None:
+        self.digest = digest if digest is not None else hashlib.sha256()
 
     def consume(self, segment_index: int, position: int, data: memoryview) -> None:
         self.digest.update(data)

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..constants import IO_CHUNK_BYTES
-from ..fileio import iter_file_chunks, write_bytes_atomic
+from ..fileio import write_bytes_atomic
+from ..pipeline import CallbackConsumer, Consumer, Segment, WholeHasher, run_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +43,12 @@ def feed_file(hasher: hashlib._Hash, path: Path, *, length: int | None = None,
               on_bytes: Callable[[int], None] | None = None) -> int:
     """Feed the first ``length`` bytes of ``path`` (all when None) into ``hasher``; returns the count."""
     size = path.stat().st_size if length is None else length
-    done = 0
     if size > 0:
-        for chunk in iter_file_chunks(path, chunk_bytes=IO_CHUNK_BYTES, length=size):
-            hasher.update(chunk)
-            done += len(chunk)
-            if on_bytes is not None:
-                on_bytes(len(chunk))
-    return done
+        consumers: list[Consumer] = [WholeHasher(hasher)]
+        if on_bytes is not None:
+            consumers.append(CallbackConsumer(on_bytes))
+        run_pipeline([Segment(path, 0, size)], consumers, chunk_bytes=IO_CHUNK_BYTES)
+    return size
 
 
 class LocalState:
