@@ -84,12 +84,12 @@ def check_free_space(folder: Path, needed: int, *, what: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(final: str | os.PathLike[str], *, force: bool = False, mode: str = "wb") -> Iterator[BinaryIO]:
-    """Open a temporary file that becomes ``final`` only when the ``with`` block ends without error.
+def atomic_path(final: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
+    """A fresh temporary path beside ``final`` that is renamed to ``final`` when the ``with`` block ends
+    without error, and removed otherwise. The caller writes (and fsyncs) the temporary file.
 
     Raises:
-        OutputExistsError: ``final`` exists and ``force`` is False.
-        InsufficientSpaceError: the disk filled up while writing.
+        OutputExistsError: ``final`` exists (before or after the block) and ``force`` is False.
     """
     final = Path(final)
     check_output_free(final, force=force)
@@ -97,14 +97,7 @@ def atomic_output(final: str | os.PathLike[str], *, force: bool = False, mode: s
     remove_stale_temps(final)
     temp = temp_path_for(final)
     try:
-        with open(temp, mode) as handle:
-            try:
-                yield handle
-                handle.flush()
-                os.fsync(handle.fileno())
-            except OSError as exc:
-                raise_if_no_space(exc, final)
-                raise
+        yield temp
         if final.exists() and not force:  # appeared while we were writing
             raise OutputExistsError(f"{final}: output appeared while writing; pass --force to overwrite it")
         os.replace(temp, final)
@@ -112,6 +105,24 @@ def atomic_output(final: str | os.PathLike[str], *, force: bool = False, mode: s
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(final: str | os.PathLike[str], *, force: bool = False, mode: str = "wb") -> Iterator[BinaryIO]:
+    """Open a temporary file that becomes ``final`` only when the ``with`` block ends without error.
+
+    Raises:
+        OutputExistsError: ``final`` exists and ``force`` is False.
+        InsufficientSpaceError: the disk filled up while writing.
+    """
+    with atomic_path(final, force=force) as temp, open(temp, mode) as handle:
+        try:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        except OSError as exc:
+            raise_if_no_space(exc, Path(final))
+            raise
 
 
 def write_bytes_atomic(final: str | os.PathLike[str], data: bytes, *, force: bool = True) -> None:

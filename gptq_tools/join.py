@@ -9,7 +9,6 @@ and only the hashing pass remains.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import logging
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ChecksumMismatchError, GptqToolsError, PartSetError, UsageError
-from .fileio import check_free_space, check_output_free, fsync_dir, raise_if_no_space, remove_stale_temps, temp_path_for
+from .fileio import atomic_path, check_free_space, check_output_free, raise_if_no_space
 from .manifest import is_sha256, parse_manifest
 from .parts import PartSet, check_safetensors_parts, find_part_set, part_set_from_paths
 from .pipeline import CallbackConsumer, Consumer, PwriteConsumer, Segment, SegmentHasher, WholeHasher, run_pipeline
@@ -145,18 +144,9 @@ def join_parts(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
                          "after the joined file is verified")
     if final.name.endswith(".safetensors"):
         check_safetensors_parts(part_set)
-    remove_stale_temps(final)
-    temp = temp_path_for(final)
-    try:
+    with atomic_path(final, force=force) as temp:
         used_method, whole, part_digests = _write_and_hash(part_set, temp, method, progress)
         _check_hashes(part_set, final, expected, whole, part_digests)
-        if final.exists() and not force:
-            raise PartSetError(f"{final}: appeared while joining; pass --force to overwrite it")
-        os.replace(temp, final)
-        fsync_dir(final.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
     deleted = _delete_parts(part_set) if delete_parts else ()
     verified = expected.covers(part_set)
     if verified:

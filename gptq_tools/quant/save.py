@@ -5,7 +5,6 @@ to the output only when complete.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import InsufficientSpaceError, OutputExistsError
-from ..fileio import fsync_dir, raise_if_no_space, sha256_file, write_bytes_atomic
+from ..fileio import atomic_path, fsync_dir, raise_if_no_space, sha256_file, write_bytes_atomic
 from ..split import plan_shards, shard_names
 
 logger = logging.getLogger(__name__)
@@ -46,18 +45,14 @@ def single_file_name(bits: int, group_size: int) -> str:
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    temp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp), metadata={"format": "pt"})
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
+        with atomic_path(path, force=True) as temp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp), metadata={"format": "pt"})
+            with open(temp, "rb+") as handle:
+                os.fsync(handle.fileno())
     except OSError as exc:
         raise_if_no_space(exc, path)
         raise
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
 
 
 def write_tensors(refs: Sequence[TensorRef], folder: Path, *, max_shard_size: int,
