@@ -24,12 +24,11 @@ from pathlib import Path
 from .errors import ChecksumMismatchError, OutputExistsError, UsageError
 from .fileio import (
     TEMP_PREFIX,
+    atomic_path,
     check_free_space,
     fsync_dir,
     raise_if_no_space,
-    remove_stale_temps,
     sha256_file,
-    temp_path_for,
     write_bytes_atomic,
 )
 from .manifest import write_manifest
@@ -102,29 +101,19 @@ def split_file(path: str | os.PathLike[str], *, max_size: int | str,
             raise OutputExistsError(f"{final}: part already exists; pass --force to overwrite it")
     check_free_space(folder, size, what=f"splitting {source.name}")
     segments = [Segment(source, i * limit, min(limit, size - i * limit)) for i in range(count)]
-    temps: list[Path] = []
-    try:
-        for final in finals:
-            remove_stale_temps(final)
-            temps.append(temp_path_for(final))
+    with contextlib.ExitStack() as stack:  # every part is renamed into place only if all were written
+        temps = [stack.enter_context(atomic_path(final, force=force)) for final in finals]
         fds = [os.open(t, os.O_WRONLY) for t in temps]
         try:
             whole, per_part = WholeHasher(), SegmentHasher(count)
             with byte_bar(size, f"split {source.name}", enabled=progress) as bar:
-                writer = PwriteConsumer(fds, [0] * count, temps)
+                writer = PwriteConsumer(fds, [0] * count, finals)  # errors name the part, not its temporary
                 run_pipeline(segments, [whole, per_part, writer, CallbackConsumer(bar.update)])
-            for fd, temp in zip(fds, temps):
-                _fsync(fd, temp)
+            for fd, final in zip(fds, finals):
+                _fsync(fd, final)
         finally:
             for fd in fds:
                 os.close(fd)
-        for temp, final in zip(temps, finals):
-            os.replace(temp, final)
-        fsync_dir(folder)
-    finally:
-        for temp in temps:
-            with contextlib.suppress(FileNotFoundError):
-                temp.unlink()
     digests = dict(zip((f.name for f in finals), per_part.hexdigests()))
     manifest = folder / MANIFEST_NAME
     write_manifest(manifest, {source.name: whole.hexdigest(), **digests})

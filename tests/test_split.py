@@ -99,3 +99,25 @@ def test_cli_split_and_reshard(tmp_path: Path) -> None:
     assert (tmp_path / "s" / "model.safetensors.index.json").is_file()
     result = run_cli("split", str(source), "--max-size", "lots")
     assert result.returncode == 2 and "--max-size: 'lots' is not a size" in result.stderr
+
+
+def test_split_on_full_disk_leaves_no_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from gptq_tools.errors import InsufficientSpaceError
+
+    source = random_model_file(tmp_path / "model.safetensors")
+    real_pwrite = os.pwrite
+    calls = {"n": 0}
+
+    def failing_pwrite(fd: int, data: object, offset: int) -> int:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwrite", failing_pwrite)
+    with pytest.raises(InsufficientSpaceError, match="split-b.safetensors: the disk filled up"):
+        split_file(source, max_size="16KiB", output_dir=tmp_path / "parts")
+    assert list((tmp_path / "parts").iterdir()) == []
