@@ -145,7 +145,7 @@ def join_parts(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
     if final.name.endswith(".safetensors"):
         check_safetensors_parts(part_set)
     with atomic_path(final, force=force) as temp:
-        used_method, whole, part_digests = _write_and_hash(part_set, temp, method, progress)
+        used_method, whole, part_digests = _write_and_hash(part_set, temp, final, method, progress)
         _check_hashes(part_set, final, expected, whole, part_digests)
     deleted = _delete_parts(part_set) if delete_parts else ()
     verified = expected.covers(part_set)
@@ -173,14 +173,16 @@ def _check_output_is_not_a_part(final: Path, part_set: PartSet) -> None:
             raise UsageError(f"{final}: the output would overwrite part {part.name}; choose another output name")
 
 
-def _write_and_hash(part_set: PartSet, temp: Path, method: str, progress: bool | None) -> tuple[str, str, list[str]]:
-    """Write the joined bytes to ``temp`` and hash them; returns (method used, whole hash, part hashes)."""
+def _write_and_hash(part_set: PartSet, temp: Path, final: Path, method: str,
+                    progress: bool | None) -> tuple[str, str, list[str]]:
+    """Write the joined bytes to ``temp`` and hash them; returns (method used, whole hash, part hashes).
+    Errors name ``final``, the file the user asked for, not its temporary."""
     total = part_set.total_size
     with open(temp, "r+b") as out:
         used = "reflink" if method in ("auto", "reflink") and _try_reflink(part_set, out.fileno(), method) else None
         if used is None:
             used = "copy_file_range" if method == "auto" else method
-            _preallocate(out.fileno(), total, temp)
+            _preallocate(out.fileno(), total, final)
         whole, per_part = WholeHasher(), SegmentHasher(len(part_set.parts))
         consumers: list[Consumer] = [whole, per_part]
         if used == "reflink":
@@ -188,7 +190,7 @@ def _write_and_hash(part_set: PartSet, temp: Path, method: str, progress: bool |
             segments = [Segment(temp, start, size) for start, size in zip(offsets, part_set.sizes)]
         else:
             segments = [Segment(p, 0, s) for p, s in zip(part_set.parts, part_set.sizes)]
-            consumers.append(_writer(used, out.fileno(), part_set, temp))
+            consumers.append(_writer(used, out.fileno(), part_set, final))
         with byte_bar(total, f"join {part_set.output_name}", enabled=progress) as bar:
             consumers.append(CallbackConsumer(bar.update))
             run_pipeline(segments, consumers)
@@ -196,7 +198,7 @@ def _write_and_hash(part_set: PartSet, temp: Path, method: str, progress: bool |
             out.flush()
             os.fsync(out.fileno())
         except OSError as exc:
-            raise_if_no_space(exc, temp)
+            raise_if_no_space(exc, final)
             raise
     return used, whole.hexdigest(), per_part.hexdigests()
 
@@ -209,15 +211,15 @@ def _offsets(part_set: PartSet) -> list[int]:
     return offsets
 
 
-def _preallocate(fd: int, total: int, temp: Path) -> None:
+def _preallocate(fd: int, total: int, final: Path) -> None:
     """Reserve the space up front: a full disk fails now, before any work, not at 95%."""
     if total == 0:
         return
-    check_free_space(temp.parent, total, what="joining")
+    check_free_space(final.parent, total, what="joining")
     try:
         os.posix_fallocate(fd, 0, total)
     except OSError as exc:
-        raise_if_no_space(exc, temp)
+        raise_if_no_space(exc, final)
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
 

@@ -221,8 +221,9 @@ def test_injected_enospc_leaves_nothing(model_parts: tuple[Path, list[Path]], mo
     monkeypatch.setattr(os, "pwrite", failing_pwrite)
     from gptq_tools import join as join_module
 
-    monkeypatch.setattr(join_module, "_preallocate", lambda fd, total, temp: None)
-    with pytest.raises(InsufficientSpaceError, match="disk filled up while writing; nothing was written"):
+    monkeypatch.setattr(join_module, "_preallocate", lambda fd, total, final: None)
+    with pytest.raises(InsufficientSpaceError,
+                       match="/model.safetensors: the disk filled up while writing; nothing was written"):
         join_parts(parts, expected_sha256=sha256(source), method="readwrite")
     assert_no_output(parts[0].parent)
 
