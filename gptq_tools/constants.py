@@ -35,3 +35,20 @@ def configs_dir() -> Path:
     if override:
         return Path(override)
     return Path(__file__).resolve().parent.parent / "configs"
+
+
+def kill_at_step() -> int | None:
+    """Test hook: ``GPTQ_TOOLS_KILL_AT_STEP=N`` SIGKILLs the process right after its N-th publishing step.
+
+    Publishing steps are the renames, unlinks and tree removals that change what is at a final name
+    (see :func:`gptq_tools.fileio.publish_step`). Kill-at-each-step tests use it to prove that a rerun
+    repairs a run killed at any of them.
+    """
+    value = os.environ.get("GPTQ_TOOLS_KILL_AT_STEP", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def step_log_path() -> Path | None:
+    """Test hook: ``GPTQ_TOOLS_STEP_LOG=FILE`` appends one line per publishing step (``KIND PATH``)."""
+    value = os.environ.get("GPTQ_TOOLS_STEP_LOG")
+    return Path(value) if value else None

@@ -12,17 +12,80 @@ import errno
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .constants import IO_CHUNK_BYTES
+from .constants import IO_CHUNK_BYTES, kill_at_step, step_log_path
 from .errors import InsufficientSpaceError, OutputExistsError
 
 logger = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".gptq-tools-tmp-"
+
+
+class _StepCounter:
+    """Counts this process's publishing steps (threads publish too: downloads finish in parallel)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def next(self) -> int:
+        with self._lock:
+            self._count += 1
+            return self._count
+
+
+_STEPS = _StepCounter()
+
+
+def publish_step(kind: str, path: str | os.PathLike[str]) -> None:
+    """Mark that one publishing step (``kind`` on ``path``) has just completed.
+
+    Every rename, unlink and tree removal that changes what sits at a final name goes through
+    :func:`replace`, :func:`unlink` or :func:`rmtree`, which call this right after the step. It does
+    nothing unless a test asks for it: ``GPTQ_TOOLS_STEP_LOG`` records the steps, and
+    ``GPTQ_TOOLS_KILL_AT_STEP=N`` kills the process with SIGKILL right after the N-th one, so a test can
+    prove that a rerun repairs a run killed at each step.
+    """
+    log_path, kill_at = step_log_path(), kill_at_step()
+    if log_path is None and kill_at is None:
+        return
+    number = _STEPS.next()
+    if log_path is not None:
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"{kind} {os.fspath(path)}\n")
+    if kill_at == number:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def replace(source: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """``os.replace`` as a publishing step (see :func:`publish_step`)."""
+    os.replace(source, final)
+    publish_step("replace", final)
+
+
+def unlink(path: str | os.PathLike[str], *, missing_ok: bool = False) -> None:
+    """Remove a file as a publishing step (see :func:`publish_step`)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+        return
+    publish_step("unlink", path)
+
+
+def rmtree(path: str | os.PathLike[str]) -> None:
+    """Remove a folder tree as a publishing step (see :func:`publish_step`); a missing tree is fine."""
+    if not os.path.lexists(path):
+        return
+    shutil.rmtree(path)
+    publish_step("rmtree", path)
 
 
 def temp_path_for(final: Path) -> Path:
@@ -100,7 +163,7 @@ def atomic_path(final: str | os.PathLike[str], *, force: bool = False) -> Iterat
         yield temp
         if final.exists() and not force:  # appeared while we were writing
             raise OutputExistsError(f"{final}: output appeared while writing; pass --force to overwrite it")
-        os.replace(temp, final)
+        replace(temp, final)
         fsync_dir(final.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):

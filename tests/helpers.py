@@ -114,3 +114,50 @@ def write_fake_gptq_checkpoint(folder: Path, *, bits: int = 4, group_size: int =
     (folder / "config.json").write_text(json.dumps({"model_type": "opt", "num_hidden_layers": layers,
                                                     "hidden_size": hidden, "quantization_config": qconfig}))
     return folder
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """Temporaries and partial files under ``folder`` that a finished run must not leave behind."""
+    markers = (".gptq-tools-tmp-", ".incomplete", ".partial")
+    return sorted(p for p in folder.rglob("*") if any(marker in p.name for marker in markers))
+
+
+def kill_at_each_step(setup, args, state, *, base: Path, cwd: Path | None = None,
+                      env: dict[str, str] | None = None, timeout: float = 300) -> list[str]:
+    """Prove that a rerun repairs a run killed right after each of its publishing steps.
+
+    ``setup(root)`` builds fresh inputs under ``root``; ``args(root)`` gives the CLI arguments;
+    ``state(root)`` returns what must be equal after a clean run and after kill + rerun (e.g. file
+    hashes). A clean run records its steps (``GPTQ_TOOLS_STEP_LOG``); then for each step N a fresh copy
+    is run with ``GPTQ_TOOLS_KILL_AT_STEP=N`` (it must die by SIGKILL), rerun without the kill (it must
+    exit 0) and compared with the clean run; no temporary may be left. Returns the recorded steps
+    (``KIND PATH``), so a test can also assert which steps exist.
+    """
+    extra = dict(env or {})
+
+    def run(root: Path, more: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        full = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "GPTQ_TOOLS_DISABLE_PROGRESS": "1", **extra, **more}
+        return subprocess.run([sys.executable, "-m", "gptq_tools", *args(root)], capture_output=True, text=True,
+                              cwd=cwd or root, env=full, timeout=timeout, check=False)
+
+    clean = base / "clean"
+    clean.mkdir(parents=True)
+    setup(clean)
+    log = base / "steps.log"
+    result = run(clean, {"GPTQ_TOOLS_STEP_LOG": str(log)})
+    assert result.returncode == 0, result.stderr
+    expected = state(clean)
+    steps = log.read_text().splitlines() if log.exists() else []
+    assert steps, "the command recorded no publishing step"
+    for number in range(1, len(steps) + 1):
+        root = base / f"kill-{number}"
+        root.mkdir()
+        setup(root)
+        killed = run(root, {"GPTQ_TOOLS_KILL_AT_STEP": str(number)})
+        step = steps[number - 1]
+        assert killed.returncode == -9, f"step {number} ({step}): exit {killed.returncode}\n{killed.stderr}"
+        rerun = run(root, {})
+        assert rerun.returncode == 0, f"rerun after kill at step {number} ({step}):\n{rerun.stderr}"
+        assert state(root) == expected, f"after kill at step {number} ({step})"
+        assert leftovers(root) == [], f"after kill at step {number} ({step})"
+    return steps
