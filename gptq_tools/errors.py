@@ -91,3 +91,7 @@ class PlacementError(GptqToolsError, ValueError):
 
 class UnsafeCheckpointError(GptqToolsError, ValueError):
     """Loading would require unpickling or remote code that was not explicitly allowed."""
+
+
+class UnsafeNameError(GptqToolsError, ValueError):
+    """A name from outside (Hub listing, part name, manifest line) would not stay inside its folder."""

@@ -24,7 +24,7 @@ from gptq_tools.errors import (
     UsageError,
 )
 from gptq_tools.hub import TransferOptions, download, parse_spec, plan_download
-from gptq_tools.hub.state import LocalState
+from gptq_tools.hub.state import STATE_DIR, LocalState
 from tests.download_helpers import FAST, SeedData, blob, populate, sha256
 from tests.hub_server import HubServer
 
@@ -50,7 +50,7 @@ def fetch(server: HubServer, spec: str, folder: Path, **kwargs: object):
 def assert_folder(folder: Path, files: dict[str, bytes]) -> None:
     for name, data in files.items():
         assert (folder / name).read_bytes() == data, name
-    leftovers = list((folder / ".gptq-tools" / "download" / "incomplete").glob("*"))
+    leftovers = list((folder / STATE_DIR / "incomplete").glob("*"))
     assert leftovers == []
 
 
@@ -165,7 +165,7 @@ def test_small_git_files_are_checked_too(hub: tuple[HubServer, SeedData], tmp_pa
 
 
 def _partial(tmp_path: Path, data: bytes, keep: int, *, flip: bool = False) -> Path:
-    incomplete = LocalState(tmp_path).incomplete_path(("sha256", sha256(data)))
+    incomplete = LocalState(tmp_path).incomplete_path("model.safetensors", ("sha256", sha256(data)))
     incomplete.parent.mkdir(parents=True)
     prefix = bytearray(data[:keep])
     if flip:

@@ -89,7 +89,7 @@ def test_default_local_dir() -> None:
 def test_sigkill_mid_file_then_rerun(tmp_path: Path) -> None:
     data = blob(9_000_000, 11)  # more than one 4 MiB write block
     checksum = ("sha256", sha256(data))
-    incomplete = LocalState(tmp_path / "out").incomplete_path(checksum)
+    incomplete = LocalState(tmp_path / "out").incomplete_path("big.safetensors", checksum)
     with HubServer() as server:
         server.add_repo("org/big", {"main": {"config.json": b"{}", "big.safetensors": data}})
         server.add_fault("slow", "big.safetensors", rate=6_000_000, times=None)

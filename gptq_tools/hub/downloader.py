@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HubError, UsageError
+from ..fileio import unlink
 from ..progress import byte_bar
 from .plan import (
     MANIFEST_NAMES,
@@ -20,6 +21,7 @@ from .plan import (
     check_fits,
     find_joins,
     free_space,
+    manifest_hash,
     parse_sha256_options,
     plan_files,
     select_files,
@@ -89,8 +91,10 @@ def plan_download(spec: str, *, local_dir: str | Path, revision: str | None = No
 
     repo_spec = parse_spec(spec, revision=revision)
     local = Path(local_dir).expanduser().resolve()
+    state = LocalState(local)
+    state.migrate()
     if constants.is_offline_mode():
-        repo = offline_repo(repo_spec, LocalState(local).load_listing(repo_spec.revision), where=str(local))
+        repo = offline_repo(repo_spec, state.load_listing(repo_spec.revision), where=str(local))
     else:
         repo = resolve_repo(repo_spec, endpoint=endpoint, token=token)
     files = select_files(repo, include, exclude)
@@ -101,7 +105,6 @@ def plan_download(spec: str, *, local_dir: str | Path, revision: str | None = No
     if any(j.source == "SHA256SUMS" for j in joins):
         chosen = {f.path for f in files}
         files += [f for f in repo.files if f.path in MANIFEST_NAMES and f.path not in chosen]
-    state = LocalState(local)
     planned, joins, foreign = plan_files(repo, files, joins, state, force=force)
     download_bytes = sum(f.remote.size - f.have_bytes for f in planned if f.status != "present")
     join_bytes = sum(j.size for j in joins if not j.done)
@@ -159,9 +162,27 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
         joiner.close()
         raise
     joined = joiner.wait()
+    if delete_parts:
+        for join in plan.joins:
+            if join.done:  # joined by an earlier run, perhaps killed while it deleted the parts
+                _delete_joined_parts(state, join)
     state.save_listing(plan.repo.revision, listing_of(plan.repo))
+    state.remove_incomplete()
     return DownloadResult(plan, tuple(f.remote.path for f in todo), tuple(joined),
                           sum(f.remote.size - f.have_bytes for f in todo), time.monotonic() - started)
+
+
+def _delete_joined_parts(state: LocalState, join: PlannedJoin) -> None:
+    """Remove ``join``'s parts, once its output is recorded as verified (never before)."""
+    record = state.verified_record(join.output)
+    if record is None or not state.is_verified(join.output, ("sha256", str(record.get("hash")))):
+        raise HubError(f"{state.local_dir / join.output}: not verified, so its parts are kept; run the download "
+                       f"again without --delete-parts to check it")
+    for part in join.parts:
+        path = state.local_dir / part
+        if path.exists():
+            unlink(path, missing_ok=True)
+            logger.info("deleted %s (the joined file was verified)", path)
 
 
 def _check_can_start(plan: DownloadPlan, todo: list[PlannedFile], *, check_space: bool, delete_parts: bool) -> None:
@@ -191,7 +212,8 @@ def _headers(token: str | bool | None) -> dict[str, str]:
 def _task(repo: ResolvedRepo, state: LocalState, planned: PlannedFile) -> FileTask:
     remote = planned.remote
     return FileTask(path=remote.path, url=repo.url(remote.path), size=remote.size, checksum=remote.checksum,
-                    incomplete=state.incomplete_path(remote.checksum), final=state.local_dir / remote.path)
+                    incomplete=state.incomplete_path(remote.path, remote.checksum),
+                    final=state.local_dir / remote.path)
 
 
 class _Joiner:
@@ -236,20 +258,18 @@ class _Joiner:
         folder = self.plan.local_dir
         logger.info("%s: all %d parts verified, joining", join.output, len(join.parts))
         result = join_parts([folder / p for p in join.parts], folder / join.output, expected_sha256=expected,
-                            force=self.force or join.output in self.plan.replaced, delete_parts=self.delete_parts,
-                            progress=False)
+                            force=self.force or join.output in self.plan.replaced, progress=False)
         self.state.mark_verified(join.output, ("sha256", result.sha256))
+        if self.delete_parts:
+            _delete_joined_parts(self.state, join)
         return JoinedFile(join.output, result.sha256, bool(result.verified), source)
 
     def _expected(self, join: PlannedJoin) -> tuple[str | None, str]:
         if join.source != "SHA256SUMS":
             return join.expected_sha256, join.source
-        from ..manifest import parse_manifest
-
         name = next(f.remote.path for f in self.plan.files if f.remote.path in MANIFEST_NAMES)
-        entries = parse_manifest(self.plan.local_dir / name)
-        expected = entries.get(join.output) or entries.get(join.output.rsplit("/", 1)[-1])
-        return (expected.lower() if expected else None), f"{name} in the repository"
+        expected = manifest_hash(join, self.plan.local_dir, [f.remote for f in self.plan.files])
+        return expected, f"{name} in the repository"
 
     def close(self) -> None:
         """After a failed transfer: let running joins end, and log (not raise) what they hit."""

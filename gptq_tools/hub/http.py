@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 #: Bytes asked of the socket per read.
 SOCKET_READ_BYTES = 1024 * 1024
+#: Redirects followed per request (the Hub needs one: resolve -> CDN); more is a loop.
+MAX_REDIRECTS = 10
 
 
 class _LargeReadStream(httpcore2.NetworkStream):
@@ -79,7 +81,8 @@ class _LargeReadTransport(httpx2.HTTPTransport):
 
 def make_client(headers: dict[str, str], *, connections: int, read_timeout: float,
                 connect_timeout: float) -> httpx2.Client:
-    """An httpx2 client for streaming file bytes: redirects followed, no compression, large socket reads.
+    """An httpx2 client for streaming file bytes: redirects followed (at most :data:`MAX_REDIRECTS`), no
+    compression, large socket reads.
 
     Args:
         headers: sent with every request (auth, user agent).
@@ -90,4 +93,4 @@ def make_client(headers: dict[str, str], *, connections: int, read_timeout: floa
     limits = httpx2.Limits(max_connections=connections, max_keepalive_connections=connections)
     timeout = httpx2.Timeout(read_timeout, connect=connect_timeout, pool=None)
     return httpx2.Client(headers={**headers, "Accept-Encoding": "identity"}, timeout=timeout, follow_redirects=True,
-                         transport=_LargeReadTransport(limits))
+                         max_redirects=MAX_REDIRECTS, transport=_LargeReadTransport(limits))

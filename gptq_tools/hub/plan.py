@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InsufficientSpaceError, OutputExistsError, UsageError
+from ..fileio import sha256_file
+from ..names import check_no_clashes, validate_relative_name
 from ..parts import parse_part_name
+from ..pipeline import WholeHasher, file_segments, run_pipeline
 from ..units import format_size
 from .remote import RemoteFile, ResolvedRepo
 from .state import LocalState
@@ -115,6 +118,7 @@ def find_joins(repo: ResolvedRepo, files: list[RemoteFile], *, sha256: dict[str,
     for output, info in preset_files.items():
         if info.get("parts") and set(info["parts"]) <= chosen:
             groups[output] = list(info["parts"])
+    _check_outputs(repo, groups, chosen)
     joins = []
     for output, parts in sorted(groups.items()):
         parts = sorted(parts, key=_part_position) if output not in preset_files else parts
@@ -129,6 +133,23 @@ def find_joins(repo: ResolvedRepo, files: list[RemoteFile], *, sha256: dict[str,
         raise UsageError(f"--sha256 without a name needs exactly one file to join, this download has {len(joins)}; "
                          f"write it as --sha256 NAME=HEX")
     return joins
+
+
+def _check_outputs(repo: ResolvedRepo, groups: dict[str, list[str]], chosen: set[str]) -> None:
+    """Joined files are named after their parts, which come from the listing: they must stay inside the
+    folder and must not collide with a downloaded file (or need one to be a folder).
+
+    Raises:
+        UnsafeNameError: an output name is unsafe or clashes with a file's path.
+        UsageError: an output has the name of a file the repository also has.
+    """
+    where = f"{repo.repo_id}@{repo.revision}"
+    for output, parts in groups.items():
+        validate_relative_name(output, what=f"{where}: the file that parts {', '.join(parts[:2])}... join into,")
+        if output in chosen:
+            raise UsageError(f"{where}: parts {', '.join(parts)} join into {output}, which the repository also has "
+                             f"as a file; pass --no-join, or --exclude one of them")
+    check_no_clashes([*chosen, *groups], what=f"{where} (files and joined files)")
 
 
 def _preset_files(repo: ResolvedRepo) -> dict[str, dict[str, Any]]:
@@ -204,17 +225,23 @@ def plan_files(repo: ResolvedRepo, files: list[RemoteFile], joins: list[PlannedJ
     planned, foreign = [], []
     done_joins = {j.output for j in joins if _join_done(j, state)}
     skip_parts = {p for j in joins if j.output in done_joins for p in j.parts}
+    present_paths = set()
     for remote in files:
         present = state.check_existing(remote.path, remote.checksum, remote.size)
         if present is False:
             foreign.append(remote.path)
         if present is True or (remote.path in skip_parts and present is None):
             planned.append(PlannedFile(remote, "present", remote.size))
+            present_paths.add(remote.path)
             continue
-        have = state.partial_bytes(remote.checksum, remote.size)
+        have = state.partial_bytes(remote.path, remote.checksum, remote.size)
         planned.append(PlannedFile(remote, "partial" if have else "missing", have))
     for join in joins:
-        if join.output not in done_joins and (state.local_dir / join.output).exists():
+        if join.output in done_joins or not (state.local_dir / join.output).exists():
+            continue
+        if _adopt_joined(join, state, files, present_paths):
+            done_joins.add(join.output)
+        else:
             foreign.append(join.output)
     if foreign and not force:
         where = f"{repo.repo_id}@{repo.commit[:12]}"
@@ -232,6 +259,43 @@ def _join_done(join: PlannedJoin, state: LocalState) -> bool:
     if join.expected_sha256 is not None and record.get("hash") != join.expected_sha256:
         return False
     return state.is_verified(join.output, ("sha256", str(record.get("hash"))))
+
+
+def manifest_hash(join: PlannedJoin, local_dir: Path, files: list[RemoteFile] | tuple[RemoteFile, ...]) -> str | None:
+    """The SHA256 that the repository's ``SHA256SUMS`` (already downloaded into ``local_dir``) gives ``join``."""
+    from ..manifest import parse_manifest
+
+    name = next((f.path for f in files if f.path in MANIFEST_NAMES), None)
+    if name is None or not (local_dir / name).is_file():
+        return None
+    entries = parse_manifest(local_dir / name)
+    expected = entries.get(join.output) or entries.get(join.output.rsplit("/", 1)[-1])
+    return expected.lower() if expected else None
+
+
+def _adopt_joined(join: PlannedJoin, state: LocalState, files: list[RemoteFile], present: set[str]) -> bool:
+    """Whether an unrecorded file at ``join.output`` is this join's result (a run killed right after the
+    join renamed it, before it was recorded); if so it is recorded as verified.
+
+    Its SHA256 is compared with the published one, or, without one, with that of the verified parts.
+    """
+    expected = join.expected_sha256
+    if expected is None and join.source == "SHA256SUMS":
+        if not any(f.path in MANIFEST_NAMES and f.path in present for f in files):
+            return False
+        expected = manifest_hash(join, state.local_dir, files)
+    if expected is None:
+        if not set(join.parts) <= present:
+            return False
+        hasher = WholeHasher()
+        run_pipeline(file_segments([state.local_dir / p for p in join.parts]), [hasher])
+        expected = hasher.hexdigest()
+    output = state.local_dir / join.output
+    logger.info("%s: already there but not recorded; checking its sha256 before trusting it", output)
+    if not output.is_file() or sha256_file(output) != expected:
+        return False
+    state.mark_verified(join.output, ("sha256", expected))
+    return True
 
 
 def free_space(folder: Path) -> int:

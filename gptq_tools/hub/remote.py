@@ -15,17 +15,27 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from ..errors import (
+    GptqToolsError,
     HubAuthError,
     HubError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    UnsafeNameError,
     UsageError,
 )
+from ..fileio import TEMP_PREFIX
+from ..names import check_no_clashes, validate_relative_name
 from ..presets import Preset, find_preset
 
 logger = logging.getLogger(__name__)
 
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+#: A size beyond this (4 EiB) is a lie, whatever the listing says.
+_MAX_FILE_SIZE = 1 << 62
+#: Folders a Hub repository cannot contain (huggingface_hub's FORBIDDEN_FOLDERS) and where local state lives.
+_RESERVED_SEGMENTS = (".git", ".cache")
+_LEGACY_STATE_FOLDER = ".gptq-tools"
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN"
 
@@ -124,6 +134,9 @@ def hub_errors(repo_id: str, revision: str | None = None, *, endpoint: str = "")
                                f"can read this repository") from None
         raise HubError(f"{where}: the Hub answered HTTP {status}: {str(exc).strip().splitlines()[0]}; "
                        f"try again later") from None
+    except httpx2.TooManyRedirects as exc:
+        raise HubError(f"{where}: {exc.request.url} redirects in a loop ({exc}); the server or a proxy is "
+                       f"misconfigured, check HF_ENDPOINT") from None
     except httpx2.TransportError as exc:
         raise HubError(f"{where}: cannot reach {endpoint or 'the Hub'} ({type(exc).__name__}: {exc}); check "
                        f"the network and HF_ENDPOINT") from None
@@ -152,16 +165,74 @@ def resolve_repo(spec: RepoSpec, *, endpoint: str | None = None, token: str | bo
 
     base = (endpoint or constants.ENDPOINT).rstrip("/")
     api = HfApi(endpoint=base, token=token)
-    with hub_errors(spec.repo_id, spec.revision, endpoint=base):
+    where = f"{spec.repo_id}@{spec.revision}"
+    with hub_errors(spec.repo_id, spec.revision, endpoint=base), _expect_shape(where, "list of branches", base):
         commit = _resolve_commit(api, spec)
-    with hub_errors(spec.repo_id, commit, endpoint=base):
-        entries = api.list_repo_tree(spec.repo_id, revision=commit, recursive=True)
-        files = [RemoteFile(path=e.path, size=int(e.size), git_oid=e.blob_id,
-                            sha256=e.lfs.sha256 if e.lfs is not None else None)
-                 for e in entries if hasattr(e, "blob_id")]
+    with hub_errors(spec.repo_id, commit, endpoint=base), _expect_shape(where, "file listing", base):
+        entries = [e for e in api.list_repo_tree(spec.repo_id, revision=commit, recursive=True)
+                   if hasattr(e, "blob_id")]
+        raw = [(e.path, e.size, e.blob_id, e.lfs.sha256 if e.lfs is not None else None,
+                e.lfs.size if e.lfs is not None else None) for e in entries]
+    files = checked_files(raw, where=where)
     logger.info("%s@%s is commit %s (%d files)", spec.repo_id, spec.revision, commit, len(files))
-    return ResolvedRepo(repo_id=spec.repo_id, revision=spec.revision, commit=commit,
-                        files=tuple(sorted(files, key=lambda f: f.path)), endpoint=base, preset=spec.preset)
+    return ResolvedRepo(repo_id=spec.repo_id, revision=spec.revision, commit=commit, files=files, endpoint=base,
+                        preset=spec.preset)
+
+
+@contextlib.contextmanager
+def _expect_shape(where: str, what: str, endpoint: str) -> Iterator[None]:
+    """Turn the errors huggingface_hub raises on JSON of the wrong shape into one :class:`HubError` line."""
+    try:
+        yield
+    except GptqToolsError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise HubError(f"{where}: the {what} from {endpoint} is not in the shape the Hub API returns "
+                       f"({type(exc).__name__}: {exc}); check that HF_ENDPOINT points to a Hugging Face Hub") from None
+
+
+def checked_files(entries: list[tuple[object, object, object, object, object]], *,
+                  where: str) -> tuple[RemoteFile, ...]:
+    """Files of a listing, every field checked before any of it is used, sorted by path.
+
+    Args:
+        entries: ``(path, size, git_oid, lfs_sha256 or None, lfs_size or None)`` as the server sent them.
+        where: ``REPO@REVISION``, for the messages.
+
+    Returns:
+        The files, each with a safe relative path, a plausible size and well-formed hashes.
+
+    Raises:
+        UnsafeNameError: a path is unsafe, lies where the Hub never puts files, or clashes with another.
+        HubError: a size or hash is not what the Hub sends (wrong type, not hex, sizes that disagree).
+    """
+    files = [_checked_file(*entry, where=where) for entry in entries]
+    check_no_clashes((f.path for f in files), what=where)
+    return tuple(sorted(files, key=lambda f: f.path))
+
+
+def _checked_file(path: object, size: object, git_oid: object, sha256: object, lfs_size: object, *,
+                  where: str) -> RemoteFile:
+    name = validate_relative_name(path, what=f"{where}: file")  # type: ignore[arg-type]
+    segments = name.split("/")
+    reserved = next((s for s in segments if s in _RESERVED_SEGMENTS), None)
+    if reserved is not None or segments[0] == _LEGACY_STATE_FOLDER or segments[-1].startswith(TEMP_PREFIX):
+        raise UnsafeNameError(f"{where}: file {name!r} lies where no Hub repository has files (a "
+                              f"{reserved or segments[0]!r} folder or a gptq-tools temporary name), where local "
+                              f"state is kept; nothing was written. Ask the repository owner to rename it")
+    if type(size) is not int or not 0 <= size <= _MAX_FILE_SIZE:
+        raise HubError(f"{where}: the listing gives {name!r} the size {size!r}, which is not a byte count; "
+                       f"the server is not answering like the Hub, nothing was written")
+    if not isinstance(git_oid, str) or not _COMMIT_RE.match(git_oid):
+        raise HubError(f"{where}: the listing gives {name!r} the git oid {git_oid!r}, not 40 lowercase hex "
+                       f"characters; the server is not answering like the Hub, nothing was written")
+    if sha256 is not None and (not isinstance(sha256, str) or not _SHA256_RE.match(sha256)):
+        raise HubError(f"{where}: the listing gives {name!r} the LFS oid {sha256!r}, not a SHA256 (64 lowercase "
+                       f"hex characters); the server is not answering like the Hub, nothing was written")
+    if sha256 is not None and lfs_size != size:
+        raise HubError(f"{where}: the listing gives {name!r} {size!r} bytes but its LFS object {lfs_size!r} bytes; "
+                       f"the listing contradicts itself, nothing was written")
+    return RemoteFile(path=name, size=size, git_oid=git_oid, sha256=sha256)
 
 
 def listing_of(repo: ResolvedRepo) -> dict[str, object]:
@@ -179,11 +250,18 @@ def offline_repo(spec: RepoSpec, listing: dict[str, object] | None, *, where: st
     if listing is None or listing.get("repo_id") != spec.repo_id:
         raise HubError(f"{spec.repo_id}@{spec.revision}: HF_HUB_OFFLINE is set and {where} holds no earlier download "
                        f"of it; unset HF_HUB_OFFLINE to fetch it")
-    files = tuple(RemoteFile(path=str(f["path"]), size=int(f["size"]), git_oid=str(f["git_oid"]),
-                             sha256=f.get("sha256")) for f in listing["files"])  # type: ignore[attr-defined]
+    saved = f"{spec.repo_id}@{spec.revision} (saved in {where})"
+    with _expect_shape(saved, "file listing", where):
+        raw = [(f["path"], f["size"], f["git_oid"], f.get("sha256"), f["size"])
+               for f in listing["files"]]  # type: ignore[attr-defined]
+        files = checked_files(raw, where=saved)
+    commit = listing.get("commit")
+    if not isinstance(commit, str) or not _COMMIT_RE.match(commit):
+        raise HubError(f"{saved}: the saved commit {commit!r} is not 40 lowercase hex characters; unset "
+                       f"HF_HUB_OFFLINE to fetch the listing again")
     logger.info("%s@%s: offline, using the listing of commit %s saved in %s", spec.repo_id, spec.revision,
-                listing["commit"], where)
-    return ResolvedRepo(repo_id=spec.repo_id, revision=spec.revision, commit=str(listing["commit"]), files=files,
+                commit, where)
+    return ResolvedRepo(repo_id=spec.repo_id, revision=spec.revision, commit=commit, files=files,
                         endpoint=str(listing.get("endpoint", "")), preset=spec.preset)
 
 
@@ -191,7 +269,11 @@ def _resolve_commit(api: object, spec: RepoSpec) -> str:
     refs = api.list_repo_refs(spec.repo_id)  # type: ignore[attr-defined]
     for ref in list(refs.branches) + list(refs.tags):
         if spec.revision in (ref.name, ref.ref):
-            return str(ref.target_commit)
+            commit = ref.target_commit
+            if not isinstance(commit, str) or not _COMMIT_RE.match(commit):
+                raise HubError(f"{spec.repo_id}@{spec.revision}: the Hub gives the commit {commit!r}, not 40 "
+                               f"lowercase hex characters; the server is not answering like the Hub")
+            return commit
     if _COMMIT_RE.match(spec.revision):
         return spec.revision
     known = ", ".join(sorted(b.name for b in refs.branches)) or "none"

@@ -1,10 +1,18 @@
 """What a local folder already holds: verified files, partial downloads, foreign files.
 
-gptq-tools keeps its bookkeeping in ``<local_dir>/.gptq-tools/download/``: ``incomplete/<hash>.incomplete``
-holds the bytes of an unfinished file (named by the expected hash, so a partial file of another version is
-never resumed), and ``verified.json`` remembers which final files were checked (size, mtime, hash), so a
-re-run does not re-hash 100 GB. A file at a final name that is not remembered is hashed before it is
-trusted; one whose bytes differ from the repository's is foreign and is never overwritten silently.
+gptq-tools keeps its bookkeeping in ``<local_dir>/.cache/huggingface/gptq-tools/download/``, beside
+huggingface_hub's own ``local_dir`` metadata: ``HfApi.upload_folder`` and ``hf upload`` never publish
+``.cache/huggingface/`` (their default ignore patterns), and a ``.gitignore`` there keeps it out of git.
+(Anywhere else under ``.cache/`` would make ``upload_folder`` fail: the Hub refuses ``.cache`` folders.)
+Folders downloaded by older versions kept it in ``.gptq-tools/download/``; :meth:`LocalState.migrate`
+moves it on the next run.
+
+``incomplete/<hash>-<path id>.incomplete`` holds the bytes of an unfinished file: named by the expected
+hash, so a partial file of another version is never resumed, and by the file's path, so two files with the
+same bytes never share one. ``verified.json`` remembers which final files were checked (size, mtime,
+hash), so a re-run does not re-hash 100 GB. A file at a final name that is not remembered is hashed
+before it is trusted; one whose bytes differ from the repository's is foreign and is never overwritten
+silently.
 """
 
 from __future__ import annotations
@@ -12,18 +20,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from ..constants import IO_CHUNK_BYTES
-from ..fileio import write_bytes_atomic
+from ..fileio import fsync_dir, replace, rmtree, unlink, write_bytes_atomic
 from ..pipeline import CallbackConsumer, Consumer, Segment, WholeHasher, run_pipeline
 
 logger = logging.getLogger(__name__)
 
-STATE_DIR = Path(".gptq-tools") / "download"
+#: Where huggingface_hub keeps ``local_dir`` metadata, which upload tools skip.
+HF_METADATA_DIR = Path(".cache") / "huggingface"
+STATE_DIR = HF_METADATA_DIR / "gptq-tools" / "download"
+#: Where versions before 0.2 kept the state (inside what ``upload_folder`` publishes).
+LEGACY_STATE_DIR = Path(".gptq-tools") / "download"
 
 
 def new_hasher(algorithm: str) -> hashlib._Hash:
@@ -66,11 +77,48 @@ class LocalState:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
-        return data if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            return {}
+        return {name: record for name, record in data.items() if isinstance(record, dict)}
 
-    def incomplete_path(self, checksum: tuple[str, str]) -> Path:
-        """Where the partial bytes of a file with ``checksum`` live."""
-        return self.folder / "incomplete" / f"{checksum[1]}.incomplete"
+    def migrate(self) -> None:
+        """Move state left in :data:`LEGACY_STATE_DIR` by an older version to :data:`STATE_DIR`.
+
+        Each step leaves a state a rerun can finish: the folder is moved in one rename, then the empty
+        legacy folder is removed. When both exist (a rerun killed in between), the legacy one is stale.
+        """
+        legacy = self.local_dir / LEGACY_STATE_DIR
+        if legacy.is_dir():
+            if not self.folder.exists():
+                self.folder.parent.mkdir(parents=True, exist_ok=True)
+                replace(legacy, self.folder)
+                fsync_dir(self.folder.parent)
+                logger.info("moved download state from %s to %s (upload tools skip it there)", legacy, self.folder)
+            else:
+                rmtree(legacy)
+        if legacy.parent.is_dir() and not any(legacy.parent.iterdir()):
+            rmtree(legacy.parent)
+        self._verified = self._load()
+
+    def prepare(self) -> None:
+        """Create the state folder with a ``.gitignore`` (as huggingface_hub does for its own metadata)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        gitignore = self.local_dir / HF_METADATA_DIR / ".gitignore"
+        if not gitignore.exists():
+            write_bytes_atomic(gitignore, b"*\n")
+
+    def incomplete_path(self, path: str, checksum: tuple[str, str]) -> Path:
+        """Where the partial bytes of the file at ``path`` with ``checksum`` live.
+
+        ``checksum`` must already be checked (hex only, see :func:`gptq_tools.hub.remote.checked_files`);
+        the path enters only as its hash, so two files with the same bytes get two partial files.
+        """
+        path_id = hashlib.sha256(path.encode("utf-8")).hexdigest()[:16]
+        return self.folder / "incomplete" / f"{checksum[1]}-{path_id}.incomplete"
+
+    def remove_incomplete(self) -> None:
+        """After a complete download: drop partial files (left by other versions) and their folder."""
+        rmtree(self.folder / "incomplete")
 
     def verified_record(self, rel_path: str) -> dict[str, object] | None:
         """What was remembered about ``rel_path`` when it was last verified (None if never)."""
@@ -91,7 +139,7 @@ class LocalState:
         with self._lock:
             self._verified[rel_path] = {"hash": checksum[1], "algorithm": checksum[0], "size": stat.st_size,
                                         "mtime_ns": stat.st_mtime_ns}
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self.prepare()
             write_bytes_atomic(self.folder / "verified.json",
                                json.dumps(self._verified, indent=1, sort_keys=True).encode())
 
@@ -106,7 +154,7 @@ class LocalState:
             known = known if isinstance(known, dict) else {}
             known[revision] = listing
             known[str(listing["commit"])] = listing
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self.prepare()
             write_bytes_atomic(path, json.dumps(known, indent=1, sort_keys=True).encode())
 
     def load_listing(self, revision: str) -> dict[str, object] | None:
@@ -138,15 +186,18 @@ class LocalState:
         self.mark_verified(rel_path, checksum)
         return True
 
-    def partial_bytes(self, checksum: tuple[str, str], size: int) -> int:
+    def partial_bytes(self, rel_path: str, checksum: tuple[str, str], size: int) -> int:
         """Bytes of an unfinished download on disk (0 when none, or when it is longer than the file)."""
-        path = self.incomplete_path(checksum)
+        path = self.incomplete_path(rel_path, checksum)
+        older = path.parent / f"{checksum[1]}.incomplete"  # named by hash only, before 0.2
+        if older.is_file() and not path.exists():
+            replace(older, path)
         try:
             have = path.stat().st_size
         except FileNotFoundError:
             return 0
         if have > size:
             logger.warning("%s: longer than the file it belongs to; starting that file again", path)
-            os.unlink(path)
+            unlink(path, missing_ok=True)
             return 0
         return have

@@ -10,7 +10,7 @@ requests, at most ``window`` bytes ahead of the first byte not yet written. Arri
 to ``<hash>.incomplete`` strictly in file order and fed to the hasher as they are written (no second
 read); out-of-order chunks wait in memory. The file on disk is therefore always a clean prefix, which is
 what a re-run resumes from after re-hashing it. Only when all bytes are there and the digest matches the
-Hub's does the file take its final name (``os.replace``). A wrong digest is fetched once more from
+Hub's does the file take its final name (:func:`gptq_tools.fileio.replace`). A wrong digest is fetched once more from
 scratch, then reported with both hashes.
 """
 
@@ -32,8 +32,8 @@ from ..errors import (
     HubError,
     IncompleteDownloadError,
 )
-from ..fileio import fsync_dir, raise_if_no_space
-from .http import make_client
+from ..fileio import fsync_dir, raise_if_no_space, replace, unlink
+from .http import MAX_REDIRECTS, make_client
 from .state import feed_file, start_hasher
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class _FileJob:
             os.fsync(self.handle.fileno())
             self.handle.close()
             self.task.final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.task.incomplete, self.task.final)
+            replace(self.task.incomplete, self.task.final)
             fsync_dir(self.task.final.parent)
             logger.info("%s: %s verified (%s)", self.task.path, algorithm, expected)
             if self.on_verified is not None:
@@ -217,7 +217,7 @@ class _FileJob:
             self.restart()
             return
         self.handle.close()
-        self.task.incomplete.unlink(missing_ok=True)
+        unlink(self.task.incomplete, missing_ok=True)
         self.fail(ChecksumMismatchError(
             f"{self.task.path}: downloaded twice and both times the bytes have {algorithm} {actual}, but the Hub "
             f"lists {expected}; the file on the server may be damaged, report it to the repository owner"))
@@ -360,6 +360,10 @@ def _fetch_chunk(job: _FileJob, start: int, end: int, generation: int, client: A
             sched.cancelled.wait(delay)
         except httpx2.InvalidURL as exc:
             raise HubError(f"{job.task.url}: invalid URL ({exc})") from None
+        except httpx2.TooManyRedirects as exc:
+            raise HubError(f"{job.task.path}: {exc.request.url} redirects in a loop (more than {MAX_REDIRECTS} "
+                           f"redirects from {job.task.url}); the server or a proxy is misconfigured, report it or try "
+                           f"again later") from None
 
 
 class _PartialProgress(Exception):
@@ -399,6 +403,7 @@ def _stream_once(job: _FileJob, position: int, end: int, generation: int, client
                 _check_content_range(job, response, position)
                 sched.range_answer(job, True)
             else:
+                _check_content_length(job, response)
                 if sched.range_answer(job, False):
                     end = job.task.size
                 skip = position  # a 200 carries the whole file: drop what is already here
@@ -436,9 +441,16 @@ class _Sink:
         self.limit = job.options.commit_bytes
 
     def add(self, piece: bytes) -> bool:
-        """Take ``piece``; True once ``end`` is reached."""
+        """Take ``piece``; True once ``end`` is reached.
+
+        Raises:
+            HubError: bytes arrive past the end of the file (the server's file is longer than listed).
+        """
         room = self.end - self.start - len(self.block)
-        piece = piece[:room] if len(piece) > room else piece
+        if len(piece) > room:
+            if self.end >= self.job.task.size:
+                raise _size_lie(self.job, "sends more")
+            piece = piece[:room]
         if not self.block and len(piece) >= _DIRECT_BYTES:  # large reads go straight through, uncopied
             self.job.commit(self.start, piece, self.generation)
             self.start += len(piece)
@@ -460,11 +472,27 @@ class _Sink:
 def _check_content_range(job: _FileJob, response: Any, position: int) -> None:
     content_range = response.headers.get("Content-Range", "")
     try:
-        first = int(content_range.split()[1].split("-")[0])
+        first_last, _, total = content_range.split()[1].partition("/")
+        first = int(first_last.split("-")[0])
     except (IndexError, ValueError):
         raise _Retry(f"unreadable Content-Range {content_range!r}") from None
+    if total.isdigit() and int(total) != job.task.size:
+        raise _size_lie(job, f"says the file has {int(total)} bytes")
     if first != position:
         raise _Retry(f"asked for byte {position} but the server sent from byte {first}")
+
+
+def _check_content_length(job: _FileJob, response: Any) -> None:
+    """A whole-file answer (200) must be as long as the listing says."""
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) != job.task.size:
+        raise _size_lie(job, f"sends {int(length)} bytes")
+
+
+def _size_lie(job: _FileJob, what: str) -> HubError:
+    return HubError(f"{job.task.path}: the Hub listing says {job.task.size} bytes but the server {what} "
+                    f"({job.task.url}); the listing and the file disagree, so it was not saved. Report it to the "
+                    f"repository owner")
 
 
 def _worker(sched: _Scheduler, client: Any) -> None:
