@@ -11,6 +11,14 @@ real exceptions.
 Repositories are ``namespace/name``; each branch maps file paths to ``bytes`` or to a ``Path`` on disk
 (served with ``sendfile``, so a benchmark measures the client, not the server). Faults are injected per
 file with :meth:`HubServer.add_fault`.
+
+Hostile mode, for the tests of untrusted input: :meth:`HubServer.set_raw_tree` makes a branch's tree
+listing any JSON value (or raw bytes), e.g. names with ``..``, NUL or a file/folder clash, malformed oids
+or fields of the wrong type (:func:`tree_entry` builds entries); ``ServedFile.listed_size`` makes the
+listing lie about a file's size while the real bytes are served; the ``redirect_loop`` fault answers
+every matching request with a redirect to itself (``api:tree``, ``api:refs``... match the API routes);
+the ``overlong`` fault sends a whole file plus trailing bytes, unframed (no ``Content-Length``).
+Byte-identical files in one branch are served as they are (same LFS oid, two paths).
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ if TYPE_CHECKING:
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".model")
 LFS_MIN_SIZE = 10 * 1024 * 1024
-FAULT_KINDS = ("drop", "error500", "rate_limit", "ignore_range", "corrupt", "stall", "slow")
+FAULT_KINDS = ("drop", "error500", "rate_limit", "ignore_range", "corrupt", "stall", "slow", "redirect_loop",
+               "overlong")
 
 
 @dataclass
@@ -46,6 +55,7 @@ class ServedFile:
     sha256: str | None  # set for LFS files
     data: bytes | None = None
     disk_path: Path | None = None
+    listed_size: int | None = None  # hostile: the size the listing gives instead of the real one
 
     def read(self, start: int, end: int) -> bytes:
         if self.data is not None:
@@ -56,10 +66,16 @@ class ServedFile:
             return handle.read(end - start)
 
     def tree_entry(self) -> dict[str, Any]:
-        entry: dict[str, Any] = {"type": "file", "oid": self.git_oid, "size": self.size, "path": self.path}
-        if self.sha256 is not None:
-            entry["lfs"] = {"oid": self.sha256, "size": self.size, "pointerSize": 134}
-        return entry
+        size = self.size if self.listed_size is None else self.listed_size
+        return tree_entry(self.path, size, self.git_oid, self.sha256)
+
+
+def tree_entry(path: Any, size: Any, git_oid: Any, sha256: Any = None, *, lfs_size: Any = None) -> dict[str, Any]:
+    """A ``/tree`` entry as the Hub sends it, with any values (hostile listings put wrong ones in)."""
+    entry: dict[str, Any] = {"type": "file", "oid": git_oid, "size": size, "path": path}
+    if sha256 is not None:
+        entry["lfs"] = {"oid": sha256, "size": size if lfs_size is None else lfs_size, "pointerSize": 134}
+    return entry
 
 
 @dataclass
@@ -87,6 +103,7 @@ class Repo:
     commits: dict[str, str]
     gated: bool = False
     tags: dict[str, str] = field(default_factory=dict)
+    raw_trees: dict[str, Any] = field(default_factory=dict)  # hostile: branch -> listing served as it is
 
 
 def _git_blob_oid(data: bytes) -> str:
@@ -147,8 +164,13 @@ class HubServer:
         self.repos[repo_id] = repo
         return repo
 
+    def set_raw_tree(self, repo_id: str, branch: str, listing: Any) -> None:
+        """Hostile mode: serve ``listing`` (any JSON value, or ``bytes`` sent as they are) as the branch's tree."""
+        self.repos[repo_id].raw_trees[branch] = listing
+
     def add_fault(self, kind: str, pattern: str = "*", **options: Any) -> Fault:
-        """Inject a fault (see :class:`Fault`): drop, error500, rate_limit, ignore_range, corrupt, stall or slow."""
+        """Inject a fault (see :class:`Fault`): drop, error500, rate_limit, ignore_range, corrupt, stall, slow,
+        redirect_loop (``pattern`` ``api:tree`` etc. for API routes) or overlong."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}")
         fault = Fault(kind, pattern, **options)
@@ -292,9 +314,18 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
+    def _redirect_loop(self, pattern_path: str) -> bool:
+        if self.hub.take_fault(pattern_path, ("redirect_loop",)) is None:
+            return False
+        self.send_response(302)
+        self.send_header("Location", self.path)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return True
+
     def _api(self, repo_id: str, what: str, rest: str, query: dict[str, list[str]]) -> None:
         repo = self._repo(repo_id)
-        if repo is None:
+        if repo is None or self._redirect_loop(f"api:{what}"):
             return
         if what == "refs":
             branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c} for b, c in repo.commits.items()]
@@ -319,6 +350,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _tree(self, repo: Repo, rev: str, commit: str, files: dict[str, ServedFile], sub_path: str,
               query: dict[str, list[str]]) -> None:
+        branch = next(b for b, c in repo.commits.items() if c == commit)
+        if branch in repo.raw_trees:
+            self._send_raw(repo.raw_trees[branch])
+            return
         recursive = query.get("recursive", ["False"])[0].lower() in {"1", "true"}
         prefix = f"{sub_path.strip('/')}/" if sub_path.strip("/") else ""
         entries: dict[str, dict[str, Any]] = {}
@@ -347,6 +382,14 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Link"] = f'<{next_url}>; rel="next"'
         self._send_json(page, headers=headers)
 
+    def _send_raw(self, listing: Any) -> None:
+        body = listing if isinstance(listing, bytes) else json.dumps(listing).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def _paths_info(self, files: dict[str, ServedFile]) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         form = parse_qs(self.rfile.read(length).decode()) if length else {}
@@ -365,6 +408,8 @@ class _Handler(BaseHTTPRequestHandler):
         served = files.get(path)
         if served is None:
             self._send_error(404, "EntryNotFound", f"{path} does not exist on {rev}")
+            return
+        if self._redirect_loop(path):
             return
         if served.sha256 and self.hub.redirect_lfs:
             self._redirect(served, commit)
@@ -397,6 +442,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, served: ServedFile, commit: str, path: str) -> None:
         if self.command == "GET" and self._early_fault(path):
             return
+        if self.command == "GET" and self.hub.take_fault(path, ("overlong",)):
+            self._send_overlong(served)
+            return
         start, end = 0, served.size
         range_header = self.headers.get("Range")
         ranged = False
@@ -423,6 +471,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "GET":
             self._send_body(served, path, start, end)
+
+    def _send_overlong(self, served: ServedFile) -> None:
+        """The whole file and then more bytes, framed only by closing the connection."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(served.read(0, served.size) + b"\0" * 4096)
+        self.close_connection = True
 
     def _early_fault(self, path: str) -> bool:
         fault = self.hub.take_fault(path, ("error500", "rate_limit"))
