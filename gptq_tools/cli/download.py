@@ -93,6 +93,12 @@ def _print_plan(plan: object) -> None:
 
 def _print_result(result: object) -> None:
     data = result.to_dict()  # type: ignore[attr-defined]
+    if data["already_complete"]:
+        joined = [j["output"] for j in data["joins"]]
+        print(f"{data['repo_id']}@{data['revision']} (commit {data['commit'][:12]}) in {data['local_dir']}: already "
+              f"complete, {len(data['files'])} file(s) verified{', joined: ' + ', '.join(joined) if joined else ''}; "
+              f"nothing to download")
+        return
     seconds = max(data["seconds"], 1e-9)
     rate = format_size(int(data["bytes_downloaded"] / seconds))
     print(f"{data['repo_id']}@{data['revision']} (commit {data['commit'][:12]}) in {data['local_dir']}: "

@@ -54,11 +54,16 @@ class DownloadResult:
     seconds: float
     dry_run: bool = False
 
+    @property
+    def already_complete(self) -> bool:
+        """Whether the folder already held every file (and joined file), verified: nothing was done."""
+        return not self.dry_run and not self.downloaded and not self.joined
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (``--json``)."""
-        return {**self.plan.to_dict(), "dry_run": self.dry_run, "downloaded": list(self.downloaded),
-                "joined": [vars(j) for j in self.joined], "bytes_downloaded": self.bytes_downloaded,
-                "seconds": round(self.seconds, 3)}
+        return {**self.plan.to_dict(), "dry_run": self.dry_run, "already_complete": self.already_complete,
+                "downloaded": list(self.downloaded), "joined": [vars(j) for j in self.joined],
+                "bytes_downloaded": self.bytes_downloaded, "seconds": round(self.seconds, 3)}
 
 
 def plan_download(spec: str, *, local_dir: str | Path, revision: str | None = None,
