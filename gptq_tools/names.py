@@ -65,7 +65,7 @@ def _unsafe_reason(name: object) -> str | None:
         return f"it is {size} bytes long, more than {MAX_NAME_BYTES}"
     for segment in name.split("/"):
         if segment in ("", ".", ".."):
-            return f"it has {'an empty' if not segment else repr(segment)} path segment"
+            return f"it has {'an empty' if not segment else 'a ' + repr(segment)} path segment"
         if PureWindowsPath(segment).drive:
             return f"segment {segment!r} is a drive prefix on Windows"
         if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
