@@ -13,11 +13,12 @@ Repositories are ``namespace/name``; each branch maps file paths to ``bytes`` or
 file with :meth:`HubServer.add_fault`.
 
 Hostile mode, for the tests of untrusted input: :meth:`HubServer.set_raw_tree` makes a branch's tree
-listing any JSON value (or raw bytes), e.g. names with ``..``, NUL or a file/folder clash, malformed oids
-or fields of the wrong type (:func:`tree_entry` builds entries); ``ServedFile.listed_size`` makes the
-listing lie about a file's size while the real bytes are served; the ``redirect_loop`` fault answers
-every matching request with a redirect to itself (``api:tree``, ``api:refs``... match the API routes);
-the ``overlong`` fault sends a whole file plus trailing bytes, unframed (no ``Content-Length``).
+listing (and ``Repo.raw_refs`` the list of branches) any JSON value, or raw bytes: names with ``..``,
+NUL or a file/folder clash, malformed oids, fields of the wrong type (:func:`tree_entry` builds
+entries). ``ServedFile.listed_size`` makes the listing lie about a file's size while the real bytes are
+served; the ``redirect_loop`` fault answers every matching request with a redirect to itself
+(``api:tree``, ``api:refs``... match the API routes); the ``overlong`` fault sends a whole file plus
+trailing bytes, unframed (no ``Content-Length``).
 Byte-identical files in one branch are served as they are (same LFS oid, two paths).
 """
 
@@ -104,6 +105,7 @@ class Repo:
     gated: bool = False
     tags: dict[str, str] = field(default_factory=dict)
     raw_trees: dict[str, Any] = field(default_factory=dict)  # hostile: branch -> listing served as it is
+    raw_refs: Any = None  # hostile: served instead of the branches and tags
 
 
 def _git_blob_oid(data: bytes) -> str:
@@ -326,6 +328,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _api(self, repo_id: str, what: str, rest: str, query: dict[str, list[str]]) -> None:
         repo = self._repo(repo_id)
         if repo is None or self._redirect_loop(f"api:{what}"):
+            return
+        if what == "refs" and repo.raw_refs is not None:
+            self._send_raw(repo.raw_refs)
             return
         if what == "refs":
             branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c} for b, c in repo.commits.items()]

@@ -171,6 +171,21 @@ def test_listing_of_the_wrong_shape(server: HubServer, tmp_path: Path, capsys: p
     assert written(tmp_path) == []
 
 
+@pytest.mark.parametrize(("refs", "message"), [
+    ({"branches": "main", "tags": []}, r"the list of branches from http://127\.0\.0\.1:\d+ is not in the shape the "
+                                      r"Hub API returns \(TypeError"),
+    ({"branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": "../../escaped"}], "tags": [],
+      "converts": []},
+     r"the Hub gives the commit '\.\./\.\./escaped', not 40 lowercase hex characters"),
+])
+def test_branches_of_the_wrong_shape(server: HubServer, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     refs: object, message: str) -> None:
+    server.repos["org/evil"].raw_refs = refs
+    code, err, _ = run(tmp_path, capsys)
+    assert_one_line(code, err, r"org/evil@main: " + message)
+    assert written(tmp_path) == []
+
+
 # -- redirects and lying sizes ------------------------------------------------------------------------------
 def test_redirect_loop_on_a_file(server: HubServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     server.add_fault("redirect_loop", "model.safetensors", times=None)

@@ -169,3 +169,17 @@ def test_delete_parts_needs_a_published_hash(tmp_path: Path, recorder: JoinRecor
         result = download("org/nohash", local_dir=tmp_path, endpoint=server.endpoint, options=opts())
     assert recorder.calls[0]["expected"] is None and not result.joined[0].verified
     assert result.joined[0].expected_from == "none" and all((tmp_path / p).exists() for p in parts)
+
+
+def test_delete_parts_needs_the_output_in_sha256sums(tmp_path: Path, recorder: JoinRecorder) -> None:
+    parts = {f"w.JOINBEFOREUSE.split-{c}.bin": blob(1000, i) for i, c in enumerate("ab")}
+    sums = f"{'0' * 64}  other.bin\n".encode()
+    with HubServer() as server:
+        server.add_repo("org/unlisted", {"main": {**parts, "SHA256SUMS": sums}})
+        with pytest.raises(UsageError, match=r"--delete-parts needs a published SHA256 of w.bin \(give --sha256"):
+            download("org/unlisted", local_dir=tmp_path, endpoint=server.endpoint, delete_parts=True, options=opts())
+        assert recorder.calls == [] and all((tmp_path / p).exists() for p in parts)
+        download("org/unlisted", local_dir=tmp_path, endpoint=server.endpoint, options=opts())
+        with pytest.raises(UsageError, match=r"--delete-parts needs a published SHA256 of w.bin"):
+            download("org/unlisted", local_dir=tmp_path, endpoint=server.endpoint, delete_parts=True, options=opts())
+    assert len(recorder.calls) == 1 and all((tmp_path / p).exists() for p in parts)

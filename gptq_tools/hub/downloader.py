@@ -153,6 +153,7 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
     options = options or TransferOptions(max_workers=max_workers)
     plan.local_dir.mkdir(parents=True, exist_ok=True)
     state = LocalState(plan.local_dir)
+    state.prepare()  # the .gitignore is there before the first partial file
     joiner = _Joiner(plan, state, delete_parts=delete_parts, force=force)
     manifests = [f for f in todo if f.remote.path in MANIFEST_NAMES]
     rest = [f for f in todo if f.remote.path not in MANIFEST_NAMES]
@@ -168,21 +169,31 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
         raise
     joined = joiner.wait()
     if delete_parts:
+        listed = [f.remote for f in plan.files]
         for join in plan.joins:
             if join.done:  # joined by an earlier run, perhaps killed while it deleted the parts
-                _delete_joined_parts(state, join)
+                expected = join.expected_sha256
+                if expected is None and join.source == "SHA256SUMS":
+                    expected = manifest_hash(join, plan.local_dir, listed)
+                _delete_joined_parts(state, join, expected)
     state.save_listing(plan.repo.revision, listing_of(plan.repo))
     state.remove_incomplete()
     return DownloadResult(plan, tuple(f.remote.path for f in todo), tuple(joined),
                           sum(f.remote.size - f.have_bytes for f in todo), time.monotonic() - started)
 
 
-def _delete_joined_parts(state: LocalState, join: PlannedJoin) -> None:
-    """Remove ``join``'s parts, once its output is recorded as verified (never before)."""
-    record = state.verified_record(join.output)
-    if record is None or not state.is_verified(join.output, ("sha256", str(record.get("hash")))):
-        raise HubError(f"{state.local_dir / join.output}: not verified, so its parts are kept; run the download "
-                       f"again without --delete-parts to check it")
+_NO_HASH_TO_DELETE = ("--delete-parts needs a published SHA256 of {output} (give --sha256 NAME=HEX): parts are only "
+                      "deleted after the joined file is verified")
+
+
+def _delete_joined_parts(state: LocalState, join: PlannedJoin, expected: str | None) -> None:
+    """Remove ``join``'s parts, once its output is recorded as holding the published hash ``expected``.
+
+    Raises:
+        UsageError: no published hash is known, or the output on disk is not recorded with it.
+    """
+    if expected is None or not state.is_verified(join.output, ("sha256", expected)):
+        raise UsageError(_NO_HASH_TO_DELETE.format(output=join.output))
     for part in join.parts:
         path = state.local_dir / part
         if path.exists():
@@ -196,10 +207,9 @@ def _check_can_start(plan: DownloadPlan, todo: list[PlannedFile], *, check_space
 
     if check_space:
         check_fits(plan)
-    unchecked = [j.output for j in plan.joins if not j.done and j.source == "none"]
+    unchecked = [j.output for j in plan.joins if j.source == "none"]
     if delete_parts and unchecked:
-        raise UsageError(f"--delete-parts needs a published SHA256 of {', '.join(unchecked)} (give --sha256 NAME=HEX): "
-                         f"parts are only deleted after the joined file is verified")
+        raise UsageError(_NO_HASH_TO_DELETE.format(output=", ".join(unchecked)))
     if todo and constants.is_offline_mode():
         raise HubError(f"{plan.repo.repo_id}@{plan.repo.revision}: HF_HUB_OFFLINE is set but "
                        f"{', '.join(f.remote.path for f in todo[:5])} {'is' if len(todo) == 1 else 'are'} missing "
@@ -257,6 +267,8 @@ class _Joiner:
             raise HubError(f"{join.output}: this build of gptq-tools has no join module; the parts are downloaded "
                            f"and verified, join them with a newer gptq-tools or rerun with --no-join") from None
         expected, source = self._expected(join)
+        if expected is None and self.delete_parts:
+            raise UsageError(_NO_HASH_TO_DELETE.format(output=join.output))
         if expected is None:
             logger.warning("%s: no published SHA256 (none given with --sha256, in SHA256SUMS or in a preset); the "
                            "parts are verified, the joined file is not", join.output)
@@ -266,7 +278,7 @@ class _Joiner:
                             force=self.force or join.output in self.plan.replaced, progress=False)
         self.state.mark_verified(join.output, ("sha256", result.sha256))
         if self.delete_parts:
-            _delete_joined_parts(self.state, join)
+            _delete_joined_parts(self.state, join, expected)
         return JoinedFile(join.output, result.sha256, bool(result.verified), source)
 
     def _expected(self, join: PlannedJoin) -> tuple[str | None, str]:
