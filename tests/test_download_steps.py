@@ -113,3 +113,18 @@ def test_state_left_by_an_older_version_is_moved(tmp_path: Path) -> None:
     assert (tmp_path / "m.safetensors").read_bytes() == data and leftovers(tmp_path) == []
     assert LocalState(tmp_path).is_verified("config.json", ("git-sha1", server.repos["org/model"].branches["main"]
                                                            ["config.json"].git_oid))
+
+
+@pytest.mark.parametrize("left", ["empty legacy folder", "both"])
+def test_a_migration_cut_short_is_finished(tmp_path: Path, left: str) -> None:
+    """The states a kill can leave between the steps of the move (no subprocess needed to reach them)."""
+    with HubServer() as server:
+        _repo(server)
+        options = TransferOptions(max_workers=2, **FAST)
+        download("org/split", local_dir=tmp_path, endpoint=server.endpoint, options=options)
+        (tmp_path / LEGACY_STATE_DIR.parent).mkdir()
+        if left == "both":
+            (tmp_path / LEGACY_STATE_DIR).mkdir()
+            (tmp_path / LEGACY_STATE_DIR / "verified.json").write_text("{}")
+        again = download("org/split", local_dir=tmp_path, endpoint=server.endpoint, options=options)
+    assert again.already_complete and not (tmp_path / ".gptq-tools").exists()
