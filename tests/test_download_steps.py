@@ -128,3 +128,17 @@ def test_a_migration_cut_short_is_finished(tmp_path: Path, left: str) -> None:
             (tmp_path / LEGACY_STATE_DIR / "verified.json").write_text("{}")
         again = download("org/split", local_dir=tmp_path, endpoint=server.endpoint, options=options)
     assert again.already_complete and not (tmp_path / ".gptq-tools").exists()
+
+
+def test_partials_of_files_left_out_stay(tmp_path: Path) -> None:
+    data = safetensors_blob(30_000, 33)
+    with HubServer() as server:
+        server.add_repo("org/model", {"main": {"m.safetensors": data, "config.json": b"{}"}})
+        partial = LocalState(tmp_path).incomplete_path("m.safetensors", ("sha256", sha256(data)))
+        partial.parent.mkdir(parents=True)
+        partial.write_bytes(data[:1000])
+        download("org/model", local_dir=tmp_path, endpoint=server.endpoint, include=["*.json"],
+                 options=TransferOptions(max_workers=2, **FAST))
+        assert partial.read_bytes() == data[:1000]  # kept for the run that wants m.safetensors
+        download("org/model", local_dir=tmp_path, endpoint=server.endpoint, options=TransferOptions(**FAST))
+    assert (tmp_path / "m.safetensors").read_bytes() == data and not partial.parent.exists()

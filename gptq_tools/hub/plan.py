@@ -225,7 +225,7 @@ def plan_files(repo: ResolvedRepo, files: list[RemoteFile], joins: list[PlannedJ
     planned, foreign = [], []
     done_joins = {j.output for j in joins if _join_done(j, state)}
     skip_parts = {p for j in joins if j.output in done_joins for p in j.parts}
-    present_paths = set()
+    present_paths: set[str] = set()
     for remote in files:
         present = state.check_existing(remote.path, remote.checksum, remote.size)
         if present is False:

@@ -117,8 +117,13 @@ class LocalState:
         return self.folder / "incomplete" / f"{checksum[1]}-{path_id}.incomplete"
 
     def remove_incomplete(self) -> None:
-        """After a complete download: drop partial files (left by other versions) and their folder."""
-        rmtree(self.folder / "incomplete")
+        """After a complete download: remove the ``incomplete/`` folder once nothing is left in it.
+
+        Partial files of files this run did not select (``--include``) stay for the run that wants them.
+        """
+        folder = self.folder / "incomplete"
+        if folder.is_dir() and not any(folder.iterdir()):
+            rmtree(folder)
 
     def verified_record(self, rel_path: str) -> dict[str, object] | None:
         """What was remembered about ``rel_path`` when it was last verified (None if never)."""

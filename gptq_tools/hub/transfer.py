@@ -7,11 +7,12 @@ huggingface_hub still does the metadata, auth headers and endpoint.
 
 How a file travels: it is cut into chunks of ``chunk_bytes`` that the workers fetch with ``Range``
 requests, at most ``window`` bytes ahead of the first byte not yet written. Arriving bytes are written
-to ``<hash>.incomplete`` strictly in file order and fed to the hasher as they are written (no second
-read); out-of-order chunks wait in memory. The file on disk is therefore always a clean prefix, which is
-what a re-run resumes from after re-hashing it. Only when all bytes are there and the digest matches the
-Hub's does the file take its final name (:func:`gptq_tools.fileio.replace`). A wrong digest is fetched once more from
-scratch, then reported with both hashes.
+to ``incomplete/<hash>-<path id>.incomplete`` strictly in file order and fed to the hasher as they are
+written (no second read); out-of-order chunks wait in memory. The file on disk is therefore always a
+clean prefix, which is what a re-run resumes from after re-hashing it. Only when all bytes are there and
+the digest matches the Hub's does the file take its final name (:func:`gptq_tools.fileio.replace`). A
+wrong digest is fetched once more from scratch, then reported with both hashes. A server that sends
+more or fewer bytes than the listing says, or redirects in a loop, is an error at once.
 """
 
 from __future__ import annotations
