@@ -18,7 +18,7 @@ NUL or a file/folder clash, malformed oids, fields of the wrong type (:func:`tre
 entries). ``ServedFile.listed_size`` makes the listing lie about a file's size while the real bytes are
 served; the ``redirect_loop`` fault answers every matching request with a redirect to itself
 (``api:tree``, ``api:refs``... match the API routes); the ``overlong`` fault sends a whole file plus
-trailing bytes, unframed (no ``Content-Length``).
+trailing bytes, unframed (no ``Content-Length``); ``Repo.endless_tree`` paginates the listing forever.
 Byte-identical files in one branch are served as they are (same LFS oid, two paths).
 """
 
@@ -106,6 +106,7 @@ class Repo:
     tags: dict[str, str] = field(default_factory=dict)
     raw_trees: dict[str, Any] = field(default_factory=dict)  # hostile: branch -> listing served as it is
     raw_refs: Any = None  # hostile: served instead of the branches and tags
+    endless_tree: bool = False  # hostile: every tree page links to itself as the next page
 
 
 def _git_blob_oid(data: bytes) -> str:
@@ -380,7 +381,9 @@ class _Handler(BaseHTTPRequestHandler):
         start = int(query.get("cursor", ["0"])[0])
         page = listing[start:start + self.hub.page_size]
         headers = {}
-        if start + self.hub.page_size < len(listing):
+        if repo.endless_tree:
+            headers["Link"] = f'<{self.hub.endpoint}{self.path}>; rel="next"'
+        elif start + self.hub.page_size < len(listing):
             next_url = (f"{self.hub.endpoint}/api/models/{repo.repo_id}/tree/{quote(rev, safe='')}"
                         f"{'/' + quote(sub_path) if sub_path else ''}?recursive={recursive}"
                         f"&cursor={start + self.hub.page_size}")

@@ -186,6 +186,16 @@ def test_branches_of_the_wrong_shape(server: HubServer, tmp_path: Path, capsys: 
     assert written(tmp_path) == []
 
 
+def test_a_listing_without_end(server: HubServer, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gptq_tools.hub.remote.MAX_LISTED_ENTRIES", 50)
+    server.repos["org/evil"].endless_tree = True
+    code, err, _ = run(tmp_path, capsys)
+    assert_one_line(code, err, r"org/evil@main: the file listing from http://127\.0\.0\.1:\d+ goes on past 50 entries; "
+                               r"the server is paginating without end")
+    assert written(tmp_path) == []
+
+
 # -- redirects and lying sizes ------------------------------------------------------------------------------
 def test_redirect_loop_on_a_file(server: HubServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     server.add_fault("redirect_loop", "model.safetensors", times=None)

@@ -8,6 +8,7 @@ during a long download cannot mix two versions of a repository.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import re
 from collections.abc import Iterator
@@ -33,6 +34,9 @@ _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 #: A size beyond this (4 EiB) is a lie, whatever the listing says.
 _MAX_FILE_SIZE = 1 << 62
+#: More entries than this in one listing (the Hub advises under 100,000 files per repository) is a server
+#: paginating without end.
+MAX_LISTED_ENTRIES = 1_000_000
 #: Folders a Hub repository cannot contain (huggingface_hub's FORBIDDEN_FOLDERS) and where local state lives.
 _RESERVED_SEGMENTS = (".git", ".cache")
 _LEGACY_STATE_FOLDER = ".gptq-tools"
@@ -169,8 +173,12 @@ def resolve_repo(spec: RepoSpec, *, endpoint: str | None = None, token: str | bo
     with hub_errors(spec.repo_id, spec.revision, endpoint=base), _expect_shape(where, "list of branches", base):
         commit = _resolve_commit(api, spec)
     with hub_errors(spec.repo_id, commit, endpoint=base), _expect_shape(where, "file listing", base):
-        entries = [e for e in api.list_repo_tree(spec.repo_id, revision=commit, recursive=True)
-                   if hasattr(e, "blob_id")]
+        listed = list(itertools.islice(api.list_repo_tree(spec.repo_id, revision=commit, recursive=True),
+                                       MAX_LISTED_ENTRIES + 1))
+        if len(listed) > MAX_LISTED_ENTRIES:
+            raise HubError(f"{where}: the file listing from {base} goes on past {MAX_LISTED_ENTRIES} entries; the "
+                           f"server is paginating without end, check HF_ENDPOINT")
+        entries = [e for e in listed if hasattr(e, "blob_id")]
         raw = [(e.path, e.size, e.blob_id, e.lfs.sha256 if e.lfs is not None else None,
                 e.lfs.size if e.lfs is not None else None) for e in entries]
     files = checked_files(raw, where=where)
