@@ -50,7 +50,14 @@ def _join(args: argparse.Namespace) -> int:
         print(json.dumps({"output": str(result.output), "sha256": result.sha256, "verified": result.verified,
                           "expected_source": result.expected_source, "bytes": result.total_bytes,
                           "parts": result.part_sha256, "method": result.method, "seconds": round(seconds, 3),
-                          "deleted_parts": [str(p) for p in result.deleted_parts]}, indent=2))
+                          "deleted_parts": [str(p) for p in result.deleted_parts],
+                          "already_done": result.already_done}, indent=2))
+        return 0
+    if result.already_done:
+        print(f"already joined and verified: {result.output} (SHA256 {result.sha256} matches "
+              f"{result.expected_source})")
+        for part in result.deleted_parts:
+            print(f"deleted {part}")
         return 0
     rate = f"{result.total_bytes / seconds / 1e9:.2f} GB/s, " if seconds > 0 and result.total_bytes > 1 << 26 else ""
     print(f"joined {len(result.part_sha256)} parts -> {result.output} ({format_size(result.total_bytes)}) "
