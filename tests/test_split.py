@@ -47,9 +47,14 @@ def test_split_refuses_overwrite_and_pointless_split(tmp_path: Path) -> None:
     source = random_model_file(tmp_path / "model.safetensors")
     with pytest.raises(UsageError, match="already fits in one part"):
         split_file(source, max_size="1GB")
-    split_file(source, max_size="16KiB")
-    with pytest.raises(OutputExistsError, match="split-a.safetensors: part already exists"):
+    first = split_file(source, max_size="16KiB")
+    again = split_file(source, max_size="16KiB")  # the same bytes are already there: done, not "exists"
+    assert again.already_done and not first.already_done and again.part_sha256 == first.part_sha256
+    first.parts[1].write_bytes(b"someone else's file")
+    with pytest.raises(OutputExistsError, match="split-b.safetensors: part already exists with other content; "
+                                                "pass --force"):
         split_file(source, max_size="16KiB")
+    assert first.parts[1].read_bytes() == b"someone else's file"
 
 
 def test_reshard_makes_loadable_shards(tmp_path: Path) -> None:
@@ -63,8 +68,9 @@ def test_reshard_makes_loadable_shards(tmp_path: Path) -> None:
         shard = safetensors.numpy.load_file(str(tmp_path / "out" / index["weight_map"][name]))
         np.testing.assert_array_equal(shard[name], array)
     assert parse_manifest(result.manifest)[result.shards[0].name] == sha256(result.shards[0])
-    with pytest.raises(OutputExistsError):
-        reshard_file(source, tmp_path / "out", max_shard_size="40KB")
+    assert reshard_file(source, tmp_path / "out", max_shard_size="40KB").already_done  # a rerun: done
+    with pytest.raises(OutputExistsError, match="model.safetensors.index.json: already exists with other content"):
+        reshard_file(source, tmp_path / "out", max_shard_size="20KB")  # another plan: the index differs
 
 
 def test_reshard_is_read_by_transformers_style_loader(tmp_path: Path) -> None:

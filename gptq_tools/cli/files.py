@@ -197,7 +197,12 @@ def _split(args: argparse.Namespace) -> int:
     result = split_file(args.file, max_size=args.max_size, output_dir=args.output_dir, force=args.force)
     if args.json:
         print(json.dumps({"parts": [str(p) for p in result.parts], "sha256": result.sha256,
-                          "part_sha256": result.part_sha256, "manifest": str(result.manifest)}, indent=2))
+                          "part_sha256": result.part_sha256, "manifest": str(result.manifest),
+                          "already_done": result.already_done}, indent=2))
+        return 0
+    if result.already_done:
+        print(f"already split and verified: {len(result.parts)} parts of {args.file.name} "
+              f"(SHA256 {result.sha256}) listed in {result.manifest}")
         return 0
     for part in result.parts:
         print(f"{result.part_sha256[part.name]}  {part.name}  ({format_size(part.stat().st_size)})")
@@ -213,7 +218,12 @@ def _reshard(args: argparse.Namespace) -> int:
                           force=args.force)
     if args.json:
         print(json.dumps({"shards": [str(p) for p in result.shards], "index": str(result.index),
-                          "manifest": str(result.manifest), "total_size": result.total_size}, indent=2))
+                          "manifest": str(result.manifest), "total_size": result.total_size,
+                          "already_done": result.already_done}, indent=2))
+        return 0
+    if result.already_done:
+        print(f"already resharded and verified: {len(result.shards)} shard(s) of {args.file.name} with "
+              f"{result.index.name} in {result.index.parent}")
         return 0
     for shard in result.shards:
         print(f"{shard.name}  ({format_size(shard.stat().st_size)})")
