@@ -230,25 +230,36 @@ def _finished_without_parts(parts: Sequence[str | os.PathLike[str]] | str | os.P
                             manifest: str | os.PathLike[str] | None, delete_parts: bool) -> JoinResult | None:
     """A rerun after some (or all) parts were deleted by ``--delete-parts``: when the output already exists
     and matches the joined file's expected SHA256 (``--sha256`` or a manifest entry for it), the job is
-    done and the remaining parts (with ``delete_parts``) are deleted. None when that cannot be shown."""
+    done and the remaining parts (with ``delete_parts``) are deleted. None when that cannot be shown.
+
+    The output is the file the remaining part names (or the manifest's part entries) say; when no part
+    is left and nothing names it, it is the file in the output folder whose SHA256 is the expected one.
+    """
     given = [Path(parts)] if isinstance(parts, (str, os.PathLike)) else [Path(p) for p in parts]
     folder = given[0] if given[0].is_dir() else given[0].parent
     manifest_path = Path(manifest) if manifest else next(
         (folder / n for n in DEFAULT_MANIFEST_NAMES if (folder / n).is_file()), None)
     entries = parse_manifest(manifest_path) if manifest_path is not None and manifest_path.is_file() else {}
+    given_hash = expected_sha256.strip().lower() if expected_sha256 else None
     names = [p.name for p in given if not p.is_dir()] or [*os.listdir(folder), *entries]
     outputs = {parsed.output_name for parsed in map(parse_part_name, names) if parsed is not None}
-    if len(outputs) != 1:
-        return None
-    output_name = outputs.pop()
-    final = Path(output) if output is not None else folder / output_name
-    final = final / output_name if final.is_dir() else final
-    whole = expected_sha256.strip().lower() if expected_sha256 else entries.get(final.name, entries.get(output_name))
-    if whole is None or not final.is_file():
+    output_name = outputs.pop() if len(outputs) == 1 else None
+    if output_name is not None:
+        target = Path(output) if output is not None else folder / output_name
+        candidates = [target / output_name if target.is_dir() else target]
+        whole = given_hash or entries.get(candidates[0].name, entries.get(output_name))
+    elif not outputs and given_hash is not None and given[0].is_dir():
+        target = Path(output) if output is not None else folder
+        candidates = [target] if target.is_file() else sorted(
+            (p for p in target.iterdir() if p.is_file() and not p.name.startswith(".")),
+            key=lambda p: p.stat().st_size, reverse=True)
+        whole = given_hash
+    else:
         return None
     from .fileio import sha256_file
 
-    if sha256_file(final) != whole:
+    final = next((c for c in candidates if whole and c.is_file() and sha256_file(c) == whole), None)
+    if final is None or whole is None:
         return None
     if len(given) > 1:
         remaining = tuple(p for p in given if p.exists())
