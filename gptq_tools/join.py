@@ -261,8 +261,8 @@ def _finished_without_parts(parts: Sequence[str | os.PathLike[str]] | str | os.P
     final = next((c for c in candidates if whole and c.is_file() and sha256_file(c) == whole), None)
     if final is None or whole is None:
         return None
-    if len(given) > 1:
-        remaining = tuple(p for p in given if p.exists())
+    if len(given) > 1 or not folder.is_dir():
+        remaining = tuple(p for p in given if p.is_file())
     else:
         remaining = tuple(folder / name for name in sorted(os.listdir(folder))
                           if (parsed := parse_part_name(name)) is not None and parsed.output_name == output_name

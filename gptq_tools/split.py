@@ -30,6 +30,7 @@ from .fileio import (
     check_free_space,
     fsync_dir,
     raise_if_no_space,
+    raise_if_not_writable,
     remove_stale_temp_dirs,
     remove_stale_temps,
     replace,
@@ -105,10 +106,10 @@ def split_file(path: str | os.PathLike[str], *, max_size: int | str,
     if size <= limit:
         raise UsageError(f"{source}: {size} bytes already fits in one part of --max-size {limit}; nothing to split")
     folder = Path(output_dir) if output_dir else source.parent
-    folder.mkdir(parents=True, exist_ok=True)
     count = math.ceil(size / limit)
     finals = [folder / name for name in part_names(source.name, count)]
     manifest = folder / MANIFEST_NAME
+    _make_folder(folder, finals[0])
     segments = [Segment(source, i * limit, min(limit, size - i * limit)) for i in range(count)]
     if not force and any(final.exists() for final in finals):
         done = _finished_split(source, segments, finals, manifest, progress)
@@ -134,6 +135,15 @@ def split_file(path: str | os.PathLike[str], *, max_size: int | str,
                            manifest)
     logger.info("%s: split into %d parts; SHA256 %s written to %s", source, count, whole.hexdigest(), manifest)
     return SplitResult(tuple(finals), whole.hexdigest(), digests, manifest)
+
+
+def _make_folder(folder: Path, target: Path) -> None:
+    """Create the output folder; a read-only or forbidden place is one error naming ``target``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise_if_not_writable(exc, target)
+        raise
 
 
 def _input_size(source: Path) -> int:
@@ -252,7 +262,7 @@ def reshard_file(path: str | os.PathLike[str], output_dir: str | os.PathLike[str
     _input_size(source)
     header = read_header(source)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _make_folder(out, out / INDEX_NAME)
     remove_stale_temp_dirs(out, "reshard")
     ordered = sorted(header.tensors.values(), key=lambda e: e.begin)
     plan = plan_shards([(e.name, e.nbytes) for e in ordered], limit)
@@ -277,7 +287,11 @@ def reshard_file(path: str | os.PathLike[str], output_dir: str | os.PathLike[str
                 logger.info("%s: already resharded into %d file(s) in %s and verified", source, len(names), out)
                 return dataclasses.replace(result, already_done=True)
     check_free_space(out, header.file_size, what=f"resharding {source.name}")
-    work = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}reshard.{os.getpid()}.", dir=out))
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}reshard.{os.getpid()}.", dir=out))
+    except OSError as exc:
+        raise_if_not_writable(exc, result.index)
+        raise
     try:
         digests = _write_shards(work, names, prefixes, segments, progress)
         _verify_shards(work, names, digests, plan)

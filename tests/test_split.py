@@ -254,3 +254,27 @@ def test_published_files_honour_the_umask(tmp_path: Path, umask: int, mode: int)
         os.umask(previous)
     published = [*split.parts, split.manifest, *reshard.shards, reshard.index, reshard.manifest]
     assert {p.name: p.stat().st_mode & 0o777 for p in published} == {p.name: mode for p in published}
+
+
+@pytest.mark.parametrize("command", ["split", "reshard"])
+def test_read_only_destination_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str], command: str) -> None:
+    import tempfile
+
+    from gptq_tools.cli import main as cli_main
+
+    source = random_model_file(tmp_path / "model.safetensors")
+    (tmp_path / "ro").mkdir()
+
+    def read_only(*args: object, **kwargs: object) -> object:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    extra = ["--max-size", "16KiB"] if command == "split" else ["--max-shard-size", "20KB"]
+    assert cli_main([command, str(source), "-o", str(tmp_path / "ro"), *extra]) == 1
+    err = capsys.readouterr().err
+    named = "SHA256SUMS" if command == "split" else "model.safetensors.index.json"
+    assert err == (f"gptq-tools: error: {tmp_path / 'ro' / named}: cannot write the output here (the filesystem is "
+                   f"read-only); choose another output folder or make {tmp_path / 'ro'} writable\n")
+    assert list((tmp_path / "ro").iterdir()) == []
