@@ -124,8 +124,11 @@ def join_parts(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
         expected_sha256: the published SHA256 of the joined file.
         manifest: a sha256sum-format manifest naming the joined file (and possibly each part).
             Without either, a ``SHA256SUMS`` beside the parts is used when present.
-        force: overwrite an existing output.
-        delete_parts: delete the parts once the output is verified (needs an expected hash).
+        force: overwrite an existing output (never a part, nor the manifest the join is checked against).
+            Without it, an existing output that already matches the expected hash is a finished job: the
+            result says ``already_done`` and nothing is rewritten.
+        delete_parts: delete the parts once the output is verified (needs an expected hash); a rerun after
+            a run killed mid-deletion finishes it when the joined file's own hash is known.
         method: ``auto`` (reflink where the filesystem allows it, else ``copy_file_range``, which the
             benchmark found fastest, falling back to ``readwrite`` where the kernel refuses it),
             ``reflink``, ``copy_file_range`` or ``readwrite``.
@@ -135,9 +138,11 @@ def join_parts(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
         A :class:`JoinResult`; ``verified`` is False when no expected hash was known.
 
     Raises:
-        PartSetError, LfsPointerError: the parts are incomplete, out of order, stray, or pointers.
-        ChecksumMismatchError: the joined bytes do not match (the output is not kept).
-        OutputExistsError, InsufficientSpaceError, UsageError.
+        PartSetError, LfsPointerError: the parts are incomplete, out of order, stray, pointers, or one
+            changed size while being joined.
+        ChecksumMismatchError: the bytes written to the output do not match (the output is not kept).
+        UsageError: the output would replace a part or the manifest, or the options conflict.
+        OutputExistsError, OutputNotWritableError, InsufficientSpaceError.
     """
     if method not in JOIN_METHODS:
         raise UsageError(f"unknown join method {method!r}; use one of {', '.join(JOIN_METHODS)}")
