@@ -23,7 +23,15 @@ from pathlib import Path
 
 from .constants import COPY_FILE_RANGE_MAX
 from .errors import ChecksumMismatchError, GptqToolsError, PartSetError, UsageError
-from .fileio import atomic_path, check_free_space, check_output_free, raise_if_no_space, unlink
+from .fileio import (
+    advise_sequential,
+    atomic_path,
+    check_free_space,
+    check_output_free,
+    prefetch_range,
+    raise_if_no_space,
+    unlink,
+)
 from .manifest import is_sha256, parse_manifest
 from .parts import PartSet, check_safetensors_parts, find_part_set, parse_part_name, part_set_from_paths
 from .pipeline import CallbackConsumer, Consumer, PwriteConsumer, Segment, SegmentHasher, WholeHasher, run_pipeline
@@ -354,6 +362,7 @@ class _RangeCopier:
         try:
             for part in part_set.parts:
                 self.sources.append(os.open(part, os.O_RDONLY))
+                advise_sequential(self.sources[-1])
         except OSError:
             self.close()
             raise
@@ -361,6 +370,7 @@ class _RangeCopier:
 
     def copy(self, segment_index: int, position: int, length: int) -> None:
         source, dst = self.sources[segment_index], self.starts[segment_index] + position
+        prefetch_range(source, position + length, 2 * length)  # keep the disk busy while this chunk copies
         done = 0
         try:
             while done < length and self.in_kernel:
