@@ -17,11 +17,12 @@ import errno
 import fcntl
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .constants import COPY_FILE_RANGE_MAX
+from .constants import COPY_FILE_RANGE_MAX, IO_CHUNK_BYTES
 from .errors import ChecksumMismatchError, GptqToolsError, PartSetError, UsageError
 from .fileio import (
     advise_sequential,
@@ -315,7 +316,7 @@ def _write_and_hash(part_set: PartSet, temp: Path, final: Path, method: str,
         try:
             with byte_bar(total, f"join {part_set.output_name}", enabled=progress) as bar:
                 consumers.append(CallbackConsumer(bar.update))
-                run_pipeline(segments, consumers, before_read=copier.copy if copier else None)
+                run_pipeline(segments, consumers, before_read=copier.wait_for if copier else None)
         finally:
             if copier is not None:
                 copier.close()
@@ -350,14 +351,17 @@ def _preallocate(fd: int, total: int, final: Path) -> None:
 
 
 class _RangeCopier:
-    """Copies a chunk of a part into the output inside the kernel (``copy_file_range``: page cache to page
-    cache, no copy through this process) right before the pipeline reads that chunk back from the output
-    for hashing. Where the kernel or filesystem refuses it (cross-device on old kernels, FUSE, ...), the
-    chunk is copied with ``pread``/``pwrite`` instead, and so are all later ones."""
+    """Copies the parts into the output inside the kernel (``copy_file_range``: page cache to page cache,
+    no copy through this process) on a thread of its own, a few chunks ahead of the pipeline, which reads
+    each chunk back from the output for hashing only once it has been copied (:meth:`wait_for`). Where
+    the kernel or filesystem refuses it (cross-device on old kernels, FUSE, ...), the chunk is copied with
+    ``pread``/``pwrite`` instead, and so are all later ones."""
 
-    def __init__(self, fd: int, part_set: PartSet, target: Path) -> None:
+    def __init__(self, fd: int, part_set: PartSet, target: Path, *, chunk_bytes: int = IO_CHUNK_BYTES,
+                 ahead: int = 4) -> None:
         self.fd, self.target, self.parts = fd, target, part_set.parts
-        self.starts = _offsets(part_set)
+        self.starts, self.sizes = _offsets(part_set), part_set.sizes
+        self.chunk_bytes, self.ahead = chunk_bytes, ahead
         self.sources: list[int] = []
         try:
             for part in part_set.parts:
@@ -367,6 +371,42 @@ class _RangeCopier:
             self.close()
             raise
         self.in_kernel = True
+        self.copied = self.hashed = 0  # output offsets: copied so far, handed to the hashers so far
+        self.error: BaseException | None = None
+        self.stopping = False
+        self.condition = threading.Condition()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="join-copy")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for index, size in enumerate(self.sizes):
+                for position in range(0, size, self.chunk_bytes):
+                    with self.condition:
+                        while not self.stopping and self.copied - self.hashed >= self.ahead * self.chunk_bytes:
+                            self.condition.wait()
+                        if self.stopping:
+                            return
+                    length = min(self.chunk_bytes, size - position)
+                    self.copy(index, position, length)
+                    with self.condition:
+                        self.copied = self.starts[index] + position + length
+                        self.condition.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - raised in the pipeline's reader by wait_for
+            with self.condition:
+                self.error = exc
+                self.condition.notify_all()
+
+    def wait_for(self, segment_index: int, position: int, length: int) -> None:
+        """Block until ``length`` bytes at ``position`` of part ``segment_index`` are in the output."""
+        start = self.starts[segment_index] + position
+        with self.condition:
+            self.hashed = start
+            self.condition.notify_all()
+            while self.copied < start + length and self.error is None:
+                self.condition.wait()
+            if self.error is not None:
+                raise self.error
 
     def copy(self, segment_index: int, position: int, length: int) -> None:
         source, dst = self.sources[segment_index], self.starts[segment_index] + position
@@ -403,6 +443,11 @@ class _RangeCopier:
                            f"changed while being joined. Let whatever writes it finish, then join again")
 
     def close(self) -> None:
+        if hasattr(self, "thread"):
+            with self.condition:
+                self.stopping = True
+                self.condition.notify_all()
+            self.thread.join()
         for fd in self.sources:
             os.close(fd)
         self.sources = []
