@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench bench-join bench-download bench-load bench-quant venv-gptqmodel lint clean
+.PHONY: install test test-slow demo bench bench-join bench-download bench-load bench-quant venv-gptqmodel lint clean
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The tests too slow for CI (e.g. quantize killed after each of its publish steps), and only those.
+test-slow: $(STAMP)
+	GPTQ_TOOLS_RUN_SLOW=1 $(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

@@ -37,6 +37,14 @@ class OutputExistsError(GptqToolsError, FileExistsError):
     """The output file or folder already exists and ``force`` was not given."""
 
 
+class OutputNotWritableError(GptqToolsError, PermissionError):
+    """The output's folder is read-only or not writable."""
+
+
+class InputNotFoundError(GptqToolsError, FileNotFoundError):
+    """An input file named on the command line does not exist."""
+
+
 class InsufficientSpaceError(GptqToolsError, OSError):
     """Not enough free disk space (or the disk filled up while writing)."""
 

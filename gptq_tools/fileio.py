@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .constants import IO_CHUNK_BYTES, kill_at_step, step_log_path
-from .errors import InsufficientSpaceError, OutputExistsError
+from .errors import InsufficientSpaceError, OutputExistsError, OutputNotWritableError
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +92,57 @@ def temp_path_for(final: Path) -> Path:
     """A fresh, unique temporary path next to ``final`` (same filesystem, so the rename is atomic).
 
     The name carries our PID so that a later run can recognise and remove the leftovers of a run that
-    was killed (see :func:`remove_stale_temps`).
+    was killed (see :func:`remove_stale_temps`). The file gets the mode a plain ``open()`` would give
+    it (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``: it is published as it is.
+
+    Raises:
+        OutputNotWritableError: the folder is read-only or not writable (the message names ``final``).
     """
-    handle, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{final.name}.{os.getpid()}.", dir=final.parent)
-    os.close(handle)
+    try:
+        handle, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{final.name}.{os.getpid()}.", dir=final.parent)
+    except OSError as exc:
+        raise_if_not_writable(exc, final)
+        raise
+    try:
+        os.fchmod(handle, 0o666 & ~current_umask())
+    finally:
+        os.close(handle)
     return Path(name)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (``/proc/self/status``)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def raise_if_not_writable(exc: OSError, target: Path) -> None:
+    """Turn EACCES/EPERM/EROFS on ``target``'s folder into :class:`OutputNotWritableError` naming ``target``."""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = "the filesystem is read-only" if exc.errno == errno.EROFS else "permission denied"
+        raise OutputNotWritableError(
+            f"{target}: cannot write the output here ({reason}); choose another output folder or make "
+            f"{target.parent} writable") from exc
+
+
+def remove_stale_temp_dirs(folder: Path, tag: str) -> list[Path]:
+    """Delete work folders ``TEMP_PREFIX + tag + ".<pid>.*"`` in ``folder`` left by processes that no longer run."""
+    removed: list[Path] = []
+    prefix = f"{TEMP_PREFIX}{tag}."
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        pid_text = entry.name[len(prefix):].split(".", 1)[0] if entry.name.startswith(prefix) else ""
+        if pid_text.isdigit() and not _process_alive(int(pid_text)) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+            logger.info("removed %s, left by an interrupted run (pid %s)", entry, pid_text)
+    return removed
 
 
 def remove_stale_temps(final: Path) -> list[Path]:
@@ -149,21 +195,32 @@ def check_free_space(folder: Path, needed: int, *, what: str) -> None:
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
     """A fresh temporary path beside ``final`` that is renamed to ``final`` when the ``with`` block ends
-    without error, and removed otherwise. The caller writes (and fsyncs) the temporary file.
+    without error, and removed otherwise. The caller writes (and fsyncs) the temporary file. The
+    published file gets the mode a plain ``open()`` gives (``0o666`` less the umask: 0644 under 022).
 
     Raises:
         OutputExistsError: ``final`` exists (before or after the block) and ``force`` is False.
+        OutputNotWritableError: the destination folder is read-only or not writable.
     """
     final = Path(final)
     check_output_free(final, force=force)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise_if_not_writable(exc, final)
+        raise
     remove_stale_temps(final)
     temp = temp_path_for(final)
     try:
         yield temp
         if final.exists() and not force:  # appeared while we were writing
             raise OutputExistsError(f"{final}: output appeared while writing; pass --force to overwrite it")
-        replace(temp, final)
+        try:
+            os.chmod(temp, 0o666 & ~current_umask())  # the writer may have recreated it (safetensors does)
+            replace(temp, final)
+        except OSError as exc:
+            raise_if_not_writable(exc, final)
+            raise
         fsync_dir(final.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):

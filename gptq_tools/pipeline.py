@@ -101,8 +101,12 @@ _DONE = object()
 
 
 def run_pipeline(segments: Sequence[Segment], consumers: Sequence[Consumer], *,
-                 chunk_bytes: int = IO_CHUNK_BYTES, buffers: int = 4) -> None:
+                 chunk_bytes: int = IO_CHUNK_BYTES, buffers: int = 4,
+                 before_read: Callable[[int, int, int], None] | None = None) -> None:
     """Read ``segments`` once, in order, feeding every chunk to every consumer.
+
+    ``before_read(segment_index, position, length)``, when given, runs on the reader thread right before
+    each chunk is read (join uses it to copy a chunk into the output and then hash what landed there).
 
     Raises:
         PartSetError: a segment's file ended before ``length`` bytes (it shrank while being read).
@@ -150,7 +154,7 @@ def run_pipeline(segments: Sequence[Segment], consumers: Sequence[Consumer], *,
     for thread in threads:
         thread.start()
     try:
-        _read_segments(segments, storage, pool, pending, lock, queues, failed, chunk_bytes)
+        _read_segments(segments, storage, pool, pending, lock, queues, failed, chunk_bytes, before_read)
     except BaseException as exc:  # noqa: BLE001 - re-raised below after the consumers stop
         errors.insert(0, exc)
         failed.set()
@@ -165,7 +169,8 @@ def run_pipeline(segments: Sequence[Segment], consumers: Sequence[Consumer], *,
 
 def _read_segments(segments: Sequence[Segment], storage: list[bytearray], pool: queue.Queue[int],
                    pending: list[int], lock: threading.Lock, queues: list[queue.Queue[object]],
-                   failed: threading.Event, chunk_bytes: int) -> None:
+                   failed: threading.Event, chunk_bytes: int,
+                   before_read: Callable[[int, int, int], None] | None = None) -> None:
     for segment_index, segment in enumerate(segments):
         with open(segment.path, "rb", buffering=0) as handle:
             if segment.offset:
@@ -178,6 +183,12 @@ def _read_segments(segments: Sequence[Segment], storage: list[bytearray], pool: 
                 buffer_index = pool.get()
                 prefetch_range(handle.fileno(), segment.offset + position + chunk_bytes, 2 * chunk_bytes)
                 want = min(chunk_bytes, segment.length - position)
+                if before_read is not None:
+                    try:
+                        before_read(segment_index, position, want)
+                    except BaseException:
+                        pool.put(buffer_index)
+                        raise
                 got = _read_full(handle, memoryview(storage[buffer_index])[:want])
                 if got < want:
                     pool.put(buffer_index)

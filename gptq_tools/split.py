@@ -9,29 +9,35 @@ plus ``model.safetensors.index.json`` (what transformers and vLLM load), verifie
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import stat
 import string
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ChecksumMismatchError, OutputExistsError, UsageError
+from .errors import ChecksumMismatchError, InputNotFoundError, OutputExistsError, UsageError
 from .fileio import (
     TEMP_PREFIX,
     atomic_path,
     check_free_space,
     fsync_dir,
     raise_if_no_space,
+    raise_if_not_writable,
+    remove_stale_temp_dirs,
+    remove_stale_temps,
+    replace,
+    rmtree,
     sha256_file,
-    write_bytes_atomic,
 )
-from .manifest import write_manifest
+from .manifest import format_manifest_line, parse_manifest, write_manifest
 from .pipeline import CallbackConsumer, Consumer, PwriteConsumer, Segment, SegmentHasher, WholeHasher, run_pipeline
 from .progress import byte_bar
 from .safetensors_format import build_header, read_header
@@ -49,6 +55,7 @@ class SplitResult:
     sha256: str
     part_sha256: dict[str, str]
     manifest: Path
+    already_done: bool = False  # every part was already there with the right bytes (a rerun)
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class ReshardResult:
     index: Path
     manifest: Path
     total_size: int
+    already_done: bool = False  # every shard and the index were already there with the right bytes
 
 
 def part_names(filename: str, count: int) -> list[str]:
@@ -81,28 +89,36 @@ def split_file(path: str | os.PathLike[str], *, max_size: int | str,
                force: bool = False, progress: bool | None = None) -> SplitResult:
     """Split ``path`` into parts of at most ``max_size`` bytes plus a ``SHA256SUMS`` manifest.
 
+    The parts and the manifest are all written as temporaries first and renamed into place at the end,
+    the manifest last. A part that already exists with exactly the bytes it would get is no conflict
+    (it is what an interrupted run published): a rerun finishes the job, or says it is done.
+
     Raises:
-        UsageError: the file already fits in one part; OutputExistsError: a part exists (without ``force``);
-        InsufficientSpaceError: not enough free space for the parts.
+        InputNotFoundError: ``path`` does not exist; UsageError: it is not a regular file, or already
+        fits in one part; OutputExistsError: a part exists with other content (without ``force``);
+        InsufficientSpaceError: not enough free space for the parts, or the disk filled up.
     """
     source = Path(path)
     limit = parse_size(max_size, what="--max-size")
-    size = source.stat().st_size
+    size = _input_size(source)
     if limit <= 0:
         raise UsageError("--max-size must be positive")
     if size <= limit:
         raise UsageError(f"{source}: {size} bytes already fits in one part of --max-size {limit}; nothing to split")
     folder = Path(output_dir) if output_dir else source.parent
-    folder.mkdir(parents=True, exist_ok=True)
     count = math.ceil(size / limit)
     finals = [folder / name for name in part_names(source.name, count)]
-    for final in finals:
-        if final.exists() and not force:
-            raise OutputExistsError(f"{final}: part already exists; pass --force to overwrite it")
-    check_free_space(folder, size, what=f"splitting {source.name}")
+    manifest = folder / MANIFEST_NAME
+    _make_folder(folder, finals[0])
     segments = [Segment(source, i * limit, min(limit, size - i * limit)) for i in range(count)]
-    with contextlib.ExitStack() as stack:  # every part is renamed into place only if all were written
-        temps = [stack.enter_context(atomic_path(final, force=force)) for final in finals]
+    if not force and any(final.exists() for final in finals):
+        done = _finished_split(source, segments, finals, manifest, progress)
+        if done is not None:
+            return done
+    check_free_space(folder, size, what=f"splitting {source.name}")
+    with contextlib.ExitStack() as stack:  # renamed into place only if all were written; the manifest last
+        manifest_temp = stack.enter_context(atomic_path(manifest, force=True))
+        temps = [stack.enter_context(atomic_path(final, force=True)) for final in finals]
         fds = [os.open(t, os.O_WRONLY) for t in temps]
         try:
             whole, per_part = WholeHasher(), SegmentHasher(count)
@@ -114,11 +130,76 @@ def split_file(path: str | os.PathLike[str], *, max_size: int | str,
         finally:
             for fd in fds:
                 os.close(fd)
-    digests = dict(zip((f.name for f in finals), per_part.hexdigests()))
-    manifest = folder / MANIFEST_NAME
-    write_manifest(manifest, {source.name: whole.hexdigest(), **digests})
+        digests = dict(zip((f.name for f in finals), per_part.hexdigests()))
+        write_file_durably(manifest_temp, manifest_bytes(manifest, {source.name: whole.hexdigest(), **digests}),
+                           manifest)
     logger.info("%s: split into %d parts; SHA256 %s written to %s", source, count, whole.hexdigest(), manifest)
     return SplitResult(tuple(finals), whole.hexdigest(), digests, manifest)
+
+
+def _make_folder(folder: Path, target: Path) -> None:
+    """Create the output folder; a read-only or forbidden place is one error naming ``target``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise_if_not_writable(exc, target)
+        raise
+
+
+def _input_size(source: Path) -> int:
+    """The size of the input file ``source``, refusing a missing file or something that is not a file."""
+    try:
+        info = source.stat()
+    except FileNotFoundError:
+        raise InputNotFoundError(f"{source}: no such file; check the path") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"{source}: not a regular file; give the safetensors (or other) file itself")
+    return info.st_size
+
+
+def _finished_split(source: Path, segments: list[Segment], finals: list[Path], manifest: Path,
+                    progress: bool | None) -> SplitResult | None:
+    """Compare existing parts with what they would hold: a part with other bytes is refused; when every
+    part is already there and right (a rerun, or a run killed before its manifest), make sure the manifest
+    lists them and return the result; else None (the split must be written)."""
+    whole, per_part = WholeHasher(), SegmentHasher(len(segments))
+    with byte_bar(sum(s.length for s in segments), f"check {source.name}", enabled=progress) as bar:
+        run_pipeline(segments, [whole, per_part, CallbackConsumer(bar.update)])
+    digests = dict(zip((f.name for f in finals), per_part.hexdigests()))
+    for final, segment in zip(finals, segments):
+        if final.exists() and (final.stat().st_size != segment.length or sha256_file(final) != digests[final.name]):
+            raise OutputExistsError(f"{final}: part already exists with other content; pass --force to overwrite "
+                                    f"it or choose another folder (-o)")
+    if not all(final.exists() for final in finals):
+        return None
+    for final in finals:
+        remove_stale_temps(final)
+    entries = {source.name: whole.hexdigest(), **digests}
+    listed = parse_manifest(manifest) if manifest.is_file() else {}
+    if any(listed.get(name) != digest for name, digest in entries.items()):
+        write_manifest(manifest, entries)
+    logger.info("%s: already split and verified (%d parts, SHA256 %s, %s)", source, len(finals), whole.hexdigest(),
+                manifest)
+    return SplitResult(tuple(finals), whole.hexdigest(), digests, manifest, already_done=True)
+
+
+def manifest_bytes(manifest: Path, entries: dict[str, str]) -> bytes:
+    """The text of ``manifest`` with ``entries`` added (entries already in it are kept unless replaced)."""
+    combined = parse_manifest(manifest) if manifest.is_file() else {}
+    combined.update(entries)
+    return "".join(format_manifest_line(name, digest) + "\n" for name, digest in combined.items()).encode("utf-8")
+
+
+def write_file_durably(temp: Path, data: bytes, final: Path) -> None:
+    """Write and fsync ``data`` into ``temp`` (about to become ``final``); a full disk names ``final``."""
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise_if_no_space(exc, final)
+        raise
 
 
 def _fsync(fd: int, target: Path) -> None:
@@ -165,53 +246,119 @@ def reshard_file(path: str | os.PathLike[str], output_dir: str | os.PathLike[str
 
     Each shard is a valid safetensors file (same dtypes, shapes, bytes and ``__metadata__``); after
     writing, every shard is read back and its SHA256 compared with the hash of the bytes taken from
-    the source. Everything is built in a temporary folder and moved into place at the end, the index last.
+    the source. Everything (shards, index, ``SHA256SUMS``) is built in a temporary folder and moved into
+    place at the end, the index last, so even with ``force`` a source that is one of the outputs is read
+    completely before it is replaced. A shard or index that already exists with exactly the bytes it
+    would get is no conflict (a rerun finishes the job, or says it is done).
 
     Raises:
-        OutputExistsError: the output folder holds an index or shards (without ``force``).
+        InputNotFoundError: ``path`` does not exist.
+        OutputExistsError: a shard or the index exists with other content, or is the source (without ``force``).
         ChecksumMismatchError: a shard read back differs from what the source holds.
+        InsufficientSpaceError: not enough free space, or the disk filled up (nothing is published then).
     """
     source = Path(path)
     limit = parse_size(max_shard_size, what="--max-shard-size")
+    _input_size(source)
     header = read_header(source)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / INDEX_NAME).exists() and not force:
-        raise OutputExistsError(f"{out / INDEX_NAME}: already exists; pass --force to overwrite the shards")
-    check_free_space(out, header.file_size, what=f"resharding {source.name}")
+    _make_folder(out, out / INDEX_NAME)
+    remove_stale_temp_dirs(out, "reshard")
     ordered = sorted(header.tensors.values(), key=lambda e: e.begin)
     plan = plan_shards([(e.name, e.nbytes) for e in ordered], limit)
     names = shard_names(len(plan))
     metadata = {"format": "pt", **header.metadata}
-    work = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}reshard.{os.getpid()}.", dir=out))
+    prefixes, segments = [], []
+    for tensor_names in plan:
+        entries = [header.tensors[n] for n in tensor_names]
+        blob, _ = build_header([(e.name, e.dtype, e.shape) for e in entries], metadata)
+        prefixes.append(blob)
+        begin = entries[0].begin if entries else header.data_start
+        segments.append(Segment(source, begin, sum(e.nbytes for e in entries)))
+    weight_map = {tensor: name for name, tensors in zip(names, plan) for tensor in tensors}
+    index = {"metadata": {"total_size": sum(s.length for s in segments)}, "weight_map": weight_map}
+    index_bytes = (json.dumps(index, indent=2) + "\n").encode()
+    result = ReshardResult(tuple(out / n for n in names), out / INDEX_NAME, out / MANIFEST_NAME, header.file_size)
+    if not force:
+        _check_not_the_source(source, [*result.shards, result.index])
+        if any(target.exists() for target in [*result.shards, result.index]):
+            digests = _planned_digests(prefixes, segments, progress)
+            if _finished_reshard(result, digests, index_bytes):
+                logger.info("%s: already resharded into %d file(s) in %s and verified", source, len(names), out)
+                return dataclasses.replace(result, already_done=True)
+    check_free_space(out, header.file_size, what=f"resharding {source.name}")
     try:
-        prefixes, segments = [], []
-        for tensor_names in plan:
-            entries = [header.tensors[n] for n in tensor_names]
-            blob, _ = build_header([(e.name, e.dtype, e.shape) for e in entries], metadata)
-            prefixes.append(blob)
-            begin = entries[0].begin if entries else header.data_start
-            segments.append(Segment(source, begin, sum(e.nbytes for e in entries)))
+        work = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}reshard.{os.getpid()}.", dir=out))
+    except OSError as exc:
+        raise_if_not_writable(exc, result.index)
+        raise
+    try:
         digests = _write_shards(work, names, prefixes, segments, progress)
         _verify_shards(work, names, digests, plan)
-        weight_map = {tensor: name for name, tensors in zip(names, plan) for tensor in tensors}
-        index = {"metadata": {"total_size": sum(s.length for s in segments)}, "weight_map": weight_map}
+        write_file_durably(work / INDEX_NAME, index_bytes, result.index)
+        write_file_durably(work / MANIFEST_NAME, manifest_bytes(result.manifest, dict(zip(names, digests))),
+                           result.manifest)
         for name in names:
-            os.replace(work / name, out / name)
-        write_bytes_atomic(out / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+            replace(work / name, out / name)
+        replace(work / MANIFEST_NAME, result.manifest)
+        replace(work / INDEX_NAME, result.index)
         fsync_dir(out)
+        rmtree(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    manifest = out / MANIFEST_NAME
-    write_manifest(manifest, dict(zip(names, digests)))
     logger.info("%s: resharded into %d file(s) in %s, verified against the source", source, len(names), out)
-    return ReshardResult(tuple(out / n for n in names), out / INDEX_NAME, manifest, header.file_size)
+    return result
+
+
+def _check_not_the_source(source: Path, targets: list[Path]) -> None:
+    for target in targets:
+        if target.exists() and os.path.samefile(target, source):
+            raise OutputExistsError(f"{target}: is the source being resharded; choose another folder (-o), or "
+                                    f"pass --force to replace it (the source is read completely first)")
+
+
+def _planned_digests(prefixes: list[bytes], segments: list[Segment], progress: bool | None) -> list[str]:
+    """SHA256 of each shard as it would be written (header bytes, then its tensor bytes from the source)."""
+    hasher = _PrefixedHasher(prefixes)
+    with byte_bar(sum(s.length for s in segments), "check shards", enabled=progress) as bar:
+        run_pipeline(segments, [hasher, CallbackConsumer(bar.update)])
+    return [d.hexdigest() for d in hasher.digests]
+
+
+def _finished_reshard(result: ReshardResult, digests: list[str], index_bytes: bytes) -> bool:
+    """Whether every shard and the index already hold the right bytes (then ``SHA256SUMS`` is brought up
+    to date). An existing one with other bytes is refused; a missing one means the job is not done.
+
+    Raises:
+        OutputExistsError: a shard or the index exists with other content.
+    """
+    complete = True
+    for shard, digest in zip(result.shards, digests):
+        if not shard.exists():
+            complete = False
+        elif sha256_file(shard) != digest:
+            raise OutputExistsError(f"{shard}: already exists with other content; pass --force to overwrite it or "
+                                    f"choose another folder (-o)")
+    if not result.index.exists():
+        return False
+    if result.index.read_bytes() != index_bytes:
+        raise OutputExistsError(f"{result.index}: already exists with other content; pass --force to overwrite it "
+                                f"or choose another folder (-o)")
+    if not complete:
+        return False
+    for shard in result.shards:
+        remove_stale_temps(shard)
+    entries = {shard.name: digest for shard, digest in zip(result.shards, digests)}
+    listed = parse_manifest(result.manifest) if result.manifest.is_file() else {}
+    if any(listed.get(name) != digest for name, digest in entries.items()):
+        write_manifest(result.manifest, entries)
+    return True
 
 
 def _write_shards(work: Path, names: list[str], prefixes: list[bytes], segments: list[Segment],
                   progress: bool | None) -> list[str]:
     targets = [work / name for name in names]
-    fds = [os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644) for t in targets]
+    fds = [os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666) for t in targets]  # the umask applies
     try:
         for fd, prefix, target in zip(fds, prefixes, targets):
             try:

@@ -336,3 +336,145 @@ def test_reflink_join_shares_blocks_on_xfs(xfs_mount: Path) -> None:
     assert result.method == "reflink" and result.verified
     assert sha256(result.output) == expected
     assert _shutil.disk_usage(xfs_mount).used - used_before < 4 * 1024 * 1024, "reflink must not copy the data"
+
+
+@pytest.mark.parametrize("method", ["copy_file_range", "readwrite"])
+def test_part_changing_during_the_join_is_never_called_verified(model_parts: tuple[Path, list[Path]],
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 method: str) -> None:
+    """A part rewritten while the join runs (a download still finishing, a sync tool): the byte that
+    lands in the output is the changed one, so the output must not be published as verified."""
+    source, parts = model_parts
+    expected = sha256(source)
+    name = "copy_file_range" if method == "copy_file_range" else "pwrite"
+    real = getattr(os, name)
+    changed = {"done": False}
+
+    def change_then_move(*args: object) -> int:
+        if not changed["done"]:  # before the first byte moves, after the join has opened and sized the parts
+            changed["done"] = True
+            with open(parts[0], "r+b") as handle:
+                handle.seek(100)
+                byte = handle.read(1)
+                handle.seek(100)
+                handle.write(bytes([byte[0] ^ 0xFF]))
+        return real(*args)
+
+    monkeypatch.setattr(os, name, change_then_move)
+    try:
+        result = join_parts(parts, expected_sha256=expected, method=method)
+    except ChecksumMismatchError as exc:
+        assert "SHA256 mismatch" in str(exc)
+        assert_no_output(parts[0].parent)
+    else:  # readwrite may have read the chunk before the change: then what it wrote is the original
+        assert method == "readwrite" and result.verified and sha256(result.output) == expected
+    assert changed["done"]
+    if method == "copy_file_range":
+        assert not (parts[0].parent / "model.safetensors").exists()
+
+
+def test_copy_file_range_result_is_hashed_from_the_output(model_parts: tuple[Path, list[Path]],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the in-kernel copy put in the output is what is hashed: a copy that lands a wrong byte
+    is caught although every part is intact."""
+    source, parts = model_parts
+    real = os.copy_file_range
+
+    def corrupting_copy(src: int, dst: int, count: int, offset_src: int, offset_dst: int) -> int:
+        copied = real(src, dst, count, offset_src, offset_dst)
+        os.pwrite(dst, b"\x00", offset_dst)
+        return copied
+
+    monkeypatch.setattr(os, "copy_file_range", corrupting_copy)
+    with pytest.raises(ChecksumMismatchError, match="model.safetensors: SHA256 mismatch"):
+        join_parts(parts, expected_sha256=sha256(source), method="copy_file_range")
+    assert_no_output(parts[0].parent)
+
+
+@pytest.mark.parametrize("how", ["default SHA256SUMS", "--manifest"])
+def test_output_may_not_replace_the_manifest_even_with_force(model_parts: tuple[Path, list[Path]], how: str) -> None:
+    source, parts = model_parts
+    manifest = parts[0].parent / ("SHA256SUMS" if how == "default SHA256SUMS" else "sums.txt")
+    manifest.write_text(f"{sha256(source)}  model.safetensors\n")
+    before = manifest.read_bytes()
+    with pytest.raises(UsageError, match=f"{manifest.name}: the output would overwrite the manifest the join is "
+                                         f"verified against; choose another output name"):
+        join_parts(parts, manifest, manifest=manifest if how == "--manifest" else None, force=True)
+    assert manifest.read_bytes() == before
+    result = run_cli("join", str(parts[0].parent), "-o", str(manifest), "--force",
+                     *(["--manifest", str(manifest)] if how == "--manifest" else []))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "the output would overwrite the manifest" in result.stderr and manifest.read_bytes() == before
+
+
+def test_read_only_destination_names_the_output(model_parts: tuple[Path, list[Path]],
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import tempfile
+
+    from gptq_tools.cli import main as cli_main
+
+    source, parts = model_parts
+    target = parts[0].parent.parent / "ro" / "model.safetensors"
+    target.parent.mkdir()
+
+    def read_only(*args: object, **kwargs: object) -> object:
+        raise OSError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    code = cli_main(["join", *map(str, parts), "-o", str(target), "--sha256", sha256(source)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert err == (f"gptq-tools: error: {target}: cannot write the output here (the filesystem is read-only); "
+                   f"choose another output folder or make {target.parent} writable\n")
+    assert list(target.parent.iterdir()) == []
+
+
+@pytest.fixture()
+def read_only_tmpfs(tmp_path: Path) -> Path:
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(mount_point)],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_real_read_only_filesystem(model_parts: tuple[Path, list[Path]], read_only_tmpfs: Path) -> None:
+    source, parts = model_parts
+    result = run_cli("join", *map(str, parts), "-o", str(read_only_tmpfs / "model.safetensors"),
+                     "--sha256", sha256(source))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"gptq-tools: error: {read_only_tmpfs / 'model.safetensors'}: cannot write the "
+                                    f"output here (the filesystem is read-only)")
+    assert ".gptq-tools-tmp-" not in result.stderr
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_joined_file_honours_the_umask(model_parts: tuple[Path, list[Path]], umask: int, mode: int) -> None:
+    source, parts = model_parts
+    previous = os.umask(umask)
+    try:
+        for method in ("copy_file_range", "readwrite"):
+            result = join_parts(parts, parts[0].parent / f"{method}.safetensors", expected_sha256=sha256(source),
+                                method=method)
+            assert result.output.stat().st_mode & 0o777 == mode
+    finally:
+        os.umask(previous)
+
+
+def test_rerun_after_delete_parts_deleted_some_parts(model_parts: tuple[Path, list[Path]]) -> None:
+    source, parts = model_parts
+    join_parts(parts, expected_sha256=sha256(source))
+    parts[0].unlink()  # what a --delete-parts run killed after its first deletion leaves
+    result = join_parts(parts[1].parent, expected_sha256=sha256(source), delete_parts=True)
+    assert result.already_done and result.verified and result.deleted_parts == tuple(parts[1:])
+    assert snapshot(parts[0].parent) == {"model.safetensors": sha256(source)}
+    # without a hash for the joined file, a part set with a gap is still an error
+    parts_again = split_bytes(source, parts[0].parent.parent / "again", (source.stat().st_size + 2) // 3)
+    join_parts(parts_again)
+    parts_again[0].unlink()
+    with pytest.raises(PartSetError, match="missing part"):
+        join_parts(parts_again[1].parent, delete_parts=True)

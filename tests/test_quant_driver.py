@@ -338,3 +338,75 @@ def test_project_loader_reads_our_checkpoint(tiny_models: dict[str, Path], tmp_p
         theirs = loaded(input_ids=ids).logits
         ours = load_for_eval(out)(input_ids=ids).logits
     assert torch.allclose(theirs.float(), ours, atol=1e-3, rtol=1e-3)
+
+
+def test_resume_after_a_kill_while_removing_the_work_folder(tiny_models: dict[str, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The run dies half-way through removing its work folder (state.json and a layer already gone):
+    --resume must finish and publish the checkpoint, not fail on the half-removed work folder."""
+    model = tiny_models["opt"]
+    kwargs = {"calibration": model / "train.txt", "config": QuantizeConfig(group_size=32), "nsamples": 2,
+              "seqlen": 16}
+    real_rmtree = driver_module.rmtree
+
+    def dies_half_way(path: Path) -> None:
+        if Path(path).name != driver_module.WORK_DIR:
+            real_rmtree(path)
+            return
+        (Path(path) / driver_module.STATE_NAME).unlink()
+        (Path(path) / "layer-00000.safetensors").unlink()
+        raise OSError(errno.EIO, "simulated kill while removing the work folder")
+
+    monkeypatch.setattr(driver_module, "rmtree", dies_half_way)
+    with pytest.raises(OSError, match="simulated kill"):
+        quantize_model(model, tmp_path / "out", **kwargs)
+    monkeypatch.undo()
+    staging = driver_module._staging_folder(tmp_path / "out")
+    assert (staging / driver_module.WORK_DIR / "layer-00001.safetensors").is_file()  # half removed
+    summary = quantize_model(model, tmp_path / "out", resume=True, **kwargs)
+    assert not staging.exists() and "SHA256SUMS" in summary.files
+    quantize_model(model, tmp_path / "straight", **kwargs)
+    assert (tmp_path / "out" / "SHA256SUMS").read_bytes() == (tmp_path / "straight" / "SHA256SUMS").read_bytes()
+    # a rerun of the finished job says so
+    argv = ["quantize", str(model), "-o", str(tmp_path / "out"), "--calibration", str(model / "train.txt"),
+            "--group-size", "32", "--nsamples", "2", "--seqlen", "16", "--resume"]
+    assert cli_main(argv) == 0
+    assert capsys.readouterr().out.startswith(f"already quantized: {tmp_path / 'out'} is complete")
+    (tmp_path / "out" / "config.json").write_text("{}")  # damaged: not a finished job any more
+    assert cli_main(argv) == 1
+    assert "output folder is not empty" in capsys.readouterr().err
+
+
+def test_staging_without_a_committed_layer_does_not_block_the_next_run(tiny_models: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    """A run that failed before committing any layer (bad calibration, no CUDA) left its staging folder:
+    the next, correct run starts without demanding --resume."""
+    model = tiny_models["opt"]
+    staging = driver_module._staging_folder(tmp_path / "out")
+    (staging / driver_module.WORK_DIR).mkdir(parents=True)
+    summary = quantize_model(model, tmp_path / "out", calibration=model / "train.txt", nsamples=2, seqlen=16,
+                             config=QuantizeConfig(group_size=32), method="rtn")
+    assert "SHA256SUMS" in summary.files and not staging.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("GPTQ_TOOLS_RUN_SLOW") != "1",
+                    reason="27 runs of the quantize CLI (about 2-12 min); `make test-slow` runs it")
+def test_quantize_survives_a_kill_at_each_step(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """Kill right after every publish step (layer files, next inputs, state.json, removal of the consumed
+    inputs, shards, index, configs, SHA256SUMS, work-folder removal, the final rename); --resume repairs it."""
+    from tests.helpers import kill_at_each_step, snapshot
+
+    model = tiny_models["opt"]
+    steps = kill_at_each_step(
+        lambda root: None,
+        lambda root: ["quantize", str(model), "-o", str(root / "out"), "--calibration", str(model / "train.txt"),
+                      "--group-size", "32", "--nsamples", "4", "--seqlen", "32", "--resume"],
+        lambda root: (snapshot(root / "out"), sorted(p.name for p in root.iterdir())), base=tmp_path)
+    kinds = [f"{s.split()[0]} {Path(s.split()[1]).name}" for s in steps]
+    assert kinds == ["replace layer-00000.safetensors", "replace inputs-00001.safetensors", "replace state.json",
+                     "replace layer-00001.safetensors", "replace state.json", "unlink inputs-00001.safetensors",
+                     "replace model-00001-of-00001.safetensors", "replace model.safetensors.index.json",
+                     "replace quantize_config.json", "replace config.json", "replace SHA256SUMS",
+                     f"rmtree {driver_module.WORK_DIR}", "replace out"]

@@ -50,7 +50,14 @@ def _join(args: argparse.Namespace) -> int:
         print(json.dumps({"output": str(result.output), "sha256": result.sha256, "verified": result.verified,
                           "expected_source": result.expected_source, "bytes": result.total_bytes,
                           "parts": result.part_sha256, "method": result.method, "seconds": round(seconds, 3),
-                          "deleted_parts": [str(p) for p in result.deleted_parts]}, indent=2))
+                          "deleted_parts": [str(p) for p in result.deleted_parts],
+                          "already_done": result.already_done}, indent=2))
+        return 0
+    if result.already_done:
+        print(f"already joined and verified: {result.output} (SHA256 {result.sha256} matches "
+              f"{result.expected_source})")
+        for part in result.deleted_parts:
+            print(f"deleted {part}")
         return 0
     rate = f"{result.total_bytes / seconds / 1e9:.2f} GB/s, " if seconds > 0 and result.total_bytes > 1 << 26 else ""
     print(f"joined {len(result.part_sha256)} parts -> {result.output} ({format_size(result.total_bytes)}) "
@@ -190,7 +197,12 @@ def _split(args: argparse.Namespace) -> int:
     result = split_file(args.file, max_size=args.max_size, output_dir=args.output_dir, force=args.force)
     if args.json:
         print(json.dumps({"parts": [str(p) for p in result.parts], "sha256": result.sha256,
-                          "part_sha256": result.part_sha256, "manifest": str(result.manifest)}, indent=2))
+                          "part_sha256": result.part_sha256, "manifest": str(result.manifest),
+                          "already_done": result.already_done}, indent=2))
+        return 0
+    if result.already_done:
+        print(f"already split and verified: {len(result.parts)} parts of {args.file.name} "
+              f"(SHA256 {result.sha256}) listed in {result.manifest}")
         return 0
     for part in result.parts:
         print(f"{result.part_sha256[part.name]}  {part.name}  ({format_size(part.stat().st_size)})")
@@ -206,7 +218,12 @@ def _reshard(args: argparse.Namespace) -> int:
                           force=args.force)
     if args.json:
         print(json.dumps({"shards": [str(p) for p in result.shards], "index": str(result.index),
-                          "manifest": str(result.manifest), "total_size": result.total_size}, indent=2))
+                          "manifest": str(result.manifest), "total_size": result.total_size,
+                          "already_done": result.already_done}, indent=2))
+        return 0
+    if result.already_done:
+        print(f"already resharded and verified: {len(result.shards)} shard(s) of {args.file.name} with "
+              f"{result.index.name} in {result.index.parent}")
         return 0
     for shard in result.shards:
         print(f"{shard.name}  ({format_size(shard.stat().st_size)})")

@@ -62,6 +62,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def format_summary(summary: QuantizeSummary) -> str:
     """The end-of-run table: one row per layer (summed error, GPTQ vs RTN), then totals and fallbacks."""
+    if summary.already_done:
+        return (f"already quantized: {summary.output} is complete (every file matches its SHA256SUMS); nothing "
+                f"to resume. Delete it to quantize again")
     rows = ["error: mean squared output error per calibration token (GPTQ vs round-to-nearest)",
             "layer  linears  error       rtn_error   gain      damp    seconds"]
     layers = sorted({report.layer for report in summary.linears})

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import CalibrationError, QuantizationError, UsageError
-from ..fileio import check_free_space
+from ..fileio import check_free_space, rmtree, unlink
 from ..packing import pack_qweight, pack_qzeros
 from ..progress import tqdm
 from ..units import parse_size
@@ -41,6 +40,7 @@ from .save import (
     TensorRef,
     check_output_folder,
     copy_tokenizer,
+    finished_checkpoint,
     publish,
     single_file_name,
     write_checksums,
@@ -79,6 +79,7 @@ class QuantizeSummary:
     seconds: float
     resumed_from_layer: int = 0
     fallbacks: tuple[str, ...] = field(default=())
+    already_done: bool = False  # --resume found the output complete and verified; nothing was computed
 
 
 class _Captured(Exception):
@@ -296,9 +297,7 @@ def _commit_layer(work: Path, state: dict[str, Any], index: int, tensors: dict[s
     state["done"] = index + 1
     state["linears"].extend(asdict(report) for report in reports)
     write_json(work / STATE_NAME, state)
-    previous = work / f"inputs-{index:05d}.safetensors"
-    if previous.exists():
-        previous.unlink()
+    unlink(work / f"inputs-{index:05d}.safetensors", missing_ok=True)  # a resumed run may have removed it
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,6 +338,10 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
     if method not in ("gptq", "rtn"):
         raise UsageError(f"method={method!r} is unknown; use 'gptq' or 'rtn'")
     model_dir, output = Path(model_dir), Path(output_dir)
+    finished = finished_checkpoint(output) if resume and not _staging_folder(output).exists() else None
+    if finished is not None:
+        logger.info("%s: already quantized (every file matches its SHA256SUMS); nothing to resume", output)
+        return QuantizeSummary(output, config, (), finished, time.perf_counter() - started, already_done=True)
     check_output_folder(output)
     shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     compute = torch.device(device)
@@ -398,12 +401,28 @@ def _check_group_size(source: SourceModel, config: QuantizeConfig) -> None:
 
 
 def _prepare_staging(output: Path, *, resume: bool) -> Path:
+    """The staging folder for ``output``, ready for this run.
+
+    A staging folder whose run committed nothing (no layer in ``state.json``, no ``SHA256SUMS``) holds
+    nothing worth resuming and is removed; one with committed work needs ``resume``. A complete one
+    (``SHA256SUMS`` written) whose work folder was being removed when the run died has that removal
+    finished here, so the caller publishes it.
+
+    Raises:
+        QuantizationError: committed work is there and ``resume`` is False.
+    """
     staging = _staging_folder(output)
+    work = staging / WORK_DIR
+    if staging.exists() and not (staging / MANIFEST_NAME).is_file() and not (work / STATE_NAME).is_file():
+        logger.info("%s: left by a run that committed no layer; removing it", staging)
+        rmtree(staging)
     if staging.exists() and not resume:
         raise QuantizationError(f"{staging}: an interrupted run left this folder; pass --resume to continue it "
                                 f"or delete it to start over")
     if resume and not staging.exists():
         logger.info("%s: nothing to resume, starting from layer 0", staging)
+    if resume and (staging / MANIFEST_NAME).is_file():
+        rmtree(work)  # the checkpoint was complete; the run died while removing its work folder
     output.parent.mkdir(parents=True, exist_ok=True)
     staging.mkdir(exist_ok=True)
     return staging
@@ -475,7 +494,9 @@ def _finish(source: SourceModel, staging: Path, output: Path, config: QuantizeCo
     write_json(staging / "config.json", model_config)
     files += ["quantize_config.json", "config.json"] + copy_tokenizer(model_dir, staging)
     write_checksums(staging)  # lists files only: the work folder is not part of the checkpoint
-    shutil.rmtree(work)  # from here on the staging folder is a complete checkpoint (see _prepare_staging)
+    # From here on the staging folder is a complete checkpoint: SHA256SUMS is the commit record, and a
+    # run killed while the work folder is being removed is finished by --resume (see _prepare_staging).
+    rmtree(work)
     publish(staging, output)
     return sorted(files + ["SHA256SUMS"])
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import InsufficientSpaceError, OutputExistsError
-from ..fileio import atomic_path, fsync_dir, raise_if_no_space, sha256_file, write_bytes_atomic
+from ..fileio import atomic_path, fsync_dir, raise_if_no_space, replace, rmtree, sha256_file, write_bytes_atomic
 from ..split import plan_shards, shard_names
 
 logger = logging.getLogger(__name__)
@@ -113,22 +113,27 @@ def publish(staging: Path, output: Path) -> None:
     Raises:
         OutputExistsError: ``output`` appeared and is not empty.
     """
-    mode = 0o666 & ~_umask()
-    for path in staging.iterdir():
-        path.chmod(mode)
     if output.exists():
         if any(output.iterdir()):
             raise OutputExistsError(f"{output}: output folder is not empty; choose another or empty it "
                                     f"(the finished checkpoint is kept in {staging})")
-        output.rmdir()
-    os.replace(staging, output)
+        rmtree(output)  # an empty folder: os.replace cannot rename a folder over it
+    replace(staging, output)
     fsync_dir(output.parent)
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
+def finished_checkpoint(output: Path) -> tuple[str, ...] | None:
+    """The file names of ``output`` when it is a complete checkpoint: its ``SHA256SUMS`` lists every other
+    file and every file matches. None otherwise (missing, empty, unlisted or damaged files)."""
+    from ..manifest import parse_manifest
+
+    if not (output / MANIFEST_NAME).is_file():
+        return None
+    listed = parse_manifest(output / MANIFEST_NAME)
+    files = sorted(p.name for p in output.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
+    if sorted(listed) != files or any(sha256_file(output / name) != listed[name] for name in files):
+        return None
+    return tuple(sorted([*files, MANIFEST_NAME]))
 
 
 def check_output_folder(output: Path) -> None:
@@ -146,6 +151,7 @@ __all__ = [
     "TensorRef",
     "check_output_folder",
     "copy_tokenizer",
+    "finished_checkpoint",
     "publish",
     "single_file_name",
     "write_json",
