@@ -93,7 +93,10 @@ def test_verify_reports_lfs_pointer(tmp_path: Path) -> None:
     pointer = tmp_path / "model.safetensors"
     pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:1\nsize 1\n")
     result = verify_files([pointer], sha256="a" * 64)[0]
-    assert result.status == "FAILED" and "Git LFS pointer" in result.detail
+    assert result.status == "FAILED" and "Git LFS pointer" in result.note
+    shown = run_cli("verify", "--sha256", "a" * 64, str(pointer))
+    assert shown.returncode == 1 and shown.stdout == f"{pointer}: FAILED\n"
+    assert "is a Git LFS pointer file, not the data" in shown.stderr
 
 
 def test_verify_parts_writes_nothing(tmp_path: Path) -> None:
