@@ -36,6 +36,9 @@ from .safetensors_format import LFS_POINTER_PREFIX
 
 logger = logging.getLogger(__name__)
 
+#: Files up to this size are read and hashed in one go; a Git LFS pointer file is always smaller.
+_SMALL_FILE = 1024 * 1024
+
 @dataclass(frozen=True)
 class FileCheck:
     """The outcome for one file.
@@ -258,12 +261,16 @@ def _digest(path: Path, on_bytes: Callable[[int], None]) -> _Digest:
         return _Digest(digest.hexdigest())
     try:
         with open(path, "rb") as handle:
-            head = handle.read(len(LFS_POINTER_PREFIX))
-            small = os.fstat(handle.fileno()).st_size < 1024
+            size = os.fstat(handle.fileno()).st_size
+            if size <= _SMALL_FILE:  # configs, manifests: no read-ahead thread and buffers for these
+                data = handle.read()
+                on_bytes(len(data))
+                pointer = size < 1024 and data.startswith(LFS_POINTER_PREFIX)
+                return _Digest(hashlib.sha256(data).hexdigest(), pointer=pointer)
         actual = sha256_file(path, on_bytes=on_bytes)
     except OSError as exc:
         return _Digest(None, exc.strerror or str(exc), missing=isinstance(exc, FileNotFoundError))
-    return _Digest(actual, pointer=head == LFS_POINTER_PREFIX and small)
+    return _Digest(actual)
 
 
 def _result(job: _Job, digest: _Digest | None, *, ignore_missing: bool) -> FileCheck:
