@@ -90,7 +90,7 @@ def verify_remote(spec: str, *, revision: str | None = None, manifest: str | os.
     if manifest is not None:
         source, data = str(manifest), read_manifest_bytes(manifest)
     elif "SHA256SUMS" in listing:
-        source, data = f"{where}:SHA256SUMS", _fetch(repo, listing["SHA256SUMS"], token)
+        source, data = f"{where}/SHA256SUMS", _fetch(repo, listing["SHA256SUMS"], token)
     elif repo_spec.preset is not None:
         source, data = f"preset {repo_spec.preset.name}", _preset_manifest(repo_spec.preset, repo_spec.revision)
     else:
