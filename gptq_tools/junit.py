@@ -12,6 +12,7 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from .fileio import write_bytes_atomic
 from .manifest import MalformedLine
@@ -85,5 +86,9 @@ def junit_xml(suites: Sequence[JunitSuite], *, name: str = "gptq-tools verify") 
 
 
 def write_junit(path: str | os.PathLike[str], suites: Sequence[JunitSuite]) -> None:
-    """Write the JUnit XML report for ``suites`` to ``path`` atomically (replacing an earlier report)."""
+    """Write the JUnit XML report for ``suites`` to ``path`` atomically (replacing an earlier report).
+
+    The report's folder is created if needed (CI jobs name paths like ``reports/verify.xml``).
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, junit_xml(suites), force=True)
