@@ -11,11 +11,13 @@ import errno
 import hashlib
 import logging
 import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from .constants import IO_CHUNK_BYTES
 from .errors import ManifestError, UsageError
@@ -254,23 +256,29 @@ def _size(path: Path) -> int:
 
 def _digest(path: Path, on_bytes: Callable[[int], None]) -> _Digest:
     if str(path) == "-":
-        digest = hashlib.sha256()
-        while chunk := sys.stdin.buffer.read(IO_CHUNK_BYTES):
-            digest.update(chunk)
-            on_bytes(len(chunk))
-        return _Digest(digest.hexdigest())
+        return _Digest(_stream_digest(sys.stdin.buffer, on_bytes))
     try:
         with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size <= _SMALL_FILE:  # configs, manifests: no read-ahead thread and buffers for these
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):  # a FIFO or device has no size to plan reads by: stream it
+                return _Digest(_stream_digest(handle, on_bytes))
+            if info.st_size <= _SMALL_FILE:  # configs, manifests: no read-ahead thread and buffers for these
                 data = handle.read()
                 on_bytes(len(data))
-                pointer = size < 1024 and data.startswith(LFS_POINTER_PREFIX)
+                pointer = info.st_size < 1024 and data.startswith(LFS_POINTER_PREFIX)
                 return _Digest(hashlib.sha256(data).hexdigest(), pointer=pointer)
         actual = sha256_file(path, on_bytes=on_bytes)
     except OSError as exc:
         return _Digest(None, exc.strerror or str(exc), missing=isinstance(exc, FileNotFoundError))
     return _Digest(actual)
+
+
+def _stream_digest(handle: BinaryIO, on_bytes: Callable[[int], None]) -> str:
+    digest = hashlib.sha256()
+    while chunk := handle.read(IO_CHUNK_BYTES):
+        digest.update(chunk)
+        on_bytes(len(chunk))
+    return digest.hexdigest()
 
 
 def _result(job: _Job, digest: _Digest | None, *, ignore_missing: bool) -> FileCheck:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -258,3 +259,13 @@ def test_hash_mode_escapes_like_sha256sum(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stdout == f"\\{sha256(odd)}  {str(odd).replace(chr(92), chr(92) * 2)}\n"
     assert result.stderr == f"gptq-tools: {tmp_path / 'gone'}: No such file or directory\n"
+
+
+def test_fifo_entry_is_read_not_sized(tmp_path: Path) -> None:
+    fifo = tmp_path / "stream"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_bytes, args=(b"streamed bytes",))
+    writer.start()
+    results = verify_files([fifo], sha256=hashlib.sha256(b"streamed bytes").hexdigest())
+    writer.join(timeout=10)
+    assert [r.status for r in results] == ["OK"]
