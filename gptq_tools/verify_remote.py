@@ -92,7 +92,7 @@ def verify_remote(spec: str, *, revision: str | None = None, manifest: str | os.
     elif "SHA256SUMS" in listing:
         source, data = f"{where}/SHA256SUMS", _fetch(repo, listing["SHA256SUMS"], token)
     elif repo_spec.preset is not None:
-        source, data = f"preset {repo_spec.preset.name}", _preset_manifest(repo_spec.preset, repo_spec.revision)
+        source, data = f"preset/{repo_spec.preset.name}", _preset_manifest(repo_spec.preset, repo_spec.revision)
     else:
         raise ManifestError(f"{where} (commit {repo.commit}) has no SHA256SUMS and no manifest was given; "
                             f"pass --manifest FILE")

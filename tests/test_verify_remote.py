@@ -137,7 +137,7 @@ def test_preset_with_part_hashes(hub: tuple[HubServer, SeedData], tmp_path: Path
 
 def test_preset_without_a_manifest_uses_its_published_hash(hub: tuple[HubServer, SeedData]) -> None:
     report = verify_remote("bloomz-176b-gptq")
-    assert report.source == "preset bloomz-176b-gptq"
+    assert report.source == "preset/bloomz-176b-gptq"
     assert [(r.name, r.status) for r in report.results] == [("gptq_model-4bit--1g.safetensors", "UNVERIFIED")]
     assert report.uncovered == ("quantize_config.json",) and not report.passed()
 
