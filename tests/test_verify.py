@@ -127,6 +127,10 @@ def test_verify_structure(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "good.safetensors: OK (safetensors, 12 tensors)" in result.stdout
     assert "bad.safetensors: FAILED" in result.stdout and "1 trailing bytes" in result.stderr
+    junit = tmp_path / "structure.xml"
+    assert run_cli("verify", "--structure", str(good), str(bad), "--junit", str(junit)).returncode == 1
+    root = ElementTree.parse(junit).getroot()
+    assert (root.get("tests"), root.get("failures")) == ("2", "1")
 
 
 # -- issue 8's manifest cases: each one clear line, nothing read without bound -------------------------------
