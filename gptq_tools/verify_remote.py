@@ -97,7 +97,7 @@ def verify_remote(spec: str, *, revision: str | None = None, manifest: str | os.
         raise ManifestError(f"{where} (commit {repo.commit}) has no SHA256SUMS and no manifest was given; "
                             f"pass --manifest FILE")
     parsed = ManifestParser().parse(data, source=source)
-    listed = {entry.name for entry in parsed.entries}
+    listed = {_repo_path(entry.name) for entry in parsed.entries}
     results = tuple(_check_entry(entry, repo, listing, joined, listed, token) for entry in parsed.entries)
     covered = listed | {part for name in listed for part in joined.get(name, ())}
     if manifest is None:
@@ -125,6 +125,13 @@ def _joined_files(listing: dict[str, RemoteFile], repo_spec: RepoSpec) -> dict[s
     return {name: tuple(parts) for name, parts in groups.items()}
 
 
+def _repo_path(name: str) -> str:
+    """A manifest name as a repository path: ``sha256sum ./*`` writes ``./NAME``, the Hub lists ``NAME``."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
 def _preset_manifest(preset: Preset, branch: str) -> bytes:
     lines = [f"{info['sha256']}  {name}\n" for name, info in preset.branch_files(branch).items()
              if info.get("sha256")]
@@ -134,10 +141,11 @@ def _preset_manifest(preset: Preset, branch: str) -> bytes:
 def _check_entry(entry: ManifestEntry, repo: ResolvedRepo, listing: dict[str, RemoteFile],
                  joined: dict[str, tuple[str, ...]], listed: set[str], token: str | bool | None) -> FileCheck:
     where = f"{repo.repo_id}@{repo.revision} (commit {repo.commit})"
-    found = listing.get(entry.name)
-    url = repo.url(entry.name) if found is not None else ""
+    path = _repo_path(entry.name)
+    found = listing.get(path)
+    url = repo.url(path) if found is not None else ""
     if found is None:
-        parts = joined.get(entry.name)
+        parts = joined.get(path)
         if not parts:
             return FileCheck(entry.name, "", entry.sha256, None, "MISSING", f"not in {where}", line=entry.line)
         unchecked = [p for p in parts if p not in listed]

@@ -101,7 +101,7 @@ def test_served_bytes_must_match_the_listing(hub: tuple[HubServer, SeedData]) ->
 def test_local_manifest_against_a_repository(hub: tuple[HubServer, SeedData], tmp_path: Path) -> None:
     _, seed = hub
     manifest = tmp_path / "SHA256SUMS"
-    manifest.write_bytes(sums(**{"model.safetensors": sha(seed.model_main["model.safetensors"])}))
+    manifest.write_bytes(sums(**{"./model.safetensors": sha(seed.model_main["model.safetensors"])}))
     stdout, stderr, code = run("--remote", "org/model", "--manifest", str(manifest), "--quiet")
     assert code == 0 and stdout.splitlines()[1:] == []
     assert "3 files in org/model@main are not listed" in stderr and "README.md, config.json" in stderr
