@@ -105,6 +105,7 @@ class _Job:
     expected: str | None
     line: int | None = None
     detail: str = ""
+    absent: bool = False  # refused because no such file can exist (an empty name): ``--ignore-missing`` skips it
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def check_manifests(manifests: Sequence[str | os.PathLike[str]], *, ignore_missi
 
 def _entry_job(name: str, folder: Path, expected: str, line: int | None) -> _Job:
     if not name:
-        return _Job(name, None, expected, line, os.strerror(errno.ENOENT))
+        return _Job(name, None, expected, line, os.strerror(errno.ENOENT), absent=True)
     reason = unsafe_name_reason(name)
     if reason is not None:
         return _Job(name, None, expected, line, f"refusing {reason}: names in a manifest stay inside its folder")
@@ -284,7 +285,8 @@ def _stream_digest(handle: BinaryIO, on_bytes: Callable[[int], None]) -> str:
 def _result(job: _Job, digest: _Digest | None, *, ignore_missing: bool) -> FileCheck:
     path = str(job.path) if job.path is not None else job.name
     if digest is None:
-        return FileCheck(job.name, path, job.expected, None, "MISSING", job.detail, line=job.line)
+        status = "SKIPPED" if ignore_missing and job.absent else "MISSING"
+        return FileCheck(job.name, path, job.expected, None, status, job.detail, line=job.line)
     if digest.actual is None:
         status = "SKIPPED" if ignore_missing and digest.missing else "MISSING"
         return FileCheck(job.name, path, job.expected, None, status, digest.error or "", line=job.line)

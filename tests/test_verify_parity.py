@@ -71,6 +71,7 @@ MANIFESTS: dict[str, bytes] = {
     "all_missing": A + b"  gone1\n" + A + b"  gone2\n",
     "no_newline": A + b"  a.bin",
     "apostrophes": h(b"it's") + b"  it's\n" + BAD + b"  it's\n",
+    "empty_names": b"SHA256 () = " + A + b"\n" + A + b"  a.bin\n",
 }
 OPTIONS: list[list[str]] = [[], ["--quiet"], ["--status"], ["--warn"], ["--strict"], ["--ignore-missing"],
                             ["--warn", "--strict"], ["--ignore-missing", "--quiet"], ["--status", "--warn"],
