@@ -54,6 +54,7 @@ class MalformedLine:
 
     line: int
     reason: str = IMPROPER
+    text: bytes = b""
 
 
 @dataclass
@@ -89,11 +90,12 @@ class ManifestParser:
             if not line:
                 continue
             if b"\0" in line:
-                parsed.malformed.append(MalformedLine(number, "a file name holds a NUL byte, which no file name can"))
+                parsed.malformed.append(MalformedLine(number, "a file name holds a NUL byte, which no file name can",
+                                                      line))
                 continue
             split = self.split_line(line)
             if split is None or (from_stdin and split[0] == b"-"):
-                parsed.malformed.append(MalformedLine(number))
+                parsed.malformed.append(MalformedLine(number, IMPROPER, line))
                 continue
             name, digest, binary = split
             parsed.entries.append(ManifestEntry(os.fsdecode(name), digest.decode("ascii").lower(), number, binary))
@@ -259,7 +261,10 @@ def parse_manifest_text(text: str, *, source: str = "manifest") -> list[Manifest
 def _strict(parsed: ParsedManifest) -> list[ManifestEntry]:
     if parsed.malformed:
         bad = parsed.malformed[0]
-        raise ManifestError(f"{parsed.source} line {bad.line}: {bad.reason}; expected '<64 hex digits>  <file name>'")
+        text = os.fsdecode(bad.text)
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        what = f"cannot parse {shown!r}" if bad.reason == IMPROPER else bad.reason
+        raise ManifestError(f"{parsed.source} line {bad.line}: {what}; expected '<64 hex digits>  <file name>'")
     seen: dict[str, str] = {}
     for entry in parsed.entries:
         _check_safe_name(entry.name, parsed.source, entry.line)
