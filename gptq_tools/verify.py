@@ -120,8 +120,9 @@ def check_manifests(manifests: Sequence[str | os.PathLike[str]], *, ignore_missi
                     workers: int | None = None, progress: bool | None = None) -> list[ManifestReport]:
     """``sha256sum -c MANIFEST...``: check every file each manifest lists, as coreutils would.
 
-    Names are relative to their manifest's folder (``-`` reads the manifest from standard input; its
-    names are relative to the current folder). Improperly formatted lines are collected, not fatal. A
+    A name is looked up beside its manifest, then (where nothing is there) in the current folder, as
+    sha256sum does (``-`` reads the manifest from standard input; its names are relative to the current
+    folder). Improperly formatted lines are collected, not fatal. A
     manifest that cannot be read gives a report with ``error`` set, and the others are still checked.
 
     Args:
@@ -161,7 +162,10 @@ def _entry_job(name: str, folder: Path, expected: str, line: int | None) -> _Job
     reason = unsafe_name_reason(name)
     if reason is not None:
         return _Job(name, None, expected, line, f"refusing {reason}: names in a manifest stay inside its folder")
-    return _Job(name, folder / name, expected, line)
+    beside = folder / name
+    if not os.path.lexists(beside) and os.path.lexists(name):  # written from the current folder, as sha256sum reads it
+        return _Job(name, Path(name), expected, line)
+    return _Job(name, beside, expected, line)
 
 
 def hash_files(files: Sequence[str | os.PathLike[str]], *, workers: int | None = None,

@@ -273,3 +273,13 @@ def test_fifo_entry_is_read_not_sized(tmp_path: Path) -> None:
     results = verify_files([fifo], sha256=hashlib.sha256(b"streamed bytes").hexdigest())
     writer.join(timeout=10)
     assert [r.status for r in results] == ["OK"]
+
+
+def test_names_written_from_the_current_folder(tmp_path: Path, files: list[Path]) -> None:
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "x.bin").write_bytes(b"x")
+    (sub / "SUMS").write_text(f"{hashlib.sha256(b'x').hexdigest()}  sub/x.bin\n"
+                              f"{hashlib.sha256(b'x').hexdigest()}  x.bin\n")
+    ours = run_cli("verify", "-c", "sub/SUMS", cwd=tmp_path)  # `sha256sum sub/* > sub/SUMS` style, and bare names
+    assert ours.returncode == 0 and ours.stdout == "sub/x.bin: OK\nx.bin: OK\n"
