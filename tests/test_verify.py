@@ -173,7 +173,7 @@ def test_manifest_from_a_fifo(tmp_path: Path, files: list[Path]) -> None:
     fifo = tmp_path / "sums.fifo"
     os.mkfifo(fifo)
     text = f"{sha256(files[0])}  {files[0].name}\n".encode()
-    writer = threading.Thread(target=fifo.write_bytes, args=(text,))
+    writer = threading.Thread(target=fifo.write_bytes, args=(text,), daemon=True)
     writer.start()
     result = run_cli("verify", "-c", str(fifo))
     writer.join(timeout=10)
@@ -268,7 +268,7 @@ def test_hash_mode_escapes_like_sha256sum(tmp_path: Path) -> None:
 def test_fifo_entry_is_read_not_sized(tmp_path: Path) -> None:
     fifo = tmp_path / "stream"
     os.mkfifo(fifo)
-    writer = threading.Thread(target=fifo.write_bytes, args=(b"streamed bytes",))
+    writer = threading.Thread(target=fifo.write_bytes, args=(b"streamed bytes",), daemon=True)
     writer.start()
     results = verify_files([fifo], sha256=hashlib.sha256(b"streamed bytes").hexdigest())
     writer.join(timeout=10)
