@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     # files: join, verify, split, reshard, inspect
     "join_parts": "join", "JoinResult": "join",
     "verify_files": "verify", "verify_parts": "verify", "FileCheck": "verify",
+    "check_manifests": "verify", "hash_files": "verify", "verify_remote": "verify_remote",
     "split_file": "split", "reshard_file": "split",
     "find_part_set": "parts", "MultiPartReader": "parts",
     "parse_manifest": "manifest", "write_manifest": "manifest",

@@ -12,6 +12,10 @@ IO_CHUNK_BYTES = 16 * 1024 * 1024
 #: Largest byte count handed to one ``copy_file_range`` call (some glibc versions misreport > INT_MAX).
 COPY_FILE_RANGE_MAX = 1024 * 1024 * 1024
 
+#: Largest checksum manifest read (64 MiB, about 800,000 lines): a manifest is a short text file, so
+#: anything larger (``/dev/zero``, a weights file given by mistake) is refused before it fills memory.
+MANIFEST_MAX_BYTES = 64 * 1024 * 1024
+
 
 def _env_flag(name: str) -> bool | None:
     value = os.environ.get(name)

@@ -1,22 +1,36 @@
 """Verify files against expected SHA256s (``sha256sum -c`` semantics), and parts without joining them.
 
 Several files are hashed in parallel threads (hashlib releases the GIL), each with read-ahead, so
-verification runs at the speed of the disk or of the cores, whichever is lower.
+verification runs at the speed of the disk or of the cores, whichever is lower. A file listed several
+times is hashed once.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
 import os
-from collections.abc import Sequence
+import stat
+import sys
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
-from .errors import UsageError
+from .constants import IO_CHUNK_BYTES
+from .errors import ManifestError, UsageError
 from .fileio import sha256_file
 from .join import expected_hashes, resolve_part_set
-from .manifest import is_sha256, read_manifest_entries
+from .manifest import (
+    STDIN_NAME,
+    MalformedLine,
+    ManifestParser,
+    is_sha256,
+    read_manifest_bytes,
+    unsafe_name_reason,
+)
 from .parts import check_safetensors_parts
 from .pipeline import CallbackConsumer, Consumer, Segment, SegmentHasher, WholeHasher, run_pipeline
 from .progress import byte_bar
@@ -24,10 +38,18 @@ from .safetensors_format import LFS_POINTER_PREFIX
 
 logger = logging.getLogger(__name__)
 
+#: Files up to this size are read and hashed in one go; a Git LFS pointer file is always smaller.
+_SMALL_FILE = 1024 * 1024
 
 @dataclass(frozen=True)
 class FileCheck:
-    """The outcome for one file: ``status`` is ``OK``, ``FAILED`` or ``MISSING`` (could not be read)."""
+    """The outcome for one file.
+
+    ``status`` is ``OK``, ``FAILED`` (hash differs), ``MISSING`` (could not be opened or read: sha256sum's
+    "FAILED open or read"), ``SKIPPED`` (absent, with ``ignore_missing``) or ``UNVERIFIED`` (hashed, nothing
+    to compare with). ``detail`` says why for anything but OK (for MISSING, the system's reason);
+    ``note`` is advice worth a line on stderr (a Git LFS pointer where the data should be).
+    """
 
     name: str
     path: str
@@ -36,6 +58,8 @@ class FileCheck:
     status: str
     detail: str = ""
     parts: dict[str, str] = field(default_factory=dict)
+    line: int | None = None
+    note: str = ""
 
     @property
     def ok(self) -> bool:
@@ -43,6 +67,114 @@ class FileCheck:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ManifestReport:
+    """One manifest checked: its results in line order, its improperly formatted lines, or why it is unread.
+
+    ``error`` is set when the manifest itself could not be read (then nothing else is); ``error_is_os``
+    says it is the system's reason (``strerror``, which sha256sum prints after the name) rather than a
+    refusal of ours (a folder, a device, too large).
+    """
+
+    source: str
+    results: tuple[FileCheck, ...] = ()
+    malformed: tuple[MalformedLine, ...] = ()
+    error: str | None = None
+    error_is_os: bool = False
+
+    def count(self, status: str) -> int:
+        return sum(1 for result in self.results if result.status == status)
+
+    def passed(self, *, strict: bool = False) -> bool:
+        """sha256sum's verdict: something matched, nothing mismatched or unreadable (no bad line if strict)."""
+        return (self.error is None and bool(self.results) and self.count("OK") > 0 and self.count("FAILED") == 0
+                and self.count("MISSING") == 0 and not (strict and self.malformed))
+
+    def to_dict(self) -> dict[str, object]:
+        return {"source": self.source, "error": self.error,
+                "malformed": [{"line": m.line, "reason": m.reason} for m in self.malformed],
+                "results": [r.to_dict() for r in self.results]}
+
+
+@dataclass(frozen=True)
+class _Job:
+    name: str
+    path: Path | None  # None: refused before any file is opened (``detail`` says why)
+    expected: str | None
+    line: int | None = None
+    detail: str = ""
+    absent: bool = False  # refused because no such file can exist (an empty name): ``--ignore-missing`` skips it
+
+
+@dataclass(frozen=True)
+class _Digest:
+    actual: str | None
+    error: str | None = None
+    missing: bool = False
+    pointer: bool = False
+
+
+def check_manifests(manifests: Sequence[str | os.PathLike[str]], *, ignore_missing: bool = False,
+                    workers: int | None = None, progress: bool | None = None) -> list[ManifestReport]:
+    """``sha256sum -c MANIFEST...``: check every file each manifest lists, as coreutils would.
+
+    A name is looked up beside its manifest, then (where nothing is there) in the current folder, as
+    sha256sum does (``-`` reads the manifest from standard input; its names are relative to the current
+    folder). Improperly formatted lines are collected, not fatal. A
+    manifest that cannot be read gives a report with ``error`` set, and the others are still checked.
+
+    Args:
+        manifests: manifest files, ``-`` for standard input.
+        ignore_missing: absent files get status ``SKIPPED`` instead of ``MISSING``.
+        workers: files hashed at once (default: the number of cores).
+        progress: show a progress bar (None: automatic).
+
+    Returns:
+        One :class:`ManifestReport` per manifest, in order.
+    """
+    parser = ManifestParser()
+    loaded: list[tuple[str, list[_Job], tuple[MalformedLine, ...], str | None, bool]] = []
+    for manifest in manifests:
+        shown = STDIN_NAME if str(manifest) == "-" else str(manifest)
+        try:
+            data = read_manifest_bytes(manifest)
+        except ManifestError as exc:
+            loaded.append((shown, [], (), str(exc), False))
+            continue
+        except OSError as exc:
+            loaded.append((shown, [], (), exc.strerror or str(exc), True))
+            continue
+        parsed = parser.parse(data, source=shown, from_stdin=str(manifest) == "-")
+        folder = Path(".") if str(manifest) == "-" else Path(manifest).parent
+        jobs = [_entry_job(entry.name, folder, entry.sha256, entry.line) for entry in parsed.entries]
+        loaded.append((shown, jobs, tuple(parsed.malformed), None, False))
+    checks = iter(_run_jobs([job for _, jobs, _, _, _ in loaded for job in jobs], ignore_missing=ignore_missing,
+                            workers=workers, progress=progress))
+    return [ManifestReport(shown, tuple(next(checks) for _ in jobs), malformed, error, error_is_os)
+            for shown, jobs, malformed, error, error_is_os in loaded]
+
+
+def _entry_job(name: str, folder: Path, expected: str, line: int | None) -> _Job:
+    if not name:
+        return _Job(name, None, expected, line, os.strerror(errno.ENOENT), absent=True)
+    reason = unsafe_name_reason(name)
+    if reason is not None:
+        return _Job(name, None, expected, line, f"refusing {reason}: names in a manifest stay inside its folder")
+    beside = folder / name
+    if not os.path.lexists(beside) and os.path.lexists(name):  # written from the current folder, as sha256sum reads it
+        return _Job(name, Path(name), expected, line)
+    return _Job(name, beside, expected, line)
+
+
+def hash_files(files: Sequence[str | os.PathLike[str]], *, workers: int | None = None,
+               progress: bool | None = None) -> list[FileCheck]:
+    """``sha256sum FILE...``: the SHA256 of each file (``-`` is standard input), status ``UNVERIFIED``.
+
+    A file that cannot be read gets status ``MISSING`` with the system's reason in ``detail``.
+    """
+    return _run_jobs([_Job(str(f), Path(f), None) for f in files], workers=workers, progress=progress)
 
 
 def verify_files(files: Sequence[str | os.PathLike[str]] = (), *, sha256: str | None = None,
@@ -54,75 +186,121 @@ def verify_files(files: Sequence[str | os.PathLike[str]] = (), *, sha256: str | 
         files: files to check. With a manifest and no files, every file the manifest names is checked
             (paths relative to the manifest's folder); with files, only those (by name).
         sha256: the expected hash, when checking exactly one file.
-        manifest: a sha256sum-format manifest.
+        manifest: a sha256sum-format manifest (improperly formatted lines are skipped with a warning).
         workers: files hashed at once (default: the number of cores, at most the number of files).
-        ignore_missing: skip manifest entries whose files do not exist (``sha256sum --ignore-missing``).
+        ignore_missing: absent files get status ``SKIPPED`` (``sha256sum --ignore-missing``).
         progress: show a progress bar (None: automatic).
 
     Returns:
-        One :class:`FileCheck` per file, in order; ``status`` says OK, FAILED or MISSING.
+        One :class:`FileCheck` per file, in order.
 
     Raises:
-        UsageError: nothing to check, or no expected hash for a file.
-        ManifestError: the manifest does not parse or names unsafe paths.
+        UsageError: nothing to check, a file the manifest does not list, or no expected hash for a file.
+        ManifestError: the manifest cannot be read.
     """
-    jobs = _jobs(files, sha256, manifest)
-    if ignore_missing:
-        jobs = [job for job in jobs if job[1].exists()]
-        if not jobs:
-            raise UsageError(f"{manifest}: none of the files it lists is present")
-    total = sum(os.path.getsize(path) for _, path, _ in jobs if path.is_file())
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    with byte_bar(total, "verify", enabled=progress) as bar:
-        def check(job: tuple[str, Path, str]) -> FileCheck:
-            return _check_one(*job, on_bytes=bar.update)
-
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify") as pool:
-            results = list(pool.map(check, jobs))
-    for result in results:
-        log = logger.info if result.ok else logger.error
-        log("%s: %s %s", result.name, result.status, result.detail)
-    return results
-
-
-def _jobs(files: Sequence[str | os.PathLike[str]], sha256: str | None,
-          manifest: str | os.PathLike[str] | None) -> list[tuple[str, Path, str]]:
     if sha256 is not None:
         if not is_sha256(sha256.strip()):
             raise UsageError(f"--sha256 {sha256!r} is not a SHA256 (64 hex digits)")
         if len(files) != 1:
             raise UsageError("--sha256 checks exactly one file; use a manifest for several")
-        return [(str(files[0]), Path(files[0]), sha256.strip().lower())]
+        return _run_jobs([_Job(str(files[0]), Path(files[0]), sha256.strip().lower())], workers=workers,
+                         progress=progress)
     if manifest is None:
         raise UsageError("nothing to verify against: pass --sha256 HEX or a manifest (-c SHA256SUMS)")
-    folder = Path(manifest).parent
-    entries = read_manifest_entries(manifest)
     if not files:
-        return [(e.name, folder / e.name, e.sha256) for e in entries]
-    by_name = {e.name: e.sha256 for e in entries}
+        report = check_manifests([manifest], ignore_missing=ignore_missing, workers=workers, progress=progress)[0]
+        if report.error is not None:
+            raise ManifestError(report.error)
+        for bad in report.malformed:
+            logger.warning("%s: %d: %s", report.source, bad.line, bad.reason)
+        return list(report.results)
+    return _run_jobs(_selected_jobs(files, manifest), ignore_missing=ignore_missing, workers=workers,
+                     progress=progress)
+
+
+def _selected_jobs(files: Sequence[str | os.PathLike[str]], manifest: str | os.PathLike[str]) -> list[_Job]:
+    try:
+        data = read_manifest_bytes(manifest)
+    except OSError as exc:
+        raise ManifestError(f"{manifest}: cannot read the manifest: {exc.strerror or exc}") from None
+    parsed = ManifestParser().parse(data, source=str(manifest), from_stdin=str(manifest) == "-")
+    folder = Path(".") if str(manifest) == "-" else Path(manifest).parent
+    by_name = {entry.name: entry for entry in parsed.entries}
     jobs = []
     for item in files:
         path = Path(item)
         key = next((k for k in (str(item), path.name, os.path.relpath(path, folder)) if k in by_name), None)
         if key is None:
             raise UsageError(f"{item}: not listed in {manifest}; nothing to compare it with")
-        jobs.append((str(item), path, by_name[key]))
+        jobs.append(_Job(str(item), path, by_name[key].sha256, by_name[key].line))
     return jobs
 
 
-def _check_one(name: str, path: Path, expected: str, *, on_bytes: object) -> FileCheck:
+def _run_jobs(jobs: Sequence[_Job], *, ignore_missing: bool = False, workers: int | None = None,
+              progress: bool | None = None) -> list[FileCheck]:
+    """Hash every distinct path once, in parallel, and turn each job into its :class:`FileCheck`."""
+    paths = list(dict.fromkeys(job.path for job in jobs if job.path is not None))
+    total = sum(_size(path) for path in paths)
+    count = max(1, min(workers or os.cpu_count() or 1, len(paths) or 1))
+    with byte_bar(total, "verify", enabled=progress) as bar:
+        with ThreadPoolExecutor(max_workers=count, thread_name_prefix="verify") as pool:
+            digests = dict(zip(paths, pool.map(lambda p: _digest(p, bar.update), paths)))
+    results = [_result(job, digests.get(job.path) if job.path is not None else None, ignore_missing=ignore_missing)
+               for job in jobs]
+    for result in results:
+        logger.debug("%s: %s %s", result.name, result.status, result.detail)
+    return results
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except OSError:
+        return 0
+
+
+def _digest(path: Path, on_bytes: Callable[[int], None]) -> _Digest:
+    if str(path) == "-":
+        return _Digest(_stream_digest(sys.stdin.buffer, on_bytes))
     try:
         with open(path, "rb") as handle:
-            head = handle.read(len(LFS_POINTER_PREFIX))
-        if head == LFS_POINTER_PREFIX and path.stat().st_size < 1024:
-            return FileCheck(name, str(path), expected, None, "FAILED",
-                             "is a Git LFS pointer file, not the data; fetch the real file")
-        actual = sha256_file(path, on_bytes=on_bytes)  # type: ignore[arg-type]
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):  # a FIFO or device has no size to plan reads by: stream it
+                return _Digest(_stream_digest(handle, on_bytes))
+            if info.st_size <= _SMALL_FILE:  # configs, manifests: no read-ahead thread and buffers for these
+                data = handle.read()
+                on_bytes(len(data))
+                pointer = info.st_size < 1024 and data.startswith(LFS_POINTER_PREFIX)
+                return _Digest(hashlib.sha256(data).hexdigest(), pointer=pointer)
+        actual = sha256_file(path, on_bytes=on_bytes)
     except OSError as exc:
-        return FileCheck(name, str(path), expected, None, "MISSING", f"cannot read: {exc.strerror or exc}")
-    status = "OK" if actual == expected else "FAILED"
-    detail = "" if status == "OK" else f"expected {expected}, got {actual}"
-    return FileCheck(name, str(path), expected, actual, status, detail)
+        return _Digest(None, exc.strerror or str(exc), missing=isinstance(exc, FileNotFoundError))
+    return _Digest(actual)
+
+
+def _stream_digest(handle: BinaryIO, on_bytes: Callable[[int], None]) -> str:
+    digest = hashlib.sha256()
+    while chunk := handle.read(IO_CHUNK_BYTES):
+        digest.update(chunk)
+        on_bytes(len(chunk))
+    return digest.hexdigest()
+
+
+def _result(job: _Job, digest: _Digest | None, *, ignore_missing: bool) -> FileCheck:
+    path = str(job.path) if job.path is not None else job.name
+    if digest is None:
+        status = "SKIPPED" if ignore_missing and job.absent else "MISSING"
+        return FileCheck(job.name, path, job.expected, None, status, job.detail, line=job.line)
+    if digest.actual is None:
+        status = "SKIPPED" if ignore_missing and digest.missing else "MISSING"
+        return FileCheck(job.name, path, job.expected, None, status, digest.error or "", line=job.line)
+    if job.expected is None:
+        return FileCheck(job.name, path, None, digest.actual, "UNVERIFIED", "no expected hash given", line=job.line)
+    if digest.actual == job.expected:
+        return FileCheck(job.name, path, job.expected, digest.actual, "OK", line=job.line)
+    note = "is a Git LFS pointer file, not the data; fetch the real file (git lfs pull)" if digest.pointer else ""
+    return FileCheck(job.name, path, job.expected, digest.actual, "FAILED",
+                     f"expected {job.expected}, got {digest.actual}", line=job.line, note=note)
 
 
 def verify_parts(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], *,

@@ -1,4 +1,8 @@
-"""``join``, ``verify``, ``split``, ``reshard`` and ``inspect``: argument parsing and printing only."""
+"""``join``, ``verify``, ``split``, ``reshard`` and ``inspect``: argument parsing and printing only.
+
+``verify`` lives in :mod:`gptq_tools.cli.verify`; its ``--structure`` and ``--parts`` print through
+:func:`_report` here.
+"""
 
 from __future__ import annotations
 
@@ -73,44 +77,9 @@ def _join(args: argparse.Namespace) -> int:
 
 
 def _register_verify(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser(
-        "verify", help="check files against SHA256s or a manifest (sha256sum -c compatible), or their structure",
-        description="Check files against --sha256 or a sha256sum-format manifest and print 'NAME: OK' or "
-                    "'NAME: FAILED' like sha256sum -c (exit 1 if any failed). --parts checks the file the parts "
-                    "would join into without writing it. --structure validates safetensors files and GPTQ "
-                    "checkpoint folders.")
-    parser.add_argument("files", nargs="*", type=Path, help="files (default: every file the manifest names)")
-    parser.add_argument("--sha256", help="expected SHA256 of the one file given")
-    parser.add_argument("-c", "--check", "--manifest", dest="manifest", type=Path,
-                        help="sha256sum-format manifest (e.g. SHA256SUMS)")
-    parser.add_argument("--parts", nargs="+", type=Path, metavar="PART",
-                        help="verify the joined file's hash straight from these parts (or a folder / one part)")
-    parser.add_argument("--part-hashes", action="store_true",
-                        help="with --parts: also hash each part on its own (automatic when the manifest lists them)")
-    parser.add_argument("--structure", action="store_true",
-                        help="validate structure: safetensors rules, GPTQ checkpoint config vs tensors")
-    parser.add_argument("--ignore-missing", action="store_true",
-                        help="skip manifest entries whose files are absent (like sha256sum --ignore-missing)")
-    parser.add_argument("--workers", type=int, help="files hashed at once (default: number of cores)")
-    parser.add_argument("--json", action="store_true", help="print results as JSON (for CI)")
-    parser.set_defaults(func=_verify)
+    from .verify import register as register_verify
 
-
-def _verify(args: argparse.Namespace) -> int:
-    from ..errors import UsageError
-    from ..verify import FileCheck, verify_files, verify_parts
-
-    if args.structure:
-        results = [_structure_check(path) for path in args.files]
-        if not results:
-            raise UsageError("--structure needs at least one file or folder")
-    elif args.parts:
-        parts: Any = args.parts[0] if len(args.parts) == 1 else args.parts
-        results = [verify_parts(parts, sha256=args.sha256, manifest=args.manifest, part_hashes=args.part_hashes)]
-    else:
-        results = verify_files(args.files, sha256=args.sha256, manifest=args.manifest, workers=args.workers,
-                               ignore_missing=args.ignore_missing)
-    return _report(results, as_json=args.json, check_type=FileCheck)
+    register_verify(subparsers)
 
 
 def _structure_check(path: Path) -> Any:
