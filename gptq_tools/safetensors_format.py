@@ -185,16 +185,16 @@ def _parse_entry(name: str, value: object, source: str) -> tuple[str, tuple[int,
         if missing:
             raise SafetensorsFormatError(f"{where}: entry has no {missing[0]!r}")
         dtype, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
-    elif isinstance(value, list) and len(value) == 3:
+    elif _is_array(value) and len(value) == 3:
         dtype, shape, offsets = value
     else:
         raise SafetensorsFormatError(f"{where}: entry is not an object with dtype, shape and data_offsets")
     dtype_name = _dtype_name(dtype)
     if dtype_name is None:
         raise SafetensorsFormatError(f"{where}: unknown dtype {_short(dtype)}")
-    if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
+    if not _is_array(shape) or not all(_is_u64(d) for d in shape):
         raise SafetensorsFormatError(f"{where}: shape {_short(shape)} is not a list of non-negative integers")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(o) for o in offsets):
+    if not _is_array(offsets) or len(offsets) != 2 or not all(_is_u64(o) for o in offsets):
         raise SafetensorsFormatError(
             f"{where}: data_offsets {_short(offsets)} is not a pair of non-negative integers")
     return dtype_name, tuple(shape), offsets[0], offsets[1]
@@ -205,6 +205,10 @@ def _dtype_name(value: object) -> str | None:
     if isinstance(value, JsonObject) and len(value) == 1 and value[0][1] is None:
         value = value[0][0]
     return value if isinstance(value, str) and value in DTYPE_BITS else None
+
+
+def _is_array(value: object) -> bool:
+    return isinstance(value, list) and not isinstance(value, JsonObject)
 
 
 def _is_u64(value: object) -> bool:

@@ -98,6 +98,9 @@ def test_build_header_round_trips(tmp_path: Path) -> None:
      "nested more than 127 levels"),
     ("list-as-dtype", lambda p: raw_safetensors(p, {"a": {"dtype": ["F32"], "shape": [0], "data_offsets": [0, 0]}}),
      r"unknown dtype \['F32'\]"),
+    ("shape-as-empty-object", lambda p: raw_safetensors(
+        p, None, header_bytes=b'{"a":{"dtype":"U8","shape":{},"data_offsets":[0,1]}}', data=b"x"),
+     "not a list of non-negative integers"),
     ("f4-half-byte", lambda p: raw_safetensors(p, {"a": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}},
                                                bytes(2)), "do not end on a byte boundary"),
     ("trailing-nul-padding", lambda p: raw_safetensors(p, None, header_bytes=b"{}\x00"), "not valid JSON"),
