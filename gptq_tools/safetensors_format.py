@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import LfsPointerError, SafetensorsFormatError
+from .errors import LfsPointerError, NotRegularFileError, SafetensorsFormatError
 from .json_strict import JsonObject, JsonRejected, loads_strict
 
 #: The reference reader refuses headers longer than this.
@@ -94,11 +95,44 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         SafetensorsFormatError: the file breaks a rule of the format (the message names the rule,
             the tensor and the byte offset).
         LfsPointerError: the file is a Git LFS pointer.
+        NotRegularFileError: ``path`` is a FIFO, device, socket or folder (nothing is read from it).
         OSError: the file cannot be read.
     """
     path = Path(path)
-    with open(path, "rb") as handle:
+    with open_regular_file(path) as handle:
         return read_header_from(handle, os.fstat(handle.fileno()).st_size, source=str(path))
+
+
+def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open ``path`` for binary reading, refusing anything but a regular file.
+
+    A FIFO would block ``open`` (and a device such as ``/dev/zero`` never ends), so the type is checked
+    with ``stat`` before opening, and again on the open descriptor (opened non-blocking) in case the
+    name was swapped in between.
+
+    Raises:
+        NotRegularFileError: ``path`` is a FIFO, device, socket or folder.
+        OSError: ``path`` cannot be opened.
+    """
+    _require_regular(os.stat(path).st_mode, path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        _require_regular(os.fstat(fd).st_mode, path)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _require_regular(mode: int, path: str | os.PathLike[str]) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file")
+    raise NotRegularFileError(f"{path}: is {kind}, not a regular file; give the path of the file itself")
 
 
 def read_header_from(stream: BinaryIO, total_size: int, *, source: str) -> SafetensorsHeader:

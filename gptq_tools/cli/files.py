@@ -97,7 +97,8 @@ def _verify(args: argparse.Namespace) -> int:
         results = [_structure_check(path) for path in args.files]
         if not results:
             raise UsageError("--structure needs at least one file or folder")
-    elif args.parts:
+        return _structure_report(results, as_json=args.json)
+    if args.parts:
         parts: Any = args.parts[0] if len(args.parts) == 1 else args.parts
         results = [verify_parts(parts, sha256=args.sha256, manifest=args.manifest, part_hashes=args.part_hashes)]
     else:
@@ -128,8 +129,28 @@ def _structure_check(path: Path) -> Any:
             header = read_header(path)
             detail = f"safetensors, {len(header.tensors)} tensors"
     except (GptqToolsError, OSError) as exc:
-        return FileCheck(str(path), str(path), None, None, "FAILED", str(exc))
+        message = str(exc)
+        prefix = f"{path}: "
+        return FileCheck(str(path), str(path), None, None, "FAILED",
+                         message[len(prefix):] if message.startswith(prefix) else message)
     return FileCheck(str(path), str(path), None, None, "OK", detail)
+
+
+def _structure_report(results: list[Any], *, as_json: bool) -> int:
+    """Print ``verify --structure`` results: a structure check computes no checksum, so none is blamed."""
+    if as_json:
+        return _report(results, as_json=True, check_type=type(results[0]))
+    failed = 0
+    for result in results:
+        if result.status == "OK":
+            print(f"{result.name}: OK ({result.detail})")
+        else:
+            failed += 1
+            print(f"{result.name}: FAILED")
+            print(f"gptq-tools: {result.name}: {result.detail}", file=sys.stderr)
+    if failed:
+        print(f"gptq-tools: WARNING: {failed} of {len(results)} failed the structure check", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _report(results: list[Any], *, as_json: bool, check_type: type) -> int:
