@@ -361,6 +361,7 @@ def _module_complete(model: nn.Module, module_name: str, device: DeviceKey,
     """All tensors of ``module_name`` are in: prepare a QuantLinear; send a disk module to the folder."""
     module = model.get_submodule(module_name)
     if isinstance(module, QuantLinear):
+        _check_scales(module_name, module.scales)
         module.prepare()
     if device == "disk":
         from accelerate.utils import offload_weight
@@ -371,6 +372,16 @@ def _module_complete(model: nn.Module, module_name: str, device: DeviceKey,
             full = f"{module_name}.{attribute}" if module_name else attribute
             offload_weight(tensor.detach(), full, str(offload_folder), index=offload_index)
             _assign(model, full, torch.empty_like(tensor, device="meta"))
+
+
+def _check_scales(module_name: str, scales: torch.Tensor) -> None:
+    """Refuse NaN or infinite scales (also those a cast to the load dtype overflowed): they poison every output."""
+    finite = torch.isfinite(scales)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise CheckpointError(
+            f"tensor {module_name}.scales: {bad} of {scales.numel()} values are NaN or infinite in {scales.dtype}; "
+            f"the checkpoint is damaged or was quantized from broken weights: download or quantize it again")
 
 
 def _load_pickled(model: nn.Module, files: CheckpointFiles, modules_map: Mapping[str, DeviceKey], *,

@@ -254,11 +254,32 @@ def check_against_checkpoint(model: nn.Module, files: CheckpointFiles, *, tied: 
             raise CheckpointError(
                 f"{folder}: tensor {name!r} has shape {tuple(entry.shape)} in the checkpoint but the config and "
                 f"quantize_config give {tuple(tensor.shape)}; check bits, group_size and the model config")
+        _check_dtype(folder, name, entry.dtype, tensor.dtype)
     known = set(expected_tensors(model))
     extra = sorted(n for n in entries if n not in known and not n.endswith(IGNORED_EXTRA_SUFFIXES))
     if extra:
         raise CheckpointError(f"{folder}: the checkpoint has {len(extra)} tensor(s) the model does not use "
                               f"(first: {extra[0]!r}); the config does not match these weights")
+
+
+#: safetensors dtype an integer tensor of the model must be stored as (no silent float-to-int casts).
+_INTEGER_STORAGE = {torch.int32: "I32", torch.int64: "I64", torch.int16: "I16", torch.int8: "I8",
+                    torch.uint8: "U8", torch.bool: "BOOL"}
+#: safetensors dtypes a floating-point tensor may be stored as (cast to the load dtype).
+_FLOAT_STORAGE = ("F16", "BF16", "F32", "F64")
+
+
+def _check_dtype(folder: Path, name: str, stored: str, wanted: torch.dtype) -> None:
+    """Raise CheckpointError when ``name`` is stored as a dtype that loading would have to cast wrongly."""
+    expected = _INTEGER_STORAGE.get(wanted)
+    if expected is not None and stored != expected:
+        raise CheckpointError(
+            f"{folder}: tensor {name!r} is stored as {stored} but must be {expected} (packed integers); the "
+            f"checkpoint was written wrongly or converted by a tool that changed its dtype")
+    if wanted.is_floating_point and stored not in _FLOAT_STORAGE:
+        raise CheckpointError(
+            f"{folder}: tensor {name!r} is stored as {stored} but must be a float dtype "
+            f"({', '.join(_FLOAT_STORAGE)}); the checkpoint was written wrongly")
 
 
 def quantized_in_checkpoint(arch: ArchSpec, num_layers: int, files: CheckpointFiles) -> set[str]:
