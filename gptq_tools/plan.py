@@ -31,11 +31,13 @@ import torch
 from torch import nn
 
 from .architectures import ArchSpec, get_arch
+from .config_check import check_config_against_headers, validate_model_config
 from .errors import CheckpointError, PlacementError, UsageError
 from .model_files import (
     CheckpointFiles,
     QuantizeSettings,
     find_checkpoint_files,
+    read_json,
     read_quantize_settings,
     settings_from_dict,
 )
@@ -171,7 +173,10 @@ def config_from_dict(model_config: dict[str, Any]) -> Any:
     model_type = model_config.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise UsageError(f"model_type {model_type!r} is unknown to transformers")
-    return CONFIG_MAPPING[model_type](**{k: v for k, v in model_config.items() if k != "model_type"})
+    try:
+        return CONFIG_MAPPING[model_type](**{k: v for k, v in model_config.items() if k != "model_type"})
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"model_config of type {model_type!r} is invalid ({exc})") from None
 
 
 def build_meta_model(config: Any, settings: QuantizeSettings, *, dtype: torch.dtype = torch.float16,
@@ -653,6 +658,7 @@ def load_layout(source: str | Path, *, options: PlanOptions, branch: str | None 
     if branch_info is None:
         raise UsageError(f"preset {preset.name!r} has no branch {branch!r}; known: {', '.join(preset.branches)}")
     settings = settings_from_dict(branch_info.get("quantize_config", {}), source=f"preset {preset.name}")
+    validate_model_config(preset.model_config, source=f"preset {preset.name} model_config")
     model, arch, _ = build_meta_model(config_from_dict(preset.model_config), settings, dtype=options.dtype,
                                       kernel=options.kernel)
     return layout_from_model(model, arch, settings, source=f"preset {preset.name}", kernel=options.kernel), None
@@ -666,10 +672,19 @@ def build_checkpoint_model(folder: Path, *, dtype: torch.dtype, kernel: str = "t
 
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json; the folder is not a model checkpoint")
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    # Check the config's sizes (and against the headers) before a model is built from them.
+    raw_config = read_json(folder / "config.json")
+    validate_model_config(raw_config, source=str(folder / "config.json"))
     settings = read_quantize_settings(folder)
     files = find_checkpoint_files(folder, base_name=settings.model_file_base_name, allow_pickle=allow_pickle)
+    try:  # parsing only: nothing is sized from the config yet
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (TypeError, KeyError) as exc:
+        raise CheckpointError(f"{folder / 'config.json'}: transformers cannot read it ({exc}); the config is "
+                              f"corrupt") from None
     arch = get_arch(getattr(config, "model_type", None), source=str(folder))
+    if files.layout != "pickle":
+        check_config_against_headers(raw_config, arch, files.entries, source=str(folder))
     quantized = None
     if files.layout != "pickle":
         num_layers = _num_layers(config)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import torch
 from gptq_tools.cli import main as cli_main
 from gptq_tools.errors import CheckpointError, NotRegularFileError
 from gptq_tools.load import load_quantized
+from gptq_tools.plan import plan_placement
 from gptq_tools.safetensors_format import read_header
 
 from .helpers import random_model_file, raw_safetensors
@@ -103,3 +106,57 @@ def test_bad_tensor_values_are_refused_with_the_tensor_name(tmp_path: Path, tiny
     _rewrite_tensor(folder / tiny_opt.weight_name, name, change)
     with pytest.raises(CheckpointError, match=message):
         load_quantized(folder, dtype=torch.float16, verify_hash=False)
+
+
+def _lying_copy(tmp_path: Path, checkpoint: TinyCheckpoint, file: str, changes: dict[str, object]) -> Path:
+    folder = Path(shutil.copytree(checkpoint.folder, tmp_path / "ckpt"))
+    data = json.loads((folder / file).read_text())
+    data.update(changes)
+    (folder / file).write_text(json.dumps(data))
+    return folder
+
+
+@pytest.mark.parametrize(("file", "changes", "message"), [
+    ("config.json", {"num_attention_heads": 0}, r"num_attention_heads=0 is out of range \[1, 65536\]"),
+    ("config.json", {"hidden_size": 1e9}, "hidden_size must be an integer, got 1000000000.0"),
+    ("config.json", {"hidden_size": 10**9}, r"hidden_size=1000000000 is out of range"),
+    ("config.json", {"num_hidden_layers": 10**6}, r"num_hidden_layers=1000000 is out of range"),
+    ("config.json", {"num_hidden_layers": 1000}, "config.json says 1000 layers but the weights hold 2"),
+    ("config.json", {"vocab_size": -5}, r"vocab_size=-5 is out of range"),
+    ("config.json", {"vocab_size": 97}, r"implies model.decoder.embed_tokens.weight of shape \(97, 64\)"),
+    ("config.json", {"ffn_dim": "256"}, "ffn_dim must be an integer, got '256'"),
+    ("config.json", {"num_attention_heads": 5}, "hidden size 64 is not a multiple of the 5 attention heads"),
+    ("config.json", {"model_type": 5}, "model_type must be a non-empty string"),
+    ("quantize_config.json", {"bits": "four"}, r"bits='four' is not supported"),
+    ("quantize_config.json", {"bits": 4.0}, r"bits=4.0 is not supported"),
+    ("quantize_config.json", {"bits": 5}, r"bits=5 is not supported"),
+    ("quantize_config.json", {"group_size": 0}, r"group_size=0 is invalid"),
+    ("quantize_config.json", {"group_size": 12.5}, r"group_size=12.5 is invalid"),
+    ("quantize_config.json", {"desc_act": "yes"}, r"desc_act='yes' must be true or false"),
+    ("quantize_config.json", {"model_file_base_name": "../x"}, r"model_file_base_name='../x' must be a plain file"),
+])
+def test_lying_configs_are_refused_before_anything_is_built(tmp_path: Path, tiny_opt: TinyCheckpoint,
+                                                            monkeypatch: pytest.MonkeyPatch, file: str,
+                                                            changes: dict[str, object], message: str) -> None:
+    import gptq_tools.plan as plan_module
+
+    folder = _lying_copy(tmp_path, tiny_opt, file, changes)
+
+    def must_not_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was built from a lying config")
+
+    monkeypatch.setattr(plan_module, "build_meta_model", must_not_build)
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match=message):
+        plan_placement(folder, max_memory="cpu=10GiB")
+    assert time.perf_counter() - started < 1.0
+
+
+def test_plan_cli_gives_one_line_for_a_lying_config(tmp_path: Path, tiny_opt: TinyCheckpoint,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _lying_copy(tmp_path, tiny_opt, "config.json", {"num_hidden_layers": 10**6})
+    assert cli_main(["plan", str(folder), "--max-memory", "cpu=10GiB"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"gptq-tools: error: {folder / 'config.json'}: num_hidden_layers=1000000 is out of range [1, 16384]; the "
+        f"config is corrupt"]
