@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -160,3 +161,42 @@ def test_plan_cli_gives_one_line_for_a_lying_config(tmp_path: Path, tiny_opt: Ti
     assert captured.err.splitlines() == [
         f"gptq-tools: error: {folder / 'config.json'}: num_hidden_layers=1000000 is out of range [1, 16384]; the "
         f"config is corrupt"]
+
+
+HOSTILE_HEADERS = {
+    "5000-digit-integer": (b'{"a":{"dtype":"U8","shape":[1' + b"0" * 5000 + b'],"data_offsets":[0,0]}}',
+                           "number out of range"),
+    "100000-levels": (b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested more than 127 levels"),
+    "list-as-dtype": (b'{"a":{"dtype":["F32"],"shape":[0],"data_offsets":[0,0]}}', r"unknown dtype \['F32'\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_HEADERS))
+@pytest.mark.parametrize("command", ["verify", "inspect", "join"])
+def test_hostile_headers_give_one_line_in_every_command(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        case: str, command: str) -> None:
+    header, message = HOSTILE_HEADERS[case]
+    if command == "join":
+        whole = raw_safetensors(tmp_path / "whole.safetensors", None, header_bytes=header)
+        blob = whole.read_bytes()
+        half = len(blob) // 2
+        parts = [tmp_path / f"model.JOINBEFOREUSE.split-{c}.safetensors" for c in "ab"]
+        parts[0].write_bytes(blob[:half])
+        parts[1].write_bytes(blob[half:])
+        whole.unlink()
+        args = ["join", *map(str, parts), "-o", str(tmp_path / "model.safetensors")]
+    else:
+        path = raw_safetensors(tmp_path / "model.safetensors", None, header_bytes=header)
+        args = ["verify", "--structure", str(path)] if command == "verify" else ["inspect", str(path)]
+    started = time.perf_counter()
+    code = cli_main(args)
+    elapsed = time.perf_counter() - started
+    captured = capsys.readouterr()
+    assert code != 0
+    assert elapsed < 2.0
+    errors = [line for line in captured.err.splitlines() if "WARNING" not in line]
+    assert len(errors) == 1 and re.search(message, errors[0]) if command != "inspect" else \
+        re.search(message, captured.out)
+    assert "Traceback" not in captured.err
+    if command == "join":
+        assert not (tmp_path / "model.safetensors").exists()

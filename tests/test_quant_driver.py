@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from safetensors import safe_open
 from gptq_tools.cli import main as cli_main
 from gptq_tools.errors import (
     CalibrationError,
+    CheckpointError,
     InsufficientSpaceError,
     OutputExistsError,
     QuantizationError,
@@ -256,6 +258,20 @@ def test_cuda_device_without_cuda_fails_in_one_line_before_the_staging_folder(
     with pytest.raises(UsageError, match="--device 'gpu0' is not a device name"):
         quantize_model(tiny_models["opt"], out, calibration=tiny_models["opt"] / "train.txt", device="gpu0", **FAST)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lying_source_config_fails_before_a_model_is_built(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    model = Path(shutil.copytree(tiny_models["opt"], tmp_path / "model"))
+    config = json.loads((model / "config.json").read_text())
+    config["num_hidden_layers"] = 10**6
+    (model / "config.json").write_text(json.dumps(config))
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match=r"config.json: num_hidden_layers=1000000 is out of range"):
+        quantize_model(model, tmp_path / "out", calibration=model / "train.txt", **FAST)
+    assert time.perf_counter() - started < 1.0
+    assert not (tmp_path / "out").exists()
 
 
 def test_nan_weights_are_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
