@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo bench bench-join bench-download bench-load bench-quant venv-gptqmodel lint clean
+.PHONY: install test test-slow demo fuzz bench bench-join bench-download bench-load bench-quant venv-gptqmodel lint clean
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+# Differential fuzzing of the safetensors validator against the reference reader, 100,000+ cases
+# (the test suite runs a few thousand with a fixed seed). FUZZ_CASES=N to change the count.
+FUZZ_CASES ?= 100000
+fuzz: $(STAMP)
+	$(PY) scripts/fuzz_safetensors.py --cases $(FUZZ_CASES)
 
 bench: bench-join bench-download bench-load bench-quant
 

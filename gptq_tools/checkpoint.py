@@ -73,7 +73,7 @@ def validate_checkpoint(folder: str | os.PathLike[str], *, raise_on_error: bool 
 
 def _check_quantize_config(qconfig: dict[str, Any], problems: list[str]) -> tuple[int | None, int | None]:
     bits, group_size = qconfig.get("bits"), qconfig.get("group_size")
-    if bits not in SUPPORTED_BITS:
+    if type(bits) is not int or bits not in SUPPORTED_BITS:
         problems.append(f"quantize_config: bits={bits!r} is not one of {SUPPORTED_BITS}")
         bits = None
     if not isinstance(group_size, int) or isinstance(group_size, bool) or not (group_size == -1 or group_size > 0):

@@ -57,6 +57,10 @@ class SafetensorsFormatError(GptqToolsError, ValueError):
     """A safetensors file breaks one of the format's rules."""
 
 
+class NotRegularFileError(GptqToolsError, OSError):
+    """A FIFO, device, socket or folder was given where a regular file must be read."""
+
+
 class CheckpointError(GptqToolsError, ValueError):
     """A GPTQ checkpoint is inconsistent (config vs tensors, missing shards, ...)."""
 

@@ -86,8 +86,9 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
         seq_len: sequence length (prompt plus new tokens) the headroom is reserved for.
         cuda_context: memory the CUDA context takes per GPU (bare numbers are GiB).
         verify_hash: check the weights' SHA256 when ``expected_sha256``, a ``SHA256SUMS`` manifest beside the
-            weights, ``preset``, or (without ``preset``) any preset publishing a hash for that file name
-            gives it.
+            weights, ``preset``, or (without ``preset``) the preset of the repository that gptq-tools'
+            own download recorded in the folder gives it. A preset never applies to a folder merely
+            because a file has the name it publishes a hash for.
         expected_sha256: the SHA256 of the (joined) weight file.
         preset: a preset whose published hash applies to the weight file.
         allow_pickle: accept pickled weights when there are no safetensors (unsafe; off by default).
@@ -221,14 +222,12 @@ def _expected_hash(files: CheckpointFiles, *, expected_sha256: str | None, prese
             raise UsageError("expected_sha256 applies to a single weight file (or parts); this checkpoint is sharded, "
                              "use a SHA256SUMS manifest instead")
         return {files.files[0].label: expected_sha256.lower()}
-    from .presets import list_presets, load_preset
-
     hashes: dict[str, str] = {}
-    # the named preset, else any preset that publishes a hash for a file of this name
-    for candidate in [preset] if preset else list_presets():
-        loaded = load_preset(candidate)
+    # A preset's hash is for its repository's file, not for every file of that (very common) name:
+    # it applies only to the preset the caller named, or to one our own download recorded here.
+    for loaded, branches in _presets_for_folder(files.folder, preset):
         for wf in files.files:
-            digest = next((loaded.expected_sha256(wf.label, branch) for branch in loaded.branches
+            digest = next((loaded.expected_sha256(wf.label, branch) for branch in branches
                            if loaded.expected_sha256(wf.label, branch)), None)
             if digest and wf.label not in hashes:
                 hashes[wf.label] = digest.lower()
@@ -239,6 +238,29 @@ def _expected_hash(files: CheckpointFiles, *, expected_sha256: str | None, prese
         entries = parse_manifest(manifest)
         hashes.update({wf.label: entries[wf.label].lower() for wf in files.files if wf.label in entries})
     return hashes
+
+
+def _presets_for_folder(folder: Path, preset: str | None) -> list[tuple[Any, list[str]]]:
+    """(preset, branches) whose published hashes apply to ``folder``.
+
+    The named ``preset`` (every branch), else each preset whose repository gptq-tools' own download
+    recorded in ``folder`` (only the branches recorded), else none.
+    """
+    from .hub.state import LocalState
+    from .presets import list_presets, load_preset
+
+    if preset:
+        loaded = load_preset(preset)
+        return [(loaded, list(loaded.branches))]
+    state = LocalState(folder)
+    found = []
+    for name in list_presets():
+        loaded = load_preset(name)
+        branches = [branch for branch in loaded.branches
+                    if (state.load_listing(branch) or {}).get("repo_id") == loaded.repo_id]
+        if branches:
+            found.append((loaded, branches))
+    return found
 
 
 def _verify_weights(files: CheckpointFiles, *, expected_sha256: str | None, preset: str | None) -> None:
@@ -339,6 +361,7 @@ def _module_complete(model: nn.Module, module_name: str, device: DeviceKey,
     """All tensors of ``module_name`` are in: prepare a QuantLinear; send a disk module to the folder."""
     module = model.get_submodule(module_name)
     if isinstance(module, QuantLinear):
+        _check_scales(module_name, module.scales)
         module.prepare()
     if device == "disk":
         from accelerate.utils import offload_weight
@@ -349,6 +372,16 @@ def _module_complete(model: nn.Module, module_name: str, device: DeviceKey,
             full = f"{module_name}.{attribute}" if module_name else attribute
             offload_weight(tensor.detach(), full, str(offload_folder), index=offload_index)
             _assign(model, full, torch.empty_like(tensor, device="meta"))
+
+
+def _check_scales(module_name: str, scales: torch.Tensor) -> None:
+    """Refuse NaN or infinite scales (also those a cast to the load dtype overflowed): they poison every output."""
+    finite = torch.isfinite(scales)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise CheckpointError(
+            f"tensor {module_name}.scales: {bad} of {scales.numel()} values are NaN or infinite in {scales.dtype}; "
+            f"the checkpoint is damaged or was quantized from broken weights: download or quantize it again")
 
 
 def _load_pickled(model: nn.Module, files: CheckpointFiles, modules_map: Mapping[str, DeviceKey], *,

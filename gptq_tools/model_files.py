@@ -65,16 +65,24 @@ def settings_from_dict(data: dict[str, Any], *, source: str) -> QuantizeSettings
     """Validate a ``quantize_config`` dict.
 
     Raises:
-        CheckpointError: unsupported bits, group size or checkpoint format (named with ``source``).
+        CheckpointError: a field of the wrong type (bits ``"four"``, desc_act ``"yes"``), unsupported bits,
+            group size or checkpoint format (named with ``source``).
     """
-    bits = int(data.get("bits", 4))
-    group_size = int(data.get("group_size", 128))
-    checkpoint_format = str(data.get("checkpoint_format") or data.get("format") or "gptq")
-    if bits not in SUPPORTED_BITS:
-        raise CheckpointError(f"{source}: bits={bits} is not supported; use one of {SUPPORTED_BITS}")
-    if group_size == 0 or group_size < -1:
-        raise CheckpointError(f"{source}: group_size={group_size} is invalid; use -1 or a positive number")
-    if checkpoint_format not in CHECKPOINT_FORMATS:
+    bits, group_size = data.get("bits", 4), data.get("group_size", 128)
+    checkpoint_format = data.get("checkpoint_format") or data.get("format") or "gptq"
+    if type(bits) is not int or bits not in SUPPORTED_BITS:
+        raise CheckpointError(f"{source}: bits={bits!r} is not supported; use one of {SUPPORTED_BITS}")
+    if type(group_size) is not int or group_size == 0 or group_size < -1:
+        raise CheckpointError(f"{source}: group_size={group_size!r} is invalid; use -1 or a positive integer")
+    for flag in ("desc_act", "sym", "static_groups", "true_sequential"):
+        if data.get(flag) is not None and not isinstance(data[flag], bool):
+            raise CheckpointError(f"{source}: {flag}={data[flag]!r} must be true or false")
+    base_name = data.get("model_file_base_name")
+    if base_name is not None and (not isinstance(base_name, str) or base_name in ("", ".", "..")
+                                  or any(c in base_name for c in "/\\\0")):
+        raise CheckpointError(f"{source}: model_file_base_name={base_name!r} must be a plain file name "
+                              f"(no folders)")
+    if not isinstance(checkpoint_format, str) or checkpoint_format not in CHECKPOINT_FORMATS:
         raise CheckpointError(f"{source}: checkpoint_format {checkpoint_format!r} is not supported; use one of "
                               f"{CHECKPOINT_FORMATS}")
     method = data.get("quant_method", "gptq")

@@ -242,8 +242,9 @@ def check_safetensors_parts(part_set: PartSet) -> int:
 
 def _declared_size(reader: MultiPartReader) -> int | None:
     """The file size a safetensors header declares (8 + N + end of the last tensor), or None."""
-    import json
     import struct
+
+    from .json_strict import JsonRejected, loads_strict
 
     reader.seek(0)
     prefix = reader.read(8)
@@ -252,10 +253,12 @@ def _declared_size(reader: MultiPartReader) -> int | None:
     (header_len,) = struct.unpack("<Q", prefix)
     if header_len > 100_000_000 or 8 + header_len > reader.size:
         return None
-    try:
-        document = json.loads(reader.read(header_len))
-        ends = [v["data_offsets"][1] for k, v in document.items() if k != "__metadata__"]
-    except (ValueError, KeyError, TypeError, IndexError):
+    try:  # bounded, like the validator: a hostile header must not recurse or take minutes here either
+        document = loads_strict(reader.read(header_len))
+        ends = [dict(v)["data_offsets"][1] for k, v in document if k != "__metadata__"]  # type: ignore[union-attr]
+    except (JsonRejected, ValueError, KeyError, TypeError, IndexError):
+        return None
+    if not all(type(end) is int for end in ends):
         return None
     return 8 + header_len + max(ends, default=0)
 

@@ -31,11 +31,13 @@ import torch
 from torch import nn
 
 from .architectures import ArchSpec, get_arch
+from .config_check import check_config_against_headers, validate_model_config
 from .errors import CheckpointError, PlacementError, UsageError
 from .model_files import (
     CheckpointFiles,
     QuantizeSettings,
     find_checkpoint_files,
+    read_json,
     read_quantize_settings,
     settings_from_dict,
 )
@@ -171,7 +173,10 @@ def config_from_dict(model_config: dict[str, Any]) -> Any:
     model_type = model_config.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise UsageError(f"model_type {model_type!r} is unknown to transformers")
-    return CONFIG_MAPPING[model_type](**{k: v for k, v in model_config.items() if k != "model_type"})
+    try:
+        return CONFIG_MAPPING[model_type](**{k: v for k, v in model_config.items() if k != "model_type"})
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"model_config of type {model_type!r} is invalid ({exc})") from None
 
 
 def build_meta_model(config: Any, settings: QuantizeSettings, *, dtype: torch.dtype = torch.float16,
@@ -254,11 +259,32 @@ def check_against_checkpoint(model: nn.Module, files: CheckpointFiles, *, tied: 
             raise CheckpointError(
                 f"{folder}: tensor {name!r} has shape {tuple(entry.shape)} in the checkpoint but the config and "
                 f"quantize_config give {tuple(tensor.shape)}; check bits, group_size and the model config")
+        _check_dtype(folder, name, entry.dtype, tensor.dtype)
     known = set(expected_tensors(model))
     extra = sorted(n for n in entries if n not in known and not n.endswith(IGNORED_EXTRA_SUFFIXES))
     if extra:
         raise CheckpointError(f"{folder}: the checkpoint has {len(extra)} tensor(s) the model does not use "
                               f"(first: {extra[0]!r}); the config does not match these weights")
+
+
+#: safetensors dtype an integer tensor of the model must be stored as (no silent float-to-int casts).
+_INTEGER_STORAGE = {torch.int32: "I32", torch.int64: "I64", torch.int16: "I16", torch.int8: "I8",
+                    torch.uint8: "U8", torch.bool: "BOOL"}
+#: safetensors dtypes a floating-point tensor may be stored as (cast to the load dtype).
+_FLOAT_STORAGE = ("F16", "BF16", "F32", "F64")
+
+
+def _check_dtype(folder: Path, name: str, stored: str, wanted: torch.dtype) -> None:
+    """Raise CheckpointError when ``name`` is stored as a dtype that loading would have to cast wrongly."""
+    expected = _INTEGER_STORAGE.get(wanted)
+    if expected is not None and stored != expected:
+        raise CheckpointError(
+            f"{folder}: tensor {name!r} is stored as {stored} but must be {expected} (packed integers); the "
+            f"checkpoint was written wrongly or converted by a tool that changed its dtype")
+    if wanted.is_floating_point and stored not in _FLOAT_STORAGE:
+        raise CheckpointError(
+            f"{folder}: tensor {name!r} is stored as {stored} but must be a float dtype "
+            f"({', '.join(_FLOAT_STORAGE)}); the checkpoint was written wrongly")
 
 
 def quantized_in_checkpoint(arch: ArchSpec, num_layers: int, files: CheckpointFiles) -> set[str]:
@@ -632,6 +658,7 @@ def load_layout(source: str | Path, *, options: PlanOptions, branch: str | None 
     if branch_info is None:
         raise UsageError(f"preset {preset.name!r} has no branch {branch!r}; known: {', '.join(preset.branches)}")
     settings = settings_from_dict(branch_info.get("quantize_config", {}), source=f"preset {preset.name}")
+    validate_model_config(preset.model_config, source=f"preset {preset.name} model_config")
     model, arch, _ = build_meta_model(config_from_dict(preset.model_config), settings, dtype=options.dtype,
                                       kernel=options.kernel)
     return layout_from_model(model, arch, settings, source=f"preset {preset.name}", kernel=options.kernel), None
@@ -645,10 +672,19 @@ def build_checkpoint_model(folder: Path, *, dtype: torch.dtype, kernel: str = "t
 
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json; the folder is not a model checkpoint")
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    # Check the config's sizes (and against the headers) before a model is built from them.
+    raw_config = read_json(folder / "config.json")
+    validate_model_config(raw_config, source=str(folder / "config.json"))
     settings = read_quantize_settings(folder)
     files = find_checkpoint_files(folder, base_name=settings.model_file_base_name, allow_pickle=allow_pickle)
+    try:  # parsing only: nothing is sized from the config yet
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (TypeError, KeyError) as exc:
+        raise CheckpointError(f"{folder / 'config.json'}: transformers cannot read it ({exc}); the config is "
+                              f"corrupt") from None
     arch = get_arch(getattr(config, "model_type", None), source=str(folder))
+    if files.layout != "pickle":
+        check_config_against_headers(raw_config, arch, files.entries, source=str(folder))
     quantized = None
     if files.layout != "pickle":
         num_layers = _num_layers(config)

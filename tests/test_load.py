@@ -240,19 +240,46 @@ def test_checkpoint_files_are_never_modified(tmp_path: Path) -> None:
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before == checkpoint.sha256
 
 
-def test_preset_hash_applies_to_a_file_of_that_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "opt")
+def _tiny_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, digest: str) -> None:
     presets = tmp_path / "configs" / "presets"
-    presets.mkdir(parents=True)
-    preset = {"name": "tiny", "repo_id": "test/tiny",
-              "branches": {"main": {"files": {checkpoint.weight_name: {"sha256": "e" * 64}}}}}
+    presets.mkdir(parents=True, exist_ok=True)
+    preset = {"name": "tiny", "repo_id": "test/tiny", "branches": {"main": {"files": {name: {"sha256": digest}}}}}
     (presets / "tiny.json").write_text(json.dumps(preset))
     monkeypatch.setenv("GPTQ_TOOLS_CONFIGS", str(tmp_path / "configs"))
+
+
+def test_preset_hash_does_not_apply_to_any_file_of_that_name(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # AutoGPTQ's standard name (our own quantize --single-file writes it): a preset publishing a hash for
+    # that name must not condemn every such checkpoint as damaged.
+    checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "opt")
+    _tiny_preset(tmp_path, monkeypatch, checkpoint.weight_name, "e" * 64)
+    load_quantized(checkpoint.folder)
+
+
+def test_named_preset_hash_applies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "opt")
+    _tiny_preset(tmp_path, monkeypatch, checkpoint.weight_name, "e" * 64)
     with pytest.raises(ChecksumMismatchError, match="expected " + "e" * 64):
-        load_quantized(checkpoint.folder)
-    preset["branches"]["main"]["files"][checkpoint.weight_name]["sha256"] = checkpoint.sha256
-    (presets / "tiny.json").write_text(json.dumps(preset))
+        load_quantized(checkpoint.folder, preset="tiny")
+    _tiny_preset(tmp_path, monkeypatch, checkpoint.weight_name, checkpoint.sha256)
     load_quantized(checkpoint.folder, preset="tiny")
+
+
+@pytest.mark.parametrize(("recorded_repo", "refused"), [("test/tiny", True), ("someone/else", False)])
+def test_preset_hash_applies_where_our_download_recorded_its_repository(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recorded_repo: str, refused: bool) -> None:
+    from gptq_tools.hub.state import LocalState
+
+    checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "opt")
+    _tiny_preset(tmp_path, monkeypatch, checkpoint.weight_name, "e" * 64)
+    LocalState(checkpoint.folder).save_listing("main", {"repo_id": recorded_repo, "commit": "c" * 40,
+                                                        "endpoint": "", "files": []})
+    if refused:
+        with pytest.raises(ChecksumMismatchError, match="expected " + "e" * 64):
+            load_quantized(checkpoint.folder)
+    else:
+        load_quantized(checkpoint.folder)
 
 
 def test_explicit_device_map_must_cover_every_module(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from safetensors import safe_open
 from gptq_tools.cli import main as cli_main
 from gptq_tools.errors import (
     CalibrationError,
+    CheckpointError,
     InsufficientSpaceError,
     OutputExistsError,
     QuantizationError,
@@ -224,6 +226,52 @@ def test_bad_input_messages(tiny_models: dict[str, Path], tmp_path: Path) -> Non
     with pytest.raises(UnsupportedArchitectureError, match="architecture 't5' is not supported; supported model types: "
                                                            "bloom, gpt2, gpt_neox, llama"):
         quantize_model(other, tmp_path / "e", calibration=calib, **FAST)
+
+
+@pytest.mark.parametrize("bad_id", [512, 10**6, -1])
+def test_calibration_ids_outside_the_vocabulary_fail_before_the_staging_folder(
+        tiny_models: dict[str, Path], tmp_path: Path, bad_id: int) -> None:
+    from safetensors.torch import save_file
+
+    calib = tmp_path / "ids.safetensors"
+    ids = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0))
+    ids[3, 5] = bad_id
+    save_file({"input_ids": ids}, str(calib))
+    out = tmp_path / "out"
+    with pytest.raises(CalibrationError, match=rf"ids.safetensors: token id {bad_id} is outside the vocabulary of "
+                                               rf".* \(512 ids, 0 to 511\); the calibration was tokenized for another"):
+        quantize_model(tiny_models["opt"], out, calibration=calib, **FAST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.safetensors"]  # no staging folder, no output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_device_without_cuda_fails_in_one_line_before_the_staging_folder(
+        tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code = cli_main(["quantize", str(tiny_models["opt"]), "-o", str(out), "--calibration",
+                     str(tiny_models["opt"] / "train.txt"), "--device", "cuda"])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"gptq-tools: error: --device cuda: this machine has no CUDA device (torch {torch.__version__}"
+        f"{'' if torch.version.cuda else ', built without CUDA'}); use --device cpu or run where a GPU is visible"]
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UsageError, match="--device 'gpu0' is not a device name"):
+        quantize_model(tiny_models["opt"], out, calibration=tiny_models["opt"] / "train.txt", device="gpu0", **FAST)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lying_source_config_fails_before_a_model_is_built(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    model = Path(shutil.copytree(tiny_models["opt"], tmp_path / "model"))
+    config = json.loads((model / "config.json").read_text())
+    config["num_hidden_layers"] = 10**6
+    (model / "config.json").write_text(json.dumps(config))
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match=r"config.json: num_hidden_layers=1000000 is out of range"):
+        quantize_model(model, tmp_path / "out", calibration=model / "train.txt", **FAST)
+    assert time.perf_counter() - started < 1.0
+    assert not (tmp_path / "out").exists()
 
 
 def test_nan_weights_are_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:

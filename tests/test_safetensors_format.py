@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ def test_build_header_round_trips(tmp_path: Path) -> None:
     ("header-past-end", lambda p: p.write_bytes(struct.pack("<Q", 500) + b"{}"), "runs past the end"),
     ("not-json", lambda p: raw_safetensors(p, None, header_bytes=b"{not json}"), "not valid JSON"),
     ("not-utf8", lambda p: raw_safetensors(p, None, header_bytes=b'{"\xff":1}'), "not valid UTF-8"),
-    ("no-brace", lambda p: raw_safetensors(p, None, header_bytes=b"[1, 2]  "), "does not start with '{'"),
+    ("no-brace", lambda p: raw_safetensors(p, None, header_bytes=b"[1, 2]  "), "header JSON is not an object"),
     ("gap", lambda p: raw_safetensors(p, {"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
                                           "b": {"dtype": "U8", "shape": [2], "data_offsets": [4, 6]}}, bytes(6)),
      "gap of 2 bytes after tensor 'a'"),
@@ -65,6 +66,44 @@ def test_build_header_round_trips(tmp_path: Path) -> None:
     ("overflow", lambda p: raw_safetensors(p, {"a": {"dtype": "F32", "shape": [2**40, 2**40],
                                                      "data_offsets": [0, 1]}}, bytes(1)), "overflows"),
     ("bad-metadata", lambda p: raw_safetensors(p, {"__metadata__": {"k": 1}}), "__metadata__ must map strings"),
+    # Cases where Python's json module alone would accept what the reference reader refuses:
+    ("duplicate-metadata", lambda p: raw_safetensors(p, None, header_bytes=b'{"__metadata__":{},"__metadata__":{}}'),
+     "__metadata__ twice"),
+    ("duplicate-field", lambda p: raw_safetensors(
+        p, None, header_bytes=b'{"a":{"dtype":"U8","dtype":"U8","shape":[1],"data_offsets":[0,1]}}', data=b"x"),
+     "field 'dtype' appears twice"),
+    ("overflow-before-zero", lambda p: raw_safetensors(
+        p, {"a": {"dtype": "U8", "shape": [2**32, 2**32, 0], "data_offsets": [0, 0]}}), "overflows the byte size"),
+    ("dim-2**64", lambda p: raw_safetensors(p, {"a": {"dtype": "U8", "shape": [2**64, 0], "data_offsets": [0, 0]}}),
+     "not a list of non-negative integers"),
+    ("dim-minus-zero", lambda p: raw_safetensors(
+        p, None, header_bytes=b'{"a":{"dtype":"U8","shape":[-0],"data_offsets":[0,0]}}'),
+     "not a list of non-negative integers"),
+    ("lone-surrogate", lambda p: raw_safetensors(
+        p, None, header_bytes=b'{"\\ud800":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}'), "lone surrogate"),
+    ("nan-extra-field", lambda p: raw_safetensors(
+        p, None, header_bytes=b'{"a":{"dtype":"U8","x":NaN,"shape":[0],"data_offsets":[0,0]}}'), "NaN is not JSON"),
+    ("infinity-extra-field", lambda p: raw_safetensors(
+        p, None, header_bytes=b'{"a":{"dtype":"U8","x":-Infinity,"shape":[0],"data_offsets":[0,0]}}'),
+     "-Infinity is not JSON"),
+    ("deep-nesting", lambda p: raw_safetensors(
+        p, None,
+        header_bytes=b'{"a":{"dtype":"U8","x":' + b"[" * 126 + b"]" * 126 + b',"shape":[0],"data_offsets":[0,0]}}'),
+     "nested more than 127 levels"),
+    ("5000-digit-integer", lambda p: raw_safetensors(
+        p, None, header_bytes=b'{"a":{"dtype":"U8","shape":[1' + b"0" * 5000 + b'],"data_offsets":[0,0]}}'),
+     "number out of range"),
+    ("100000-levels", lambda p: raw_safetensors(
+        p, None, header_bytes=b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+     "nested more than 127 levels"),
+    ("list-as-dtype", lambda p: raw_safetensors(p, {"a": {"dtype": ["F32"], "shape": [0], "data_offsets": [0, 0]}}),
+     r"unknown dtype \['F32'\]"),
+    ("shape-as-empty-object", lambda p: raw_safetensors(
+        p, None, header_bytes=b'{"a":{"dtype":"U8","shape":{},"data_offsets":[0,1]}}', data=b"x"),
+     "not a list of non-negative integers"),
+    ("f4-half-byte", lambda p: raw_safetensors(p, {"a": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}},
+                                               bytes(2)), "do not end on a byte boundary"),
+    ("trailing-nul-padding", lambda p: raw_safetensors(p, None, header_bytes=b"{}\x00"), "not valid JSON"),
 ])
 def test_invalid_files_are_refused_with_the_reason(tmp_path: Path, name: str, build: object, message: str) -> None:
     path = tmp_path / f"{name}.safetensors"
@@ -72,6 +111,37 @@ def test_invalid_files_are_refused_with_the_reason(tmp_path: Path, name: str, bu
     with pytest.raises(SafetensorsFormatError, match=message) as excinfo:
         read_header(path)
     assert str(path) in str(excinfo.value)
+    with pytest.raises(Exception):  # noqa: B017, PT011 (the reference reader refuses it too, in its own words)
+        safetensors.safe_open(str(path), "numpy")
+
+
+@pytest.mark.parametrize(("name", "header", "data"), [
+    ("whitespace-before-brace", b' \n\t\r{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}', b"x"),
+    ("f4", b'{"a":{"dtype":"F4","shape":[2,3],"data_offsets":[0,3]}}', bytes(3)),
+    ("f6", b'{"a":{"dtype":"F6_E3M2","shape":[4],"data_offsets":[0,3]}}', bytes(3)),
+    ("fnuz", b'{"a":{"dtype":"F8_E4M3FNUZ","shape":[2],"data_offsets":[0,2]}}', bytes(2)),
+    ("zero-before-large-dims", b'{"a":{"dtype":"U8","shape":[0,4294967296,4294967296],"data_offsets":[0,0]}}', b""),
+    ("dim-u64-max-with-zero", b'{"a":{"dtype":"U8","shape":[18446744073709551615,0],"data_offsets":[0,0]}}', b""),
+    ("duplicate-name-last-wins", b'{"a":{"dtype":"U8","shape":[9],"data_offsets":[0,9]},'
+                                 b'"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}', b"x"),
+    ("entry-as-array", b'{"a":["U8",[1],[0,1]]}', b"x"),
+    ("dtype-as-enum-map", b'{"a":{"dtype":{"U8":null},"shape":[1],"data_offsets":[0,1]}}', b"x"),
+    ("escaped-surrogate-pair", b'{"\\ud83d\\ude00":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}', b"x"),
+    ("300-digit-extra-number", b'{"a":{"dtype":"U8","x":1' + b"0" * 300 + b',"shape":[1],"data_offsets":[0,1]}}', b"x"),
+])
+def test_what_the_reference_accepts_is_accepted(tmp_path: Path, name: str, header: bytes, data: bytes) -> None:
+    path = raw_safetensors(tmp_path / f"{name}.safetensors", None, header_bytes=header, data=data)
+    with safetensors.safe_open(str(path), "numpy") as reference:
+        names = sorted(reference.keys())
+    assert sorted(read_header(path).tensors) == names
+
+
+def test_hostile_headers_cost_little(tmp_path: Path) -> None:
+    path = raw_safetensors(tmp_path / "deep.safetensors", None, header_bytes=b"[" * 10_000_000)
+    started = time.perf_counter()
+    with pytest.raises(SafetensorsFormatError, match="nested more than 127 levels"):
+        read_header(path)
+    assert time.perf_counter() - started < 2.0
 
 
 def test_lfs_pointer_is_named(tmp_path: Path) -> None:

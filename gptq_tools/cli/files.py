@@ -104,8 +104,28 @@ def _structure_check(path: Path) -> Any:
             header = read_header(path)
             detail = f"safetensors, {len(header.tensors)} tensors"
     except (GptqToolsError, OSError) as exc:
-        return FileCheck(str(path), str(path), None, None, "FAILED", str(exc))
+        message = str(exc)
+        prefix = f"{path}: "
+        return FileCheck(str(path), str(path), None, None, "FAILED",
+                         message[len(prefix):] if message.startswith(prefix) else message)
     return FileCheck(str(path), str(path), None, None, "OK", detail)
+
+
+def _structure_report(results: list[Any], *, as_json: bool) -> int:
+    """Print ``verify --structure`` results: a structure check computes no checksum, so none is blamed."""
+    if as_json:
+        return _report(results, as_json=True, check_type=type(results[0]))
+    failed = 0
+    for result in results:
+        if result.status == "OK":
+            print(f"{result.name}: OK ({result.detail})")
+        else:
+            failed += 1
+            print(f"{result.name}: FAILED")
+            print(f"gptq-tools: {result.name}: {result.detail}", file=sys.stderr)
+    if failed:
+        print(f"gptq-tools: WARNING: {failed} of {len(results)} failed the structure check", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _report(results: list[Any], *, as_json: bool, check_type: type) -> int:

@@ -265,17 +265,20 @@ def _structure_or_parts(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..junit import cases_from_checks
     from ..verify import FileCheck, verify_parts
-    from .files import _report, _structure_check
+    from .files import _report, _structure_check, _structure_report
 
     if args.structure:
         results = [_structure_check(Path(path)) for path in args.files]
         if not results:
             raise UsageError("--structure needs at least one file or folder")
+        status = _structure_report(results, as_json=args.json)
+        _junit(args.junit, [("structure", cases_from_checks(results))])
+        return status
     else:
         parts: Any = args.parts[0] if len(args.parts) == 1 else args.parts
         manifest = args.manifest if args.manifest is not None else (
             args.files[0] if args.check and len(args.files) == 1 else None)
         results = [verify_parts(parts, sha256=args.sha256, manifest=manifest, part_hashes=args.part_hashes)]
     status = _report(results, as_json=args.json, check_type=FileCheck)
-    _junit(args.junit, [("structure" if args.structure else "parts", cases_from_checks(results))])
+    _junit(args.junit, [("parts", cases_from_checks(results))])
     return status

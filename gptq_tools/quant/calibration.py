@@ -70,6 +70,23 @@ def _read_tokens(path: Path) -> torch.Tensor:
     return ids.to(torch.long)
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int, *, calibration: str | Path, model: str | Path) -> None:
+    """Refuse token ids the model's embedding has no row for (a file tokenized for another model).
+
+    Raises:
+        CalibrationError: an id is negative or not below ``vocab_size`` (the message names the first one).
+    """
+    if ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise CalibrationError(
+            f"{calibration}: token id {bad} is outside the vocabulary of {model} ({vocab_size} ids, 0 to "
+            f"{vocab_size - 1}); the calibration was tokenized for another model: tokenize it with this "
+            f"model's tokenizer")
+
+
 def load_calibration(path: str | Path, tokenizer: Any, *, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """Read calibration data and return ``nsamples`` token windows of ``seqlen`` tokens.
 

@@ -31,7 +31,7 @@ from ..fileio import check_free_space, rmtree, unlink
 from ..packing import pack_qweight, pack_qzeros
 from ..progress import tqdm
 from ..units import parse_size
-from .calibration import load_calibration
+from .calibration import check_token_ids, load_calibration
 from .config import QuantizeConfig
 from .gptq import CholeskyFailure, HessianAccumulator, QuantResult, gptq_quantize
 from .rtn import rtn_quantize
@@ -344,9 +344,11 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
         return QuantizeSummary(output, config, (), finished, time.perf_counter() - started, already_done=True)
     check_output_folder(output)
     shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
-    compute = torch.device(device)
+    compute = check_compute_device(device)
     source = SourceModel(model_dir, dtype=_compute_dtype(compute))
     ids = _calibration_ids(source, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    check_token_ids(ids, source.model.get_input_embeddings().num_embeddings, calibration=calibration,
+                    model=model_dir)
     _check_group_size(source, config)
     staging = _prepare_staging(output, resume=resume)
     work = staging / WORK_DIR
@@ -386,6 +388,32 @@ def _calibration_ids(source: SourceModel, calibration: str | Path, *, nsamples: 
             raise CalibrationError(f"{source.folder}: no usable tokenizer for text calibration ({exc}); "
                                    f"pass tokenized .safetensors calibration instead") from exc
     return load_calibration(calibration, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
+
+
+def check_compute_device(device: str) -> torch.device:
+    """The compute device ``device`` names, checked to exist here before any work or folder is made.
+
+    Raises:
+        UsageError: not a device name, or a device this machine (or this torch build) does not have.
+    """
+    try:
+        compute = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"--device {device!r} is not a device name ({exc}); use cpu, cuda or cuda:N") from None
+    if compute.type == "cpu":
+        return compute
+    backend = getattr(torch, compute.type, None)
+    available = bool(backend is not None and hasattr(backend, "is_available") and backend.is_available())
+    if not available:
+        build = f"torch {torch.__version__}" + ("" if compute.type != "cuda" or torch.version.cuda
+                                                else ", built without CUDA")
+        raise UsageError(f"--device {device}: this machine has no {compute.type.upper()} device ({build}); "
+                         f"use --device cpu or run where a GPU is visible")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if compute.index is not None and compute.index >= count:
+        raise UsageError(f"--device {device}: this machine has {count} {compute.type} device(s) "
+                         f"(0 to {count - 1}); pick one of them")
+    return compute
 
 
 def _check_group_size(source: SourceModel, config: QuantizeConfig) -> None:

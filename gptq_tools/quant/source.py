@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from ..architectures import ArchSpec, get_arch
+from ..config_check import validate_model_config
 from ..errors import CheckpointError, QuantizationError
+from ..model_files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +39,9 @@ class SourceModel:
         self.folder = folder
         if not (folder / "config.json").is_file():
             raise CheckpointError(f"{folder}: no config.json; give a Hugging Face model folder")
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-        self.spec: ArchSpec = get_arch(model_type, source=str(folder))
+        raw_config = read_json(folder / "config.json")
+        validate_model_config(raw_config, source=str(folder / "config.json"))  # before sizing a model from it
+        self.spec: ArchSpec = get_arch(raw_config.get("model_type"), source=str(folder))
         self.config = AutoConfig.from_pretrained(folder)
         self.dtype = dtype
         with init_empty_weights(include_buffers=False):
