@@ -55,9 +55,9 @@ IGNORED_EXTRA_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bi
 def parse_max_memory(spec: str | Mapping[Any, Any] | None) -> dict[DeviceKey, int]:
     """Parse ``"0=60GiB,1=79GiB,cpu=100GiB"`` (or a dict) into ``{0: bytes, 1: bytes, "cpu": bytes}``.
 
-    Keys are CUDA indices (``0``, ``"cuda:1"``), ``"cpu"`` or ``"disk"``. String values follow accelerate's
-    units (``GiB`` powers of 2, ``GB`` powers of 10) and a bare number in a string means GiB, as in
-    text-generation-webui; an ``int`` in a dict is a byte count, as in accelerate.
+    Keys are CUDA indices (``0``, ``"cuda:1"``), ``"cpu"`` or ``"disk"``. Values are read exactly as
+    accelerate reads them (:func:`gptq_tools.units.parse_size`: ``GiB`` powers of 2, ``GB`` powers of 10);
+    a bare number, in a string or as an ``int``, is a byte count, as an ``int`` is in accelerate.
 
     Raises:
         UsageError: a malformed entry, an unknown device or a repeated device.
@@ -78,12 +78,7 @@ def parse_max_memory(spec: str | Mapping[Any, Any] | None) -> dict[DeviceKey, in
         key = _device_key(raw_key)
         if key in caps:
             raise UsageError(f"max_memory: device {key!r} is given twice")
-        if isinstance(raw_value, int) and not isinstance(raw_value, bool):
-            if raw_value < 0:
-                raise UsageError(f"max_memory[{key!r}]: {raw_value} is negative")
-            caps[key] = raw_value
-        else:
-            caps[key] = parse_size(raw_value, default_unit="GiB", what=f"max_memory[{key!r}]")
+        caps[key] = parse_size(raw_value, what=f"max_memory[{key!r}]")
     return caps
 
 
@@ -111,7 +106,7 @@ def parse_gpus(spec: str) -> dict[DeviceKey, int]:
         count_text, sep, size_text = (match.group(1), "x", match.group(2)) if match else ("1", "x", chunk)
         if not sep or not count_text.isdigit() or int(count_text) < 1:
             raise UsageError(f"--gpus: {chunk!r} is not COUNTxSIZE; write it like 2x80GB or 3x48GiB")
-        size = parse_size(size_text, default_unit="GiB", what=f"--gpus {chunk!r}")
+        size = parse_size(size_text, what=f"--gpus {chunk!r}")
         for _ in range(int(count_text)):
             caps[len(caps)] = size
     if not caps:
@@ -597,7 +592,7 @@ def plan_placement(source: str | Path, *, max_memory: str | Mapping[Any, Any],
 
     Args:
         source: a checkpoint folder (or a file in it), or a preset name / repo id.
-        max_memory: caps per device (``"0=60GiB,1=79GiB"`` or a dict; bare numbers are GiB).
+        max_memory: caps per device (``"0=60GiB,1=79GiB"`` or a dict; bare numbers are bytes).
         options: batch size, sequence length, dtype, CUDA context size, kernel, disk offload.
         branch: the preset branch whose quantization settings apply (default: the preset's default).
         trust_remote_code: allow model code shipped with the checkpoint (off by default).

@@ -340,7 +340,7 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
         raise UsageError(f"method={method!r} is unknown; use 'gptq' or 'rtn'")
     model_dir, output = Path(model_dir), Path(output_dir)
     check_output_folder(output)
-    shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    shard_bytes = parse_size(max_shard_size, what="--max-shard-size")
     compute = torch.device(device)
     source = SourceModel(model_dir, dtype=_compute_dtype(compute))
     ids = _calibration_ids(source, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed)
