@@ -37,6 +37,18 @@ class OutputExistsError(GptqToolsError, FileExistsError):
     """The output file or folder already exists and ``force`` was not given."""
 
 
+class PathNotFoundError(GptqToolsError, FileNotFoundError):
+    """A file or folder given on the command line does not exist."""
+
+
+class NotAFileError(GptqToolsError, IsADirectoryError):
+    """A folder was given where a file is needed."""
+
+
+class NotAFolderError(GptqToolsError, NotADirectoryError):
+    """A file was given where a folder (a checkpoint folder) is needed."""
+
+
 class InsufficientSpaceError(GptqToolsError, OSError):
     """Not enough free disk space (or the disk filled up while writing)."""
 

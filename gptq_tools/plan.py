@@ -591,7 +591,7 @@ def plan_placement(source: str | Path, *, max_memory: str | Mapping[Any, Any],
     files: its model config and quantization settings); builds the model on the meta device.
 
     Args:
-        source: a checkpoint folder (or a file in it), or a preset name / repo id.
+        source: a checkpoint folder, ``PRESET[:BRANCH]``, or a downloaded ``NAMESPACE/NAME[:BRANCH]``.
         max_memory: caps per device (``"0=60GiB,1=79GiB"`` or a dict; bare numbers are bytes).
         options: batch size, sequence length, dtype, CUDA context size, kernel, disk offload.
         branch: the preset branch whose quantization settings apply (default: the preset's default).
@@ -601,7 +601,8 @@ def plan_placement(source: str | Path, *, max_memory: str | Mapping[Any, Any],
         The :class:`Placement` (``fits`` tells whether it fits; nothing raises for a misfit).
 
     Raises:
-        UsageError: malformed caps, an unknown preset.
+        UsageError: malformed caps, an unknown preset or branch.
+        PathNotFoundError, NotAFolderError: a missing path, or a file where the checkpoint folder is needed.
         CheckpointError: the config and the checkpoint's tensors disagree, missing shards, ...
     """
     options = options or PlanOptions()
@@ -611,21 +612,30 @@ def plan_placement(source: str | Path, *, max_memory: str | Mapping[Any, Any],
 
 def load_layout(source: str | Path, *, options: PlanOptions, branch: str | None = None,
                 trust_remote_code: bool = False) -> tuple[ModelLayout, CheckpointFiles | None]:
-    """The :class:`ModelLayout` of a checkpoint folder or a preset (and the folder's files, if any)."""
-    path = Path(source)
-    if path.exists():
-        folder = path if path.is_dir() else path.parent
+    """The :class:`ModelLayout` of a checkpoint folder, a preset (``PRESET[:BRANCH]``) or a downloaded
+    repository (``NAMESPACE/NAME[:BRANCH]``), and the folder's files (None for a preset).
+
+    Raises:
+        PathNotFoundError, NotAFolderError: a missing path, or a file where the folder is needed.
+        UsageError: an unknown preset or branch.
+    """
+    from .presets import resolve_model
+
+    resolved = resolve_model(source, revision=branch, need_folder=False)
+    if resolved.folder is not None:
+        folder = resolved.folder
         model, arch, settings, files = build_checkpoint_model(folder, dtype=options.dtype, kernel=options.kernel,
                                                               trust_remote_code=trust_remote_code)
         return layout_from_model(model, arch, settings, source=str(folder), kernel=options.kernel), files
-    from .presets import load_preset
-
-    preset = load_preset(str(source))
+    spec = resolved.spec
+    preset = spec.preset if spec is not None else None
+    if spec is None or preset is None:
+        raise UsageError(f"{source!r} names no preset and no checkpoint folder")
     if not preset.model_config:
         raise UsageError(f"preset {preset.name!r} has no model_config; plan a downloaded checkpoint folder instead")
-    branch_info = preset.branches.get(branch or preset.default_branch)
+    branch_info = preset.branches.get(spec.revision)
     if branch_info is None:
-        raise UsageError(f"preset {preset.name!r} has no branch {branch!r}; known: {', '.join(preset.branches)}")
+        raise UsageError(f"preset {preset.name!r} has no branch {spec.revision!r}; known: {', '.join(preset.branches)}")
     settings = settings_from_dict(branch_info.get("quantize_config", {}), source=f"preset {preset.name}")
     model, arch, _ = build_meta_model(config_from_dict(preset.model_config), settings, dtype=options.dtype,
                                       kernel=options.kernel)

@@ -32,6 +32,7 @@ from .fileio import (
     write_bytes_atomic,
 )
 from .manifest import write_manifest
+from .paths import require_file
 from .pipeline import CallbackConsumer, Consumer, PwriteConsumer, Segment, SegmentHasher, WholeHasher, run_pipeline
 from .progress import byte_bar
 from .safetensors_format import build_header, read_header
@@ -82,10 +83,11 @@ def split_file(path: str | os.PathLike[str], *, max_size: int | str,
     """Split ``path`` into parts of at most ``max_size`` bytes plus a ``SHA256SUMS`` manifest.
 
     Raises:
+        PathNotFoundError, NotAFileError: ``path`` is missing or a folder.
         UsageError: the file already fits in one part; OutputExistsError: a part exists (without ``force``);
         InsufficientSpaceError: not enough free space for the parts.
     """
-    source = Path(path)
+    source = require_file(path, what="the file to split")
     limit = parse_size(max_size, what="--max-size")
     size = source.stat().st_size
     if limit <= 0:
@@ -168,10 +170,11 @@ def reshard_file(path: str | os.PathLike[str], output_dir: str | os.PathLike[str
     the source. Everything is built in a temporary folder and moved into place at the end, the index last.
 
     Raises:
+        PathNotFoundError, NotAFileError: ``path`` is missing or a folder.
         OutputExistsError: the output folder holds an index or shards (without ``force``).
         ChecksumMismatchError: a shard read back differs from what the source holds.
     """
-    source = Path(path)
+    source = require_file(path, what="the safetensors file to reshard")
     limit = parse_size(max_shard_size, what="--max-shard-size")
     header = read_header(source)
     out = Path(output_dir)

@@ -21,8 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "memory caps, with headroom for the CUDA context, activations, KV cache and output. "
                     "Exit status 0 when it fits, 1 when it does not.")
     add_placement_arguments(parser)
-    parser.add_argument("source", metavar="PATH|PRESET", help="checkpoint folder or preset name")
-    parser.add_argument("--branch", help="preset branch whose quantization settings apply")
+    parser.add_argument("source", metavar="PATH|PRESET[:BRANCH]|REPO[:BRANCH]",
+                        help="checkpoint folder, preset (e.g. bloomz-176b-gptq:group_size_128g), or a repository "
+                             "downloaded into its default folder")
+    parser.add_argument("--branch", help="preset branch whose quantization settings apply (instead of :BRANCH)")
     parser.add_argument("--json", action="store_true", help="print the placement as JSON")
     parser.set_defaults(func=run_plan)
 
