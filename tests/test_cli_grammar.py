@@ -142,3 +142,14 @@ def test_presets_come_from_the_package_or_the_override(tmp_path: Path, monkeypat
     monkeypatch.setenv("GPTQ_TOOLS_CONFIGS", str(tmp_path))
     assert list_presets() == ["mine"]
     assert parse_model_spec("mine").repo_id == "me/mine"
+
+
+def test_inspect_takes_a_model_name(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert error_of(capsys, ["inspect", f"{PRESET}:group_size_128g"], 1) == (
+        f"{PRESET}:group_size_128g: no folder ./bloomz-176B-GPTQ-group_size_128g (where `gptq-tools download "
+        f"{PRESET}:group_size_128g` puts it); download it first, or give the checkpoint folder")
+    (tmp_path / "model").mkdir()
+    main(["inspect", "org/model", "--json"])
+    assert json.loads(capsys.readouterr().out)["path"] == "model"
