@@ -66,13 +66,14 @@ class Sampling:
     """How the next token is chosen: greedy (the default), or sampled with the usual knobs.
 
     ``temperature=0`` is greedy even with ``do_sample``; ``top_k=0`` and ``top_p=1`` switch those filters
-    off; ``repetition_penalty`` (1 = off, >1 discourages repeats) applies to greedy decoding too.
+    off (``top_k=50`` is transformers' default); ``repetition_penalty`` (1 = off, >1 discourages repeats)
+    applies to greedy decoding too.
     """
 
     do_sample: bool = False
     temperature: float = 0.7
     top_p: float = 0.9
-    top_k: int = 0
+    top_k: int = 50
     repetition_penalty: float = 1.0
     seed: int | None = None
 

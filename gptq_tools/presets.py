@@ -58,7 +58,7 @@ def presets_dir() -> Traversable:
     override = configs_dir()
     if override is not None:
         return override / "presets"
-    return resources.files("gptq_tools").joinpath("configs", "presets")
+    return resources.files("gptq_tools") / "configs" / "presets"
 
 
 def _preset_files() -> list[Traversable]:

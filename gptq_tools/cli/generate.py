@@ -55,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--temperature", type=float, help="sampling temperature (default 0.7; 0 = greedy)")
     parser.add_argument("--top-p", type=float, help="nucleus sampling: keep the top tokens holding this much "
                         "probability (default 0.9; 1 = off)")
-    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default 0 = off)")
+    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default 50, as in "
+                        "transformers; 0 = off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="above 1 discourages repeating tokens, greedy or sampled (default 1 = off)")
     parser.add_argument("--seed", type=int, help="random seed for sampling")
