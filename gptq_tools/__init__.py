@@ -44,7 +44,8 @@ _EXPORTS: dict[str, str] = {
     "plan_placement": "plan", "parse_max_memory": "plan", "parse_gpus": "plan", "PlanOptions": "plan",
     "Placement": "plan", "load_quantized": "load", "QuantLinear": "qlinear", "register_kernel": "qlinear",
     "available_kernels": "qlinear", "generate": "generate", "generate_text": "generate",
-    "load_tokenizer": "generate",
+    "load_tokenizer": "generate", "Sampling": "generate", "load_for_generation": "generate",
+    "generate_each": "generate", "parse_model_spec": "presets", "resolve_model": "presets",
     # quantizer
     "QuantizeConfig": "quant.config", "quantize_model": "quant.driver", "QuantizeSummary": "quant.driver",
     "LinearReport": "quant.driver", "gptq_quantize": "quant.gptq", "rtn_quantize": "quant.rtn",

@@ -33,12 +33,13 @@ def progress_disabled() -> bool:
     return False
 
 
-def configs_dir() -> Path:
-    """Folder holding presets (``GPTQ_TOOLS_CONFIGS`` overrides the repository's ``configs/``)."""
+def configs_dir() -> Path | None:
+    """``GPTQ_TOOLS_CONFIGS``: a folder whose ``presets/`` replaces the presets shipped in the package.
+
+    None when it is not set (see :func:`gptq_tools.presets.presets_dir`).
+    """
     override = os.environ.get("GPTQ_TOOLS_CONFIGS")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parent.parent / "configs"
+    return Path(override) if override else None
 
 
 def kill_at_step() -> int | None:

@@ -41,8 +41,16 @@ class OutputNotWritableError(GptqToolsError, PermissionError):
     """The output's folder is read-only or not writable."""
 
 
-class InputNotFoundError(GptqToolsError, FileNotFoundError):
-    """An input file named on the command line does not exist."""
+class PathNotFoundError(GptqToolsError, FileNotFoundError):
+    """A file or folder given on the command line does not exist."""
+
+
+class NotAFileError(GptqToolsError, IsADirectoryError):
+    """A folder was given where a file is needed."""
+
+
+class NotAFolderError(GptqToolsError, NotADirectoryError):
+    """A file was given where a folder (a checkpoint folder) is needed."""
 
 
 class InsufficientSpaceError(GptqToolsError, OSError):

@@ -73,8 +73,8 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
     Args:
         path: the checkpoint folder (config.json, quantize_config.json, safetensors: one file, shards
             with an index, or split parts read as one file).
-        max_memory: caps per device (``"0=60GiB,1=79GiB,cpu=64GiB"`` or a dict; bare numbers are GiB,
-            ints in a dict are bytes); only the devices named are used (the CPU only when named, disk
+        max_memory: caps per device (``"0=60GiB,1=79GiB,cpu=64GiB"`` or a dict; sizes as accelerate
+            reads them, bare numbers and ints are bytes); only the devices named are used (the CPU only when named, disk
             whenever ``offload_folder`` is given). None: every visible GPU's free memory and the
             available host memory.
         device_map: ``"auto"`` (plan with the caps), a single device (``"cpu"``, ``"cuda:0"``), or an
@@ -84,7 +84,7 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
         kernel: QuantLinear kernel name (see :func:`gptq_tools.qlinear.available_kernels`).
         batch_size: batch size the GPU headroom is reserved for.
         seq_len: sequence length (prompt plus new tokens) the headroom is reserved for.
-        cuda_context: memory the CUDA context takes per GPU (bare numbers are GiB).
+        cuda_context: memory the CUDA context takes per GPU (``"1GiB"``; bare numbers are bytes).
         verify_hash: check the weights' SHA256 when ``expected_sha256``, a ``SHA256SUMS`` manifest beside the
             weights, ``preset``, or (without ``preset``) the preset of the repository that gptq-tools'
             own download recorded in the folder gives it. A preset never applies to a folder merely
@@ -112,7 +112,7 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
     placement = None
     if isinstance(device_map, str) and device_map == "auto":
         options = PlanOptions(dtype=dtype, batch_size=batch_size, seq_len=seq_len, kernel=kernel,
-                              cuda_context_bytes=parse_size(cuda_context, default_unit="GiB", what="cuda_context"),
+                              cuda_context_bytes=parse_size(cuda_context, what="cuda_context"),
                               allow_disk=offload_folder is not None)
         caps = parse_max_memory(max_memory) if max_memory is not None else default_max_memory()
         check_devices_exist(caps)

@@ -57,9 +57,9 @@ IGNORED_EXTRA_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bi
 def parse_max_memory(spec: str | Mapping[Any, Any] | None) -> dict[DeviceKey, int]:
     """Parse ``"0=60GiB,1=79GiB,cpu=100GiB"`` (or a dict) into ``{0: bytes, 1: bytes, "cpu": bytes}``.
 
-    Keys are CUDA indices (``0``, ``"cuda:1"``), ``"cpu"`` or ``"disk"``. String values follow accelerate's
-    units (``GiB`` powers of 2, ``GB`` powers of 10) and a bare number in a string means GiB, as in
-    text-generation-webui; an ``int`` in a dict is a byte count, as in accelerate.
+    Keys are CUDA indices (``0``, ``"cuda:1"``), ``"cpu"`` or ``"disk"``. Values are read exactly as
+    accelerate reads them (:func:`gptq_tools.units.parse_size`: ``GiB`` powers of 2, ``GB`` powers of 10);
+    a bare number, in a string or as an ``int``, is a byte count, as an ``int`` is in accelerate.
 
     Raises:
         UsageError: a malformed entry, an unknown device or a repeated device.
@@ -80,12 +80,7 @@ def parse_max_memory(spec: str | Mapping[Any, Any] | None) -> dict[DeviceKey, in
         key = _device_key(raw_key)
         if key in caps:
             raise UsageError(f"max_memory: device {key!r} is given twice")
-        if isinstance(raw_value, int) and not isinstance(raw_value, bool):
-            if raw_value < 0:
-                raise UsageError(f"max_memory[{key!r}]: {raw_value} is negative")
-            caps[key] = raw_value
-        else:
-            caps[key] = parse_size(raw_value, default_unit="GiB", what=f"max_memory[{key!r}]")
+        caps[key] = parse_size(raw_value, what=f"max_memory[{key!r}]")
     return caps
 
 
@@ -113,7 +108,7 @@ def parse_gpus(spec: str) -> dict[DeviceKey, int]:
         count_text, sep, size_text = (match.group(1), "x", match.group(2)) if match else ("1", "x", chunk)
         if not sep or not count_text.isdigit() or int(count_text) < 1:
             raise UsageError(f"--gpus: {chunk!r} is not COUNTxSIZE; write it like 2x80GB or 3x48GiB")
-        size = parse_size(size_text, default_unit="GiB", what=f"--gpus {chunk!r}")
+        size = parse_size(size_text, what=f"--gpus {chunk!r}")
         for _ in range(int(count_text)):
             caps[len(caps)] = size
     if not caps:
@@ -622,8 +617,8 @@ def plan_placement(source: str | Path, *, max_memory: str | Mapping[Any, Any],
     files: its model config and quantization settings); builds the model on the meta device.
 
     Args:
-        source: a checkpoint folder (or a file in it), or a preset name / repo id.
-        max_memory: caps per device (``"0=60GiB,1=79GiB"`` or a dict; bare numbers are GiB).
+        source: a checkpoint folder, ``PRESET[:BRANCH]``, or a downloaded ``NAMESPACE/NAME[:BRANCH]``.
+        max_memory: caps per device (``"0=60GiB,1=79GiB"`` or a dict; bare numbers are bytes).
         options: batch size, sequence length, dtype, CUDA context size, kernel, disk offload.
         branch: the preset branch whose quantization settings apply (default: the preset's default).
         trust_remote_code: allow model code shipped with the checkpoint (off by default).
@@ -632,7 +627,8 @@ def plan_placement(source: str | Path, *, max_memory: str | Mapping[Any, Any],
         The :class:`Placement` (``fits`` tells whether it fits; nothing raises for a misfit).
 
     Raises:
-        UsageError: malformed caps, an unknown preset.
+        UsageError: malformed caps, an unknown preset or branch.
+        PathNotFoundError, NotAFolderError: a missing path, or a file where the checkpoint folder is needed.
         CheckpointError: the config and the checkpoint's tensors disagree, missing shards, ...
     """
     options = options or PlanOptions()
@@ -642,21 +638,30 @@ def plan_placement(source: str | Path, *, max_memory: str | Mapping[Any, Any],
 
 def load_layout(source: str | Path, *, options: PlanOptions, branch: str | None = None,
                 trust_remote_code: bool = False) -> tuple[ModelLayout, CheckpointFiles | None]:
-    """The :class:`ModelLayout` of a checkpoint folder or a preset (and the folder's files, if any)."""
-    path = Path(source)
-    if path.exists():
-        folder = path if path.is_dir() else path.parent
+    """The :class:`ModelLayout` of a checkpoint folder, a preset (``PRESET[:BRANCH]``) or a downloaded
+    repository (``NAMESPACE/NAME[:BRANCH]``), and the folder's files (None for a preset).
+
+    Raises:
+        PathNotFoundError, NotAFolderError: a missing path, or a file where the folder is needed.
+        UsageError: an unknown preset or branch.
+    """
+    from .presets import resolve_model
+
+    resolved = resolve_model(source, revision=branch, need_folder=False)
+    if resolved.folder is not None:
+        folder = resolved.folder
         model, arch, settings, files = build_checkpoint_model(folder, dtype=options.dtype, kernel=options.kernel,
                                                               trust_remote_code=trust_remote_code)
         return layout_from_model(model, arch, settings, source=str(folder), kernel=options.kernel), files
-    from .presets import load_preset
-
-    preset = load_preset(str(source))
+    spec = resolved.spec
+    preset = spec.preset if spec is not None else None
+    if spec is None or preset is None:
+        raise UsageError(f"{source!r} names no preset and no checkpoint folder")
     if not preset.model_config:
         raise UsageError(f"preset {preset.name!r} has no model_config; plan a downloaded checkpoint folder instead")
-    branch_info = preset.branches.get(branch or preset.default_branch)
+    branch_info = preset.branches.get(spec.revision)
     if branch_info is None:
-        raise UsageError(f"preset {preset.name!r} has no branch {branch!r}; known: {', '.join(preset.branches)}")
+        raise UsageError(f"preset {preset.name!r} has no branch {spec.revision!r}; known: {', '.join(preset.branches)}")
     settings = settings_from_dict(branch_info.get("quantize_config", {}), source=f"preset {preset.name}")
     validate_model_config(preset.model_config, source=f"preset {preset.name} model_config")
     model, arch, _ = build_meta_model(config_from_dict(preset.model_config), settings, dtype=options.dtype,

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ChecksumMismatchError, InputNotFoundError, OutputExistsError, UsageError
+from .errors import ChecksumMismatchError, OutputExistsError, PathNotFoundError, UsageError
 from .fileio import (
     TEMP_PREFIX,
     atomic_path,
@@ -38,6 +38,7 @@ from .fileio import (
     sha256_file,
 )
 from .manifest import format_manifest_line, parse_manifest, write_manifest
+from .paths import require_file
 from .pipeline import CallbackConsumer, Consumer, PwriteConsumer, Segment, SegmentHasher, WholeHasher, run_pipeline
 from .progress import byte_bar
 from .safetensors_format import build_header, read_header
@@ -94,11 +95,11 @@ def split_file(path: str | os.PathLike[str], *, max_size: int | str,
     (it is what an interrupted run published): a rerun finishes the job, or says it is done.
 
     Raises:
-        InputNotFoundError: ``path`` does not exist; UsageError: it is not a regular file, or already
-        fits in one part; OutputExistsError: a part exists with other content (without ``force``);
+        PathNotFoundError, NotAFileError: ``path`` is missing or a folder; UsageError: it is not a regular
+        file, or already fits in one part; OutputExistsError: a part exists with other content (without ``force``);
         InsufficientSpaceError: not enough free space for the parts, or the disk filled up.
     """
-    source = Path(path)
+    source = require_file(path, what="the file to split")
     limit = parse_size(max_size, what="--max-size")
     size = _input_size(source)
     if limit <= 0:
@@ -151,7 +152,7 @@ def _input_size(source: Path) -> int:
     try:
         info = source.stat()
     except FileNotFoundError:
-        raise InputNotFoundError(f"{source}: no such file; check the path") from None
+        raise PathNotFoundError(f"{source}: no such file; check the path") from None
     if not stat.S_ISREG(info.st_mode):
         raise UsageError(f"{source}: not a regular file; give the safetensors (or other) file itself")
     return info.st_size
@@ -252,12 +253,12 @@ def reshard_file(path: str | os.PathLike[str], output_dir: str | os.PathLike[str
     would get is no conflict (a rerun finishes the job, or says it is done).
 
     Raises:
-        InputNotFoundError: ``path`` does not exist.
+        PathNotFoundError, NotAFileError: ``path`` is missing or a folder.
         OutputExistsError: a shard or the index exists with other content, or is the source (without ``force``).
         ChecksumMismatchError: a shard read back differs from what the source holds.
         InsufficientSpaceError: not enough free space, or the disk filled up (nothing is published then).
     """
-    source = Path(path)
+    source = require_file(path, what="the safetensors file to reshard")
     limit = parse_size(max_shard_size, what="--max-shard-size")
     _input_size(source)
     header = read_header(source)

@@ -1,61 +1,87 @@
-"""Human sizes, with accelerate's conventions.
+"""Human sizes, read exactly as accelerate reads them.
 
-``GiB``/``MiB``/``KiB`` are powers of 2, ``GB``/``MB``/``KB`` powers of 10, and a lowercase ``b`` after
-the prefix means bits (``"8Gb"`` is one GB). A bare number takes ``default_unit`` (plain bytes unless the
-caller says otherwise: memory caps use GiB, as text-generation-webui does).
+``KiB``/``MiB``/``GiB`` (any case) are powers of 2; ``KB``/``MB``/``GB`` powers of 10, and when the text ends
+in a lowercase ``b`` (``"8Gb"``, ``"60gb"``) accelerate counts *bits*, so ``"60gb"`` is 7.5 GB. A bare whole
+number is a count of bytes, as an ``int`` is in accelerate's ``max_memory`` and transformers'
+``max_shard_size``. Everything accelerate refuses is refused here too (``"60G"``, ``"60"``-less units such as
+``"60B"``, ``"1TB"``, negative sizes), with a message saying how to write the size.
+``tests/test_units.py`` runs accelerate's own parser beside this one over a table of inputs.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 
 from .errors import UsageError
 
-_PREFIX = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "P": 1000**5}
-_BINARY = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kKmMgGtTpP]?)(i?)([Bb]?)\s*$")
+logger = logging.getLogger(__name__)
+
+#: Suffix (upper-cased) -> bytes per unit, in the order accelerate tests them ("GIB" before "GB").
+_UNITS: tuple[tuple[str, int], ...] = (
+    ("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
+_POWERS = {"K": 10, "M": 20, "G": 30}
+_BARE_BYTES = re.compile(r"\s*[0-9]+\s*")
+
+#: What every refusal tells the user, so the accepted forms are spelled out once.
+SIZE_FORMS = ("write it like 60GiB (2^30 bytes), 5GB (10^9 bytes), 512MiB or a whole number of bytes; "
+              "a lowercase b means bits (8Gb = 1GB)")
 
 
-def parse_size(text: str | int | float, *, default_unit: str = "B", what: str = "size") -> int:
-    """Parse ``"45GiB"``, ``"5GB"``, ``"512MiB"``, ``"8Gb"``, ``"123"`` into a number of bytes.
+def parse_size(text: str | int, *, what: str = "size") -> int:
+    """Parse ``"45GiB"``, ``"5GB"``, ``"512mib"``, ``"8Gb"`` or ``"4096"`` into a number of bytes.
+
+    The same rules as ``accelerate.utils.modeling.convert_file_size_to_int``, which ``get_max_memory``
+    applies to strings: the number before the unit is read with ``float`` and the result rounded down;
+    an ``int`` (and a string of digits) is a byte count.
 
     Args:
-        text: the size; ints and floats are taken as a count of ``default_unit``.
-        default_unit: unit of a bare number (``"B"``, ``"GiB"``, ``"GB"``, ...).
-        what: name of the setting, used in the error message.
+        text: the size.
+        what: name of the setting (``--max-memory 0``, ``--max-shard-size``), used in the error message.
 
     Returns:
-        The size in bytes (rounded down to a whole byte).
+        The size in bytes.
 
     Raises:
-        UsageError: the text is not a size.
+        UsageError: the text is not a size accelerate accepts, or it is negative.
     """
-    if isinstance(text, bool):
-        raise UsageError(f"{what}: {text!r} is not a size; write it like 45GiB, 5GB or 512MiB")
-    if isinstance(text, (int, float)):
-        number, unit = float(text), default_unit
-    else:
-        match = _SIZE_RE.match(str(text))
-        if not match:
-            raise UsageError(f"{what}: {text!r} is not a size; write it like 45GiB, 5GB or 512MiB")
-        number = float(match.group(1))
-        prefix, binary, byte_char = match.group(2).upper(), match.group(3), match.group(4)
-        if not prefix and not binary and not byte_char:
-            unit = default_unit
-        else:
-            unit = f"{prefix}{binary}{byte_char or 'B'}"
-        if binary and not prefix:
-            raise UsageError(f"{what}: {text!r} is not a size; 'i' needs a prefix as in GiB")
-    return int(number * _unit_bytes(unit, what=what, text=text))
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise UsageError(f"{what}: {text!r} is not a size; {SIZE_FORMS}")
+    if isinstance(text, int):
+        if text < 0:
+            raise UsageError(f"{what}: {text} is negative; {SIZE_FORMS}")
+        return text
+    if _BARE_BYTES.fullmatch(text):
+        return int(text)
+    for suffix, factor in _UNITS:
+        if text.upper().endswith(suffix):
+            return _scaled(text, suffix, factor, what=what)
+    bare_prefix = re.fullmatch(r"\s*([-+0-9.eE_]+)\s*([kKmMgG])[iI]?\s*", text)
+    if bare_prefix:
+        number, prefix = bare_prefix.group(1), bare_prefix.group(2).upper()
+        raise UsageError(f"{what}: {text!r} has no byte unit (accelerate refuses it): write {number}{prefix}iB "
+                         f"(2^{_POWERS[prefix]}) or {number}{prefix}B (10^{_POWERS[prefix] * 3 // 10})")
+    raise UsageError(f"{what}: {text!r} is not a size accelerate accepts; {SIZE_FORMS}")
 
 
-def _unit_bytes(unit: str, *, what: str, text: object) -> float:
-    match = re.fullmatch(r"([KMGTP]?)(i?)([Bb])", unit.replace("k", "K"))
-    if not match:
-        raise UsageError(f"{what}: unknown unit in {text!r}; use B, KB/KiB, MB/MiB, GB/GiB or TB/TiB")
-    prefix, binary, byte_char = match.groups()
-    factor = _BINARY[prefix] if binary else _PREFIX[prefix]
-    return factor / 8 if byte_char == "b" else factor
+def _scaled(text: str, suffix: str, factor: int, *, what: str) -> int:
+    number_text = text[:-len(suffix)]
+    try:
+        number = float(number_text)
+    except ValueError:
+        raise UsageError(f"{what}: {number_text!r} in {text!r} is not a number; {SIZE_FORMS}") from None
+    if not math.isfinite(number * factor):
+        raise UsageError(f"{what}: {text!r} is not a finite size; {SIZE_FORMS}")
+    scaled = int(number * factor)
+    # accelerate divides after rounding, and only for the decimal units ("8Gib" is 8 GiB)
+    if not suffix.endswith("IB") and text.endswith("b"):
+        scaled //= 8
+        logger.warning("%s: %r ends in a lowercase b, so it counts bits (as in accelerate): %s; write %sB for "
+                       "bytes", what, text, format_size(scaled, binary=False), number_text.strip() + suffix[0])
+    if scaled < 0:
+        raise UsageError(f"{what}: {text!r} is negative; {SIZE_FORMS}")
+    return scaled
 
 
 def format_size(num_bytes: int | float, *, binary: bool = True) -> str:

@@ -38,7 +38,8 @@ def bloomz() -> ModelLayout:
 # ---------------------------------------------------------------------------------------------- caps
 def test_parse_max_memory_units() -> None:
     assert parse_max_memory("0=60GiB,1=79GiB,cpu=100GB") == {0: 60 * GiB, 1: 79 * GiB, "cpu": 100 * 10**9}
-    assert parse_max_memory("cuda:1=30, cpu=2.5") == {1: 30 * GiB, "cpu": int(2.5 * GiB)}  # bare numbers: GiB
+    assert parse_max_memory("cuda:1=30GiB, cpu=2.5GiB") == {1: 30 * GiB, "cpu": int(2.5 * GiB)}
+    assert parse_max_memory("0=4096") == {0: 4096}  # bare numbers: bytes, as accelerate's ints
     assert parse_max_memory({0: "500MiB", "disk": 1000}) == {0: 500 * 1024**2, "disk": 1000}  # ints: bytes
     assert parse_max_memory(None) == {}
 
@@ -58,7 +59,7 @@ def test_parse_max_memory_errors(spec: str, message: str) -> None:
 def test_parse_gpus() -> None:
     assert parse_gpus("2x80GB") == {0: 80 * 10**9, 1: 80 * 10**9}
     assert parse_gpus("1x80GiB,2x48GiB") == {0: 80 * GiB, 1: 48 * GiB, 2: 48 * GiB}
-    assert parse_gpus("24") == {0: 24 * GiB}
+    assert parse_gpus("24GiB") == {0: 24 * GiB}
     with pytest.raises(UsageError, match=r"--gpus '0x80GB' is not COUNTxSIZE|'0x80GB' is not COUNTxSIZE"):
         parse_gpus("0x80GB")
     with pytest.raises(UsageError, match="not a size"):

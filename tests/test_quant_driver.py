@@ -346,7 +346,7 @@ def test_cli_options_reach_the_checkpoint(tiny_models: dict[str, Path], tmp_path
     assert (quant["bits"], quant["group_size"], quant["desc_act"], quant["sym"], quant["damp_percent"]) == \
         (8, -1, False, False, 0.05)
     assert (out / "gptq_model-8bit--1g.safetensors").is_file()
-    assert "layer  linears  error" in capsys.readouterr().out
+    assert "layer  linears  err " in capsys.readouterr().out
     code = cli_main(["quantize", str(model), "-o", str(out), "--calibration", str(model / "train.txt")])
     assert code == 1
     expected = f"gptq-tools: error: {out}: output folder is not empty; choose another or empty it"

@@ -138,7 +138,8 @@ def test_missing_input_is_one_line(tmp_path: Path, command: str) -> None:
     extra = ["--max-size", "1KiB"] if command == "split" else []
     result = run_cli(command, str(missing), *extra)
     assert result.returncode == 1
-    assert result.stderr == f"gptq-tools: error: {missing}: no such file; check the path\n"
+    what = "the file to split" if command == "split" else "the safetensors file to reshard"
+    assert result.stderr == f"gptq-tools: error: {missing}: no such file; give {what}\n"
     assert list(tmp_path.iterdir()) == []
 
 

@@ -40,15 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def _default_local_dir(repo: str, revision: str | None) -> Path:
-    from ..presets import find_preset
+    from ..presets import parse_model_spec
 
-    name, _, branch = repo.partition(":")
-    preset = find_preset(name)
-    repo_id = preset.repo_id if preset is not None else name
-    branch = branch or revision or ""
-    default = preset.default_branch if preset is not None else "main"
-    folder = repo_id.rstrip("/").rsplit("/", 1)[-1]
-    return Path(f"{folder}-{branch}" if branch and branch != default else folder)
+    return parse_model_spec(repo, revision=revision).local_dir()
 
 
 def run_download(args: argparse.Namespace) -> int:

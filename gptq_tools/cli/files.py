@@ -224,7 +224,8 @@ def _register_inspect(subparsers: argparse._SubParsersAction) -> None:  # type: 
     parser = subparsers.add_parser(
         "inspect", help="show what a file, part set or checkpoint folder holds (headers only)",
         description="Tensors, dtypes, bytes, metadata, GPTQ settings, detected part sets and what is missing.")
-    parser.add_argument("path", type=Path)
+    parser.add_argument("path", metavar="PATH|PRESET[:BRANCH]|REPO[:BRANCH]",
+                        help="a file, part or folder, or the name a model was downloaded under")
     parser.add_argument("--tensors", action="store_true", help="list every tensor")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(func=_inspect)
@@ -232,8 +233,13 @@ def _register_inspect(subparsers: argparse._SubParsersAction) -> None:  # type: 
 
 def _inspect(args: argparse.Namespace) -> int:
     from ..inspect_path import inspect_path
+    from ..paths import looks_like_path
+    from ..presets import resolve_model
 
-    report = inspect_path(args.path, list_tensors=args.tensors)
+    path = Path(args.path)
+    if not path.exists() and not looks_like_path(args.path):  # a model name: its download folder
+        path = resolve_model(args.path, need_folder=True).folder or path
+    report = inspect_path(path, list_tensors=args.tensors)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

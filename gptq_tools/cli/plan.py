@@ -21,16 +21,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "memory caps, with headroom for the CUDA context, activations, KV cache and output. "
                     "Exit status 0 when it fits, 1 when it does not.")
     add_placement_arguments(parser)
-    parser.add_argument("source", metavar="PATH|PRESET", help="checkpoint folder or preset name")
-    parser.add_argument("--gpus", help="GPU sizes instead of --max-memory: 2x80GB, 3x48GiB or 80GiB,48GiB")
-    parser.add_argument("--branch", help="preset branch whose quantization settings apply")
+    parser.add_argument("source", metavar="PATH|PRESET[:BRANCH]|REPO[:BRANCH]",
+                        help="checkpoint folder, preset (e.g. bloomz-176b-gptq:group_size_128g), or a repository "
+                             "downloaded into its default folder")
+    parser.add_argument("--branch", help="preset branch whose quantization settings apply (instead of :BRANCH)")
     parser.add_argument("--json", action="store_true", help="print the placement as JSON")
     parser.set_defaults(func=run_plan)
 
 
 def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``plan`` and ``generate``."""
-    parser.add_argument("--max-memory", help="caps per device: 0=60GiB,1=79GiB,cpu=64GiB (bare numbers are GiB)")
+    parser.add_argument("--max-memory", help="caps per device: 0=60GiB,1=79GiB,cpu=64GiB (sizes as accelerate reads "
+                        "them: GiB = 2^30, GB = 10^9, a lowercase b means bits, a bare number is bytes)")
+    parser.add_argument("--gpus", help="GPU sizes instead of --max-memory: 2x80GB, 3x48GiB or 80GiB,48GiB")
     parser.add_argument("--batch-size", type=int, default=1, help="batch size to reserve headroom for (default 1)")
     parser.add_argument("--seq-len", type=int, default=2048,
                         help="prompt + new tokens to reserve headroom for (default 2048)")
@@ -47,16 +50,25 @@ def options_from_args(args: argparse.Namespace) -> PlanOptions:
     if args.batch_size < 1 or args.seq_len < 1:
         raise UsageError("--batch-size and --seq-len must be positive")
     return PlanOptions(dtype=parse_dtype(args.dtype), batch_size=args.batch_size, seq_len=args.seq_len,
-                       cuda_context_bytes=parse_size(args.cuda_context, default_unit="GiB", what="--cuda-context"),
+                       cuda_context_bytes=parse_size(args.cuda_context, what="--cuda-context"),
                        allow_disk=args.offload_folder is not None)
 
 
-def run_plan(args: argparse.Namespace) -> int:
-    from ..plan import load_layout, parse_gpus, parse_max_memory, place_layout
+def caps_from_args(args: argparse.Namespace, *, required: bool) -> dict[int | str, int] | None:
+    """The per-device caps of ``--max-memory`` or ``--gpus`` (None when neither is given and not ``required``)."""
+    from ..plan import parse_gpus, parse_max_memory
 
-    if bool(args.max_memory) == bool(args.gpus):
+    if (args.max_memory and args.gpus) or (required and not args.max_memory and not args.gpus):
         raise UsageError("give exactly one of --max-memory (0=60GiB,1=79GiB) or --gpus (2x80GB)")
-    caps = parse_max_memory(args.max_memory) if args.max_memory else parse_gpus(args.gpus)
+    if not args.max_memory and not args.gpus:
+        return None
+    return parse_max_memory(args.max_memory) if args.max_memory else parse_gpus(args.gpus)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from ..plan import load_layout, place_layout
+
+    caps = caps_from_args(args, required=True) or {}
     options = options_from_args(args)
     layout, _ = load_layout(args.source, options=options, branch=args.branch,
                             trust_remote_code=args.trust_remote_code)

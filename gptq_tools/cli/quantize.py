@@ -61,22 +61,33 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def format_summary(summary: QuantizeSummary) -> str:
-    """The end-of-run table: one row per layer (summed error, GPTQ vs RTN), then totals and fallbacks."""
+    """The end-of-run table: one row per layer (summed error, GPTQ vs RTN, time), then where the time went.
+
+    ``solve_s`` is the GPTQ math of the layer's linears; ``layer_s`` the layer's whole wall time (load,
+    Hessians, solve, forward pass to the next layer, save). Setup, the layers and writing add up to the total.
+    """
     if summary.already_done:
         return (f"already quantized: {summary.output} is complete (every file matches its SHA256SUMS); nothing "
                 f"to resume. Delete it to quantize again")
-    rows = ["error: mean squared output error per calibration token (GPTQ vs round-to-nearest)",
-            "layer  linears  error       rtn_error   gain      damp    seconds"]
+    rows = ["quantization summary; err: mean squared output error per calibration token, rtn_err: the same for "
+            "round-to-nearest",
+            "layer  linears  err         rtn_err     gain      damp    solve_s  layer_s"]
     layers = sorted({report.layer for report in summary.linears})
     for layer in layers:
         reports = [r for r in summary.linears if r.layer == layer]
         error = sum(r.error for r in reports)
         rtn_error = sum(r.rtn_error for r in reports)
         gain = rtn_error / error if error > 0 else math.inf
+        wall = summary.layer_seconds.get(layer)
         rows.append(f"{layer:5d}  {len(reports):7d}  {error:10.4g}  {rtn_error:10.4g}  {gain:7.2f}x  "
-                    f"{max(r.damp_percent for r in reports):6.3f}  {sum(r.seconds for r in reports):7.2f}")
+                    f"{max(r.damp_percent for r in reports):6.3f}  {sum(r.seconds for r in reports):7.2f}  "
+                    + (f"{wall:7.2f}" if wall is not None else "      -"))
     rows.append(f"quantized {len(summary.linears)} linears in {len(layers)} layers in {summary.seconds:.1f} s"
-                + (f" (resumed at layer {summary.resumed_from_layer})" if summary.resumed_from_layer else ""))
+                + (f" (resumed at layer {summary.resumed_from_layer}; '-': done by the earlier run)"
+                   if summary.resumed_from_layer else ""))
+    rows.append(f"time: setup {summary.setup_seconds:.1f} s + {len(summary.layer_seconds)} layers "
+                f"{sum(summary.layer_seconds.values()):.1f} s + writing {summary.write_seconds:.1f} s "
+                f"= {summary.seconds:.1f} s")
     if summary.fallbacks:
         rows.append(f"round-to-nearest fallback (Cholesky failed): {', '.join(summary.fallbacks)}")
     rows.append(f"wrote {summary.output}: {', '.join(summary.files)}")

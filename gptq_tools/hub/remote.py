@@ -22,11 +22,10 @@ from ..errors import (
     RepoNotFoundError,
     RevisionNotFoundError,
     UnsafeNameError,
-    UsageError,
 )
 from ..fileio import TEMP_PREFIX
 from ..names import check_no_clashes, validate_relative_name
-from ..presets import Preset, find_preset
+from ..presets import Preset, parse_model_spec
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +39,6 @@ MAX_LISTED_ENTRIES = 1_000_000
 #: Folders a Hub repository cannot contain (huggingface_hub's FORBIDDEN_FOLDERS) and where local state lives.
 _RESERVED_SEGMENTS = (".git", ".cache")
 _LEGACY_STATE_FOLDER = ".gptq-tools"
-_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN"
 
 
@@ -94,18 +92,8 @@ def parse_spec(spec: str, *, revision: str | None = None) -> RepoSpec:
     Raises:
         UsageError: the text is not a repository id or preset, or ``:BRANCH`` and ``revision`` disagree.
     """
-    name, _, branch = spec.strip().partition(":")
-    if not name or (spec.count(":") > 1):
-        raise UsageError(f"{spec!r} is not a repository; write it as NAMESPACE/NAME[:BRANCH] or a preset name")
-    if branch and revision and branch != revision:
-        raise UsageError(f"{spec!r} names branch {branch!r} but --revision is {revision!r}; give only one")
-    preset = find_preset(name)
-    repo_id = preset.repo_id if preset is not None else name
-    if not _REPO_RE.match(repo_id):
-        raise UsageError(f"{name!r} is neither a repository id (NAMESPACE/NAME) nor a preset; "
-                         f"run `gptq-tools download --help` for the accepted forms")
-    chosen = branch or revision or (preset.default_branch if preset is not None else "main")
-    return RepoSpec(repo_id=repo_id, revision=chosen, preset=preset)
+    model = parse_model_spec(spec, revision=revision)
+    return RepoSpec(repo_id=model.repo_id, revision=model.revision, preset=model.preset)
 
 
 @contextlib.contextmanager

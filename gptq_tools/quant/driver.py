@@ -80,6 +80,12 @@ class QuantizeSummary:
     resumed_from_layer: int = 0
     fallbacks: tuple[str, ...] = field(default=())
     already_done: bool = False  # --resume found the output complete and verified; nothing was computed
+    #: Wall time of each layer quantized in this run (load, Hessians, solve, forward pass, save); with
+    #: ``setup_seconds`` (model, calibration, layer-0 inputs) and ``write_seconds`` (shards, configs,
+    #: publishing) it adds up to ``seconds``.
+    layer_seconds: dict[int, float] = field(default_factory=dict)
+    setup_seconds: float = 0.0
+    write_seconds: float = 0.0
 
 
 class _Captured(Exception):
@@ -343,7 +349,7 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
         logger.info("%s: already quantized (every file matches its SHA256SUMS); nothing to resume", output)
         return QuantizeSummary(output, config, (), finished, time.perf_counter() - started, already_done=True)
     check_output_folder(output)
-    shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    shard_bytes = parse_size(max_shard_size, what="--max-shard-size")
     compute = check_compute_device(device)
     source = SourceModel(model_dir, dtype=_compute_dtype(compute))
     ids = _calibration_ids(source, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed)
@@ -356,16 +362,21 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
         logger.info("%s: the interrupted run had finished writing; publishing it", staging)
         publish(staging, output)
         files = tuple(sorted(p.name for p in output.iterdir()))
-        return QuantizeSummary(output, config, (), files, time.perf_counter() - started, source.num_layers())
+        seconds = time.perf_counter() - started
+        return QuantizeSummary(output, config, (), files, seconds, source.num_layers(), write_seconds=seconds)
     work.mkdir(parents=True, exist_ok=True)
     state = _read_state(work, _fingerprint(source, ids, config, source.dtype, method))
     first = state["done"]
     store = _activation_store(source, ids, compute)
-    _run_layers(source, ids, config, compute, store, work, state, method, on_layer_done)
+    loop_started, layer_seconds = _run_layers(source, ids, config, compute, store, work, state, method, on_layer_done)
     files = _finish(source, staging, output, config, work, model_dir, single_file=single_file, shard_bytes=shard_bytes)
     linears = tuple(LinearReport(**entry) for entry in state["linears"])
     fallbacks = tuple(entry.name for entry in linears if entry.method != "gptq") if method == "gptq" else ()
-    return QuantizeSummary(output, config, linears, tuple(files), time.perf_counter() - started, first, fallbacks)
+    seconds = time.perf_counter() - started
+    setup = loop_started - started
+    return QuantizeSummary(output, config, linears, tuple(files), seconds, first, fallbacks,
+                           layer_seconds=layer_seconds, setup_seconds=setup,
+                           write_seconds=seconds - setup - sum(layer_seconds.values()))
 
 
 def _calibration_ids(source: SourceModel, calibration: str | Path, *, nsamples: int, seqlen: int | None,
@@ -471,15 +482,19 @@ def _activation_store(source: SourceModel, ids: torch.Tensor, compute: torch.dev
 
 def _run_layers(source: SourceModel, ids: torch.Tensor, config: QuantizeConfig, compute: torch.device,
                 store: torch.device, work: Path, state: dict[str, Any], method: str,
-                on_layer_done: Callable[[int], None] | None) -> None:
+                on_layer_done: Callable[[int], None] | None) -> tuple[float, dict[int, float]]:
+    """Quantize the layers not done yet; returns when the first one started and each one's wall time
+    (consecutive clock readings, so together they cover the whole loop)."""
     total = source.num_layers()
     if state["done"] >= total:
-        return
+        return time.perf_counter(), {}
     calib = _capture_layer0(source, ids, compute, store)
     if state["done"] > 0:
         calib.hidden = _load_inputs(work / f"inputs-{state['done']:05d}.safetensors", store)
         logger.info("resuming at layer %d of %d", state["done"], total)
     bar = tqdm(range(state["done"], total), desc="quantizing layers", unit="layer", dynamic_ncols=True)
+    loop_started = previous = time.perf_counter()
+    layer_seconds: dict[int, float] = {}
     for index in bar:
         tensors, reports = _quantize_layer(source, index, calib, config, compute, method)
         last = index == total - 1
@@ -494,6 +509,9 @@ def _run_layers(source: SourceModel, ids: torch.Tensor, config: QuantizeConfig, 
                                                           for r in reports))
         if on_layer_done is not None:
             on_layer_done(index)
+        now = time.perf_counter()
+        layer_seconds[index], previous = now - previous, now
+    return loop_started, layer_seconds
 
 
 def _finish(source: SourceModel, staging: Path, output: Path, config: QuantizeConfig, work: Path, model_dir: Path,

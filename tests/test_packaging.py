@@ -1,0 +1,68 @@
+"""The wheel alone carries the presets: build it, install it into a fresh venv, plan BLOOMZ-176B from outside
+the checkout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESETS = sorted(p.name for p in (REPO_ROOT / "gptq_tools" / "configs" / "presets").glob("*.json"))
+
+
+def run(args: list[str | Path], *, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wheel built from a copy of the checkout (the build writes build/ and *.egg-info beside the sources)."""
+    source = tmp_path_factory.mktemp("source")
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy2(REPO_ROOT / name, source / name)
+    shutil.copytree(REPO_ROOT / "gptq_tools", source / "gptq_tools",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    out = tmp_path_factory.mktemp("wheel")
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", out, "."],
+        cwd=source)
+    (built,) = out.glob("gptq_tools-*.whl")
+    return built
+
+
+def test_wheel_lists_every_preset(wheel: Path) -> None:
+    assert len(PRESETS) >= 2
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert {f"gptq_tools/configs/presets/{name}" for name in PRESETS} <= names
+
+
+def test_fresh_venv_from_the_wheel_plans_bloomz(wheel: Path, tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path)
+    python = venv / "bin" / "python"
+    run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", wheel], cwd=tmp_path)
+    # torch, transformers, ... come from the test venv's site-packages, added as a plain path: its .pth files
+    # (among them the editable install of this checkout) are not run, so gptq_tools can only come from the wheel
+    site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                    cwd=tmp_path).stdout.strip())
+    (site / "test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("PYTHONPATH", "GPTQ_TOOLS_CONFIGS", "VIRTUAL_ENV", "PYTHONHOME")}
+    found = run([python, "-c", "import gptq_tools; print(gptq_tools.__file__)"], cwd=tmp_path, env=env).stdout
+    assert Path(found.strip()).is_relative_to(venv)
+    result = run([venv / "bin" / "gptq-tools", "plan", "bloomz-176b-gptq", "--max-memory", "0=60GiB,1=79GiB"],
+                 cwd=tmp_path, env=env)
+    lines = result.stdout.splitlines()
+    assert lines[0] == "preset bloomz-176b-gptq: 87.16 GiB of weights, headroom for batch 1 x 2048 tokens"
+    assert lines[2].split()[:2] == ["0", "60.00"] and "37 layers (0-36)" in lines[2]
+    assert lines[-1] == "fits"
