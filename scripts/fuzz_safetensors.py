@@ -55,6 +55,9 @@ def main() -> int:
             counts["valid"] += 1
         if outcome != AGREE and counts[outcome] <= args.show:
             print(f"{outcome}: {detail[:300]}\n  case: {blob[:300]!r}", flush=True)
+        done = sum(counts[k] for k in (AGREE, OURS_ONLY, REFERENCE_ONLY, CRASH, SLOW))
+        if done % 10_000 == 0:
+            print(f"... {done} cases, {done - counts[AGREE]} disagreements so far", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
     (seed(args.seed)(run) if args.seed is not None else run)()

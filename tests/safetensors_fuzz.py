@@ -12,6 +12,7 @@ Shared by ``tests/test_safetensors_fuzz.py`` (a few thousand cases, fixed seed) 
 
 from __future__ import annotations
 
+import copy
 import math
 import struct
 import time
@@ -109,16 +110,19 @@ WEIRD = st.recursive(_LEAVES, lambda inner: st.one_of(
 _KINDS = st.sampled_from([
     "dup-metadata", "metadata-value", "dup-tensor", "dup-field", "drop-field", "extra-field", "as-array",
     "dtype", "dim", "shape", "offsets", "entry-value", "top-key", "deep"])
-_SMALL_METADATA = st.sampled_from([None, Obj([]), Obj([("k", "v")])])
+# Mutations change drawn values in place: every shared constant is deep-copied when drawn, or hypothesis
+# sees the generator change between replays (FlakyStrategyDefinition).
+_SMALL_METADATA = st.sampled_from([None, Obj([]), Obj([("k", "v")])]).map(copy.deepcopy)
 _BAD_METADATA = st.one_of(st.sampled_from(
-    [None, [], Obj([("k", 1)]), Obj([("k", "v"), ("k", "w")]), Obj([("k", Raw('"\\ud800"'))])]), WEIRD)
+    [None, [], Obj([("k", 1)]), Obj([("k", "v"), ("k", "w")]), Obj([("k", Raw('"\\ud800"'))])]).map(copy.deepcopy),
+    WEIRD)
 _NAME = st.sampled_from(_NAMES)
 _EXTRA_KEY = st.sampled_from(["x", "y", "Dtype"])
-_ANY_DTYPE = st.sampled_from(_DTYPES + _BAD_DTYPES)
+_ANY_DTYPE = st.sampled_from(_DTYPES + _BAD_DTYPES).map(copy.deepcopy)
 _DTYPE = st.sampled_from(_DTYPES)
 _DIM_VALUE = st.one_of(st.sampled_from(_NUMBERS), st.integers(-3, 2**65), st.booleans(), WEIRD)
 _SHAPE = st.sampled_from([[2**32, 2**32, 0], [0, 2**32, 2**32], [2**64 - 1, 0], [2**63, 2], [2**61, 8], [2**62], "4",
-                          None, Obj([])])
+                          None, Obj([])]).map(copy.deepcopy)
 _OFFSET_CHANGE = st.sampled_from(["begin", "end", "swap", "third", "weird", "huge"])
 _HUGE = st.sampled_from([2**64 - 1, 2**64, 2**63])
 _NUMBER = st.sampled_from(_NUMBERS)
