@@ -200,9 +200,7 @@ class QuantLinear(nn.Module):
         Raises:
             UsageError: a kernel has already repacked the checkpoint buffers and dropped them.
         """
-        if self.qweight is None:
-            raise UsageError(f"{self.name or 'QuantLinear'}: kernel {self.kernel!r} repacked the weights at load; "
-                             f"its checkpoint buffers are gone (load with kernel='torch' to read them)")
+        self._check_checkpoint_buffers()
         word_start, word_stop = start * self.bits // 32, math.ceil(stop * self.bits / 32)
         if 32 % self.bits == 0:  # 2, 4, 8 bits: whole values per word, one shift-and-mask pass
             intweight = _unpack_words(self.qweight[:, start:stop], self.bits, dim=0)[: self.in_features]
@@ -214,6 +212,11 @@ class QuantLinear(nn.Module):
             zeros = unpack_qzeros(self.qzeros[:, word_start:word_stop], self.bits, stop - start,
                                   checkpoint_format=self.checkpoint_format)  # (groups, c)
         return intweight, zeros
+
+    def _check_checkpoint_buffers(self) -> None:
+        if self.qweight is None:
+            raise UsageError(f"{self.name or 'QuantLinear'}: kernel {self.kernel!r} repacked the weights at load; "
+                             f"its checkpoint buffers are gone (load with kernel='torch' to read them)")
 
     def dequantized_columns(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized weight for outputs ``[start, stop)`` as (in, stop - start), rows in sorted order.
@@ -235,6 +238,7 @@ class QuantLinear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full dequantized weight in ``nn.Linear`` layout (out, in), original input order."""
+        self._check_checkpoint_buffers()
         weight = self.dequantized_columns(0, self.out_features, dtype or self.scales.dtype)  # (in, out)
         if self.input_perm is not None:
             restored = torch.empty_like(weight)

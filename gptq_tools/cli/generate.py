@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--seed", type=int, help="random seed for --sample")
-    parser.add_argument("--kernel", default="torch", help="quantized-linear kernel (default: torch)")
+    parser.add_argument("--kernel", default="auto",
+                        help="quantized-linear kernel (default: auto, the fastest per layer; -v shows the choice)")
     parser.add_argument("--no-verify", action="store_true", help="skip the SHA256 check of the weights")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept pickled weights (unsafe: unpickling can run code)")

@@ -4,7 +4,8 @@ The op computes ``x @ ((q - 8) * scale + zero)`` per group of 32/64/128/256 rows
 scales and zeros. A GPTQ layer maps onto it exactly:
 
 * integer zero point ``z``: ``(q - z) * s = (q - 8) * s + (8 - z) * s``, so ``zero = (8 - z) * s``;
-* 2- and 3-bit values are 4-bit values that happen to be small (same formula, same op);
+* 2- and 3-bit values are stored as 4-bit values shifted by ``8 - 2**(bits-1)`` to the middle of the
+  range, so that a symmetric zero still gives ``zero = 0`` (no large bf16 term to cancel);
 * group size -1 and groups the op does not take: the largest op group size that tiles every group
   gets the group's scale and zero replicated (one 256-row op group per 256 rows of a -1 layer);
 * act-order: :meth:`QuantLinear.prepare` already sorted the rows (each group is one contiguous run),
@@ -100,15 +101,17 @@ def prepare(layer: QuantLinear) -> None:
     scales_and_zeros = torch.zeros(k // op_group, padded_n, 2, dtype=torch.bfloat16)
     scales = torch.zeros(k // op_group, padded_n, dtype=layer.scales.dtype)
     zeros = torch.full((k // op_group, padded_n), 8, dtype=torch.uint8)
+    offset = 8 - 2 ** (layer.bits - 1)  # 2-bit values 0..3 become 6..9: centred on the op's 8
     step = column_step(k, BLOCK_N)
     for start in range(0, n, step):
         stop = min(start + step, n)
         intweight, _ = layer.integer_columns(start, stop)  # (in, c)
         padded_stop = min(start + step, padded_n)
-        values = torch.zeros(padded_stop - start, k, dtype=torch.int32)
-        values[: stop - start] = intweight.t()
+        values = torch.full((padded_stop - start, k), 8, dtype=torch.int32)
+        values[: stop - start] = intweight.t() + offset
         packed[start:padded_stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 2)
         group_zeros, group_scales = op_group_params(layer, op_group, start, stop)  # (op groups, c)
+        group_zeros = group_zeros + offset  # the zero of the shifted values
         scales_and_zeros[:, start:stop, 0] = group_scales.to(torch.bfloat16)
         scales_and_zeros[:, start:stop, 1] = ((8 - group_zeros) * group_scales).to(torch.bfloat16)
         scales[:, start:stop] = group_scales.to(scales.dtype)
