@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench bench-join bench-download bench-load bench-quant venv-gptqmodel lint clean
+.PHONY: install test demo bench bench-join bench-download bench-load bench-quant bench-kernels venv-gptqmodel lint clean
 
 install: $(STAMP)
 
@@ -24,7 +24,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-bench: bench-join bench-download bench-load bench-quant
+bench: bench-join bench-download bench-load bench-quant bench-kernels
 
 bench-join: $(STAMP)
 	$(PY) scripts/bench_join.py
@@ -34,6 +34,10 @@ bench-download: $(STAMP)
 
 bench-load: $(STAMP)
 	$(PY) scripts/bench_load.py
+
+# QuantLinear kernels vs fp32 nn.Linear (CPU) / fp16 nn.Linear (CUDA, when present), and generate end to end.
+bench-kernels: $(STAMP)
+	$(PY) scripts/bench_kernels.py
 
 # GPTQ quality benchmark on tiny OPT/BLOOM models trained here; adds GPTQModel side by side when
 # GPTQMODEL_PYTHON (default .venv-gptqmodel/bin/python, made by `make venv-gptqmodel`) exists.
