@@ -96,7 +96,8 @@ def check_case(kernel: str, bits: int, group_size: int, act_order: bool, checkpo
         return
     got = layer(x)
     assert layer.kernel == kernel and got.dtype == dtype and got.shape == (tokens, OUT_FEATURES)
-    bf16_op = kernel in ("cpu-int8",) or (kernel == "cpu-int4" and tokens < cpu_int4.PREFILL_TOKENS)
+    bf16_op = kernel == "cpu-int8" or kernel == "cpu-int4" and (tokens < cpu_int4.PREFILL_TOKENS
+                                                                 or dtype != torch.float32)
     limit = tolerance if tolerance is not None else BF16_TOLERANCE if bf16_op else EXACT_TOLERANCE
     if dtype == torch.float16:  # the result itself is rounded to fp16 (unit roundoff 2**-11)
         limit = max(limit, 1e-3)
@@ -114,10 +115,11 @@ def test_cpu_kernel_parity(kernel: str, bits: int, group_size: int, act_order: b
 @pytest.mark.parametrize("bits,group_size,act_order", [(4, 128, True), (4, -1, True), (3, 32, False),
                                                        (2, -1, False)])
 @pytest.mark.parametrize("checkpoint_format,sym", [("gptq", True), ("gptq_v2", False)])
-def test_cpu_int4_prefill_path_is_exact(bits: int, group_size: int, act_order: bool, checkpoint_format: str,
-                                        sym: bool) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32-exact", "fp16-bf16-gemm"])
+def test_cpu_int4_prefill_paths(bits: int, group_size: int, act_order: bool, checkpoint_format: str, sym: bool,
+                                dtype: torch.dtype) -> None:
     check_case("cpu-int4", bits, group_size, act_order, checkpoint_format, sym, tokens=cpu_int4.PREFILL_TOKENS,
-               dtype=torch.float32)
+               dtype=dtype)
 
 
 def test_fp16_model_dtype_within_rounding() -> None:
@@ -126,7 +128,7 @@ def test_fp16_model_dtype_within_rounding() -> None:
 
 
 def test_bf16_error_measured_against_fp16_rounding() -> None:
-    """The bf16 op's error, in units of the error of rounding the reference to fp16 (documented: ~4-8x)."""
+    """The bf16 op's error, in units of the error of rounding the reference to fp16 (measured: about 14x)."""
     tensors = random_layer_tensors(4, 128, act_order=True, checkpoint_format="gptq", sym=False,
                                    in_features=1024, out_features=256)
     layer = make_layer(tensors, 4, 128, checkpoint_format="gptq", kernel="cpu-int4", dtype=torch.float32)
@@ -134,7 +136,7 @@ def test_bf16_error_measured_against_fp16_rounding() -> None:
     expected = reference_output(tensors, x, bits=4, checkpoint_format="gptq")
     fp16_rounding = relative_error(expected.half(), expected)
     ratio = relative_error(layer(x), expected) / fp16_rounding
-    assert 1 < ratio < 16, ratio  # not fp16-exact (bf16 output), but within a few bf16 roundings
+    assert 4 < ratio < 24, ratio  # not fp16-exact (bf16 output), but within about two bf16 roundings
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
