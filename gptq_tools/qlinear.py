@@ -9,8 +9,9 @@ the built-in kernels live in :mod:`gptq_tools.kernels` (one module each: the pur
 with :func:`register_kernel`.
 
 Act-order (``desc_act``) checkpoints have a non-monotonic ``g_idx``: input column ``i`` belongs to group
-``g_idx[i]`` in no particular order. :meth:`QuantLinear.prepare` sorts the packed rows by group once at
-load time and keeps the permutation in ``input_perm``; every forward pass then reorders the *input* once
+``g_idx[i]`` in no particular order. :meth:`QuantLinear.prepare` sorts the rows by group once at load
+time (the packed rows, or the kernel's repacked copy) and keeps the permutation in ``input_perm``; every
+forward pass then reorders the *input* once
 (one ``index_select``) and each group is a contiguous run of rows, so no per-group gather is needed.
 """
 
@@ -152,6 +153,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_perm", None)
         self.group_counts: tuple[int, ...] | None = None  # rows per group after prepare(); None if uniform
         self.prepared = False
+        self.rows_sorted = True  # packed rows are in g_idx order (False between prepare() and sort_packed_rows())
         self.kernel_ready = False  # the kernel's own prepare() has run (its repacked buffers are in place)
         self.kernel_skipped: dict[str, str] = {}  # kernel -> why it was not chosen (filled by select_kernel)
 
@@ -166,9 +168,13 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def prepare(self) -> None:
-        """Check ``g_idx`` and, for act-order, sort the packed rows by group once (see module docs).
+        """Check ``g_idx`` and, for act-order, order the rows by group once (see module docs).
 
-        Call once after the checkpoint tensors are in place, before the first forward.
+        Call once after the checkpoint tensors are in place, before the first forward. ``g_idx`` is
+        sorted here and the permutation kept in ``input_perm``; the packed rows themselves are sorted
+        (in place) only when the chosen kernel reads them packed (:meth:`sort_packed_rows`): kernels that
+        repack the weights take the rows in sorted order from :meth:`integer_columns` instead, so a
+        memory-mapped ``qweight`` is never written (no private copy of its pages).
 
         Raises:
             CheckpointError: ``g_idx`` names a group that does not exist.
@@ -181,7 +187,7 @@ class QuantLinear(nn.Module):
                 f"{int(groups.max())}]; the checkpoint's group_size does not match its tensors")
         if groups.numel() > 1 and bool((groups[1:] < groups[:-1]).any()):
             perm = torch.argsort(groups, stable=True)
-            _permute_packed_rows_(self.qweight, perm, self.bits, self.in_features)
+            self.rows_sorted = False
             self.g_idx = self.g_idx[perm].contiguous()
             self.input_perm = perm.to(torch.int32)
             groups = groups[perm]
@@ -211,7 +217,17 @@ class QuantLinear(nn.Module):
             intweight = unpack_rows(self.qweight[:, start:stop], self.bits, self.in_features)  # (in, c)
             zeros = unpack_qzeros(self.qzeros[:, word_start:word_stop], self.bits, stop - start,
                                   checkpoint_format=self.checkpoint_format)  # (groups, c)
+        if not self.rows_sorted:
+            intweight = intweight[self.input_perm.to(device=intweight.device, dtype=torch.long)]
         return intweight, zeros
+
+    @torch.no_grad()
+    def sort_packed_rows(self) -> None:
+        """Reorder the packed ``qweight`` rows into sorted (``g_idx``) order in place, once."""
+        if not self.rows_sorted:
+            self._check_checkpoint_buffers()
+            _permute_packed_rows_(self.qweight, self.input_perm.to(torch.long), self.bits, self.in_features)
+            self.rows_sorted = True
 
     def _check_checkpoint_buffers(self) -> None:
         if self.qweight is None:
@@ -267,7 +283,9 @@ class QuantLinear(nn.Module):
         decision = select_kernel(self, torch.device(device), requested=self.kernel, allow_repack=allow_repack)
         self.kernel, self.kernel_skipped = decision.kernel, dict(decision.skipped)
         prepare = get_kernel(self.kernel).prepare
-        if prepare is not None and not self.kernel_ready:
+        if prepare is None:
+            self.sort_packed_rows()  # the kernel reads the packed rows as they lie
+        elif not self.kernel_ready:
             prepare(self)
         self.kernel_ready = True
         return self.kernel

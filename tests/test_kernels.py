@@ -271,3 +271,16 @@ def test_tiny_model_logits_with_auto_kernels(tmp_path: Path, model_type: str, de
         torch.testing.assert_close(prefill, expected, rtol=1e-5, atol=1e-5)
         decode = model(ids[:, :1]).logits  # one token: the bf16 op
         assert relative_error(decode, reference(ids[:, :1]).logits) < 2e-2
+
+
+def test_repacking_kernels_never_write_the_checkpoint_rows() -> None:
+    """Act-order rows are sorted in place only for kernels that read them packed: a mapped file stays clean."""
+    tensors = random_layer_tensors(4, 32, act_order=True, checkpoint_format="gptq", sym=False)
+    repacked = make_layer(tensors, 4, 32, checkpoint_format="gptq", kernel="auto")
+    original = repacked.qweight
+    before = original.clone()
+    assert repacked.select_kernel("cpu") == "cpu-int4"
+    assert torch.equal(original, before)
+    packed = make_layer(tensors, 4, 32, checkpoint_format="gptq", kernel="torch")
+    packed.select_kernel("cpu")
+    assert packed.rows_sorted and not torch.equal(packed.qweight, before)

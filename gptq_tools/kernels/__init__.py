@@ -10,7 +10,8 @@ Every kernel registers itself through :func:`gptq_tools.qlinear.register_kernel`
 * ``cuda-int4`` (:mod:`.cuda_int4`): PyTorch's CUDA tinygemm for 2/3/4-bit layers (bf16).
 
 ``kernel="auto"`` tries :data:`AUTO_ORDER` for the layer's device type and takes the first that supports
-the layer, recording why each earlier one was skipped.
+the layer, recording why each earlier one was skipped. Kernels registered from outside run when named
+(or when added to :data:`AUTO_ORDER`): auto cannot know how fast they are.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
-from ..qlinear import AUTO_KERNEL, QuantLinear, available_kernels, get_kernel
+from ..qlinear import AUTO_KERNEL, QuantLinear, get_kernel
 from . import cpu_int4, cpu_int8, cuda_int4, reference, triton_gptq, unpacked
 
 #: Kernels ``"auto"`` tries, fastest first, per device type (the CPU order is measured by
@@ -65,18 +66,13 @@ def select_kernel(layer: QuantLinear, device: torch.device, *, requested: str = 
             raise UsageError(f"{layer.name or 'QuantLinear'}: kernel {requested!r} is unsupported here: {reason}; "
                              f"use kernel='auto' to pick one that is")
         return KernelDecision(requested)
-    order = AUTO_ORDER.get(device.type, (reference.NAME,))
-    extra = tuple(name for name in available_kernels() if name not in order and name not in _BUILTIN)
     skipped: list[tuple[str, str]] = []
-    for name in order[:-1] + extra + order[-1:]:  # registered add-ons before the reference
+    for name in AUTO_ORDER.get(device.type, (reference.NAME,)):
         reason = _reason(name, layer, device, allow_repack)
         if reason is None:
             return KernelDecision(name, tuple(skipped))
         skipped.append((name, reason))
     return KernelDecision(reference.NAME, tuple(skipped))
-
-
-_BUILTIN = frozenset((reference.NAME, cpu_int4.NAME, cpu_int8.NAME, unpacked.NAME, triton_gptq.NAME, cuda_int4.NAME))
 
 
 def _reason(name: str, layer: QuantLinear, device: torch.device, allow_repack: bool) -> str | None:

@@ -15,8 +15,10 @@ The weights are repacked once at load (``_convert_weight_to_int4pack_for_cpu``) 
 dropped: no dequantized copy is kept. The op's fp32 and fp16 paths are several times slower than an fp32
 ``nn.Linear`` on x86 (measured: ``scripts/bench_kernels.py``), so decode runs in bf16; its output is
 rounded to bf16, which bounds the error at about bf16 rounding (2**-9 relative) rather than fp16's.
-Many tokens at once (prefill) run faster as blockwise fp32 dequantization plus the fp32 GEMM, which is
-also exact: that path is taken from :data:`PREFILL_TOKENS` tokens on.
+The op's cost grows with every token while dequantizing a weight block costs the same for any count, so
+from :data:`PREFILL_TOKENS` tokens on (prefill) blocks are dequantized instead: in bf16 (one table lookup
+and one multiply-add per weight) for the bf16 GEMM (AMX / AVX-512-BF16 where the CPU has them), or, for
+fp32 activations, exactly in fp32 for the fp32 GEMM (slower: fp32 models ask for fp32 results).
 """
 
 from __future__ import annotations
@@ -33,12 +35,11 @@ NAME = "cpu-int4"
 OP_GROUP_SIZES = (32, 64, 128, 256)
 #: Output columns per block of the packed layout.
 BLOCK_N = 64
-#: From this many tokens per call the fp32 dequantize-and-GEMM path is faster than the int4 op
-#: (measured with ``scripts/bench_kernels.py`` on a 2-core AVX-512 machine: the op costs about 3x the
-#: fp32 GEMM at 128 tokens, and the two meet between 8 and 16 tokens).
+#: From this many tokens per call blocks are dequantized for a GEMM instead of calling the int4 op
+#: (``scripts/bench_kernels.py`` measures both at 8-128 tokens: the "prefill threshold" rows).
 PREFILL_TOKENS = 16
-#: Weights dequantized at once on the prefill path (bounds its workspace: 5 bytes each).
-PREFILL_BLOCK_ELEMENTS = 1 << 21
+#: Weights dequantized at once on the prefill path (bounds its workspace: about 12 bytes each).
+PREFILL_BLOCK_ELEMENTS = 1 << 23
 
 
 def _op_available() -> bool:
@@ -126,27 +127,33 @@ def prepare(layer: QuantLinear) -> None:
 
 
 def forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """bf16 int4 matmul for few tokens, blockwise fp32 dequantization plus GEMM for many."""
+    """bf16 int4 matmul for few tokens; for many, blockwise dequantization plus GEMM (see module docs)."""
     if x.device.type != "cpu":
         raise RuntimeError(f"{layer.name or 'QuantLinear'}: kernel 'cpu-int4' repacked this layer for the CPU; "
                            f"it got input on {x.device} (load the model again for that device)")
     flat = permuted_input(layer, x)  # (tokens, in)
-    if flat.shape[0] >= PREFILL_TOKENS:
-        out = _prefill(layer, flat.to(torch.float32))
-    else:
+    if flat.shape[0] < PREFILL_TOKENS:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), layer.int4_packed,
                                                          layer.int4_group_size, layer.int4_scales_and_zeros)
         out = out[:, : layer.out_features].to(torch.float32)
+    elif x.dtype == torch.float32:
+        out = _prefill_exact(layer, flat)
+    else:
+        out = _prefill_bf16(layer, flat.to(torch.bfloat16))
     if layer.bias is not None:
         out += layer.bias.to(torch.float32)
     return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
-def _prefill(layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
+def _blocks(layer: QuantLinear) -> tuple[torch.Tensor, int]:
+    blocks = layer.int4_packed.view(-1, layer.in_features, BLOCK_N // 2)  # (N / 64, K, 32)
+    return blocks, max(1, PREFILL_BLOCK_ELEMENTS // (layer.in_features * BLOCK_N))
+
+
+def _prefill_exact(layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
     """Exact fp32 ``(q - z) * s`` a few column blocks at a time, each multiplied with the fp32 GEMM."""
     k, groups = layer.in_features, layer.int4_scales.shape[0]
-    blocks = layer.int4_packed.view(-1, k, BLOCK_N // 2)  # (N / 64, K, 32)
-    per_step = max(1, PREFILL_BLOCK_ELEMENTS // (k * BLOCK_N))
+    blocks, per_step = _blocks(layer)
     out = torch.empty(flat.shape[0], blocks.shape[0] * BLOCK_N, dtype=torch.float32)
     layout = packed_layout()
     for first in range(0, blocks.shape[0], per_step):
@@ -164,9 +171,41 @@ def _prefill(layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
     return out[:, : layer.out_features]
 
 
+@functools.cache
+def _byte_table(layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(256, 2) bf16 table byte -> (low - 8, high - 8), and where each table column lands in a 64-block."""
+    codes = torch.arange(256)
+    table = torch.stack([(codes & 15) - 8, (codes >> 4) - 8], dim=-1).to(torch.bfloat16)
+    slot = torch.arange(BLOCK_N)
+    order = slot // 2 + (BLOCK_N // 2) * (slot % 2) if layout == "split" else slot
+    return table, order
+
+
+def _prefill_bf16(layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
+    """bf16 ``(q - 8) * s + zero`` a few column blocks at a time (one table lookup, one multiply-add),
+    each multiplied with the bf16 GEMM (AMX/AVX-512-BF16 where the CPU has them)."""
+    k = layer.in_features
+    sz = layer.int4_scales_and_zeros  # (op groups, N, 2) bf16
+    groups = sz.shape[0]
+    blocks, per_step = _blocks(layer)
+    table, order = _byte_table(packed_layout())
+    out = torch.empty(flat.shape[0], blocks.shape[0] * BLOCK_N, dtype=torch.float32)
+    for first in range(0, blocks.shape[0], per_step):
+        last = min(first + per_step, blocks.shape[0])
+        count = last - first
+        columns = (torch.arange(first, last)[:, None] * BLOCK_N + order).reshape(-1)  # in lookup order
+        values = torch.nn.functional.embedding(blocks[first:last].to(torch.int32), table)  # (b, K, 32, 2)
+        params = sz[:, columns].reshape(groups, count, BLOCK_N, 2).transpose(0, 1)  # (b, groups, 64, 2)
+        weight = torch.addcmul(params[:, :, None, :, 1], values.view(count, groups, k // groups, BLOCK_N),
+                               params[:, :, None, :, 0])
+        dense = weight.reshape(count, k, BLOCK_N).permute(1, 0, 2).reshape(k, count * BLOCK_N)  # one 2-D GEMM:
+        out[:, columns] = (flat @ dense).to(torch.float32)  # faster than a batched one of 64-column blocks
+    return out[:, : layer.out_features]
+
+
 def workspace_bytes(in_features: int, out_features: int, dtype: torch.dtype) -> int:
-    """The prefill block: unpacked bytes, fp32 values and the dequantized block."""
-    return PREFILL_BLOCK_ELEMENTS * (1 + 4 + 4)
+    """The prefill block: int32 indices, bf16 values, the dequantized block and its 2-D copy."""
+    return PREFILL_BLOCK_ELEMENTS * (2 + 2 + 2 + 2) + PREFILL_BLOCK_ELEMENTS // 2 * 4
 
 
 register_kernel(QuantKernel(name=NAME, forward=forward, supports=lambda layer, device: unsupported(
