@@ -318,12 +318,29 @@ def memory_child(folder: str) -> None:
     from gptq_tools.load import load_quantized
     from gptq_tools.model_files import find_checkpoint_files
 
+    before = rss_parts()
     model = load_quantized(folder, dtype=torch.float32, verify_hash=False)
+    after = rss_parts()
     held = sum(held_bytes(m) for m in model.modules() if isinstance(m, QuantLinear))
     names = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QuantLinear)
              for b in ("qweight", "qzeros", "scales", "g_idx", "bias")}
     packed = sum(e.nbytes for n, e in find_checkpoint_files(Path(folder)).entries.items() if n in names)
-    print(json.dumps({"held": held, "packed": packed}))
+    print(json.dumps({"held": held, "packed": packed, "file_bytes": sum(p.stat().st_size for p in Path(folder).glob(
+        "*.safetensors")), **{f"{key}_growth": after[key] - before[key] for key in after}}))
+
+
+def rss_parts() -> dict[str, int]:
+    """RssAnon / RssFile of this process in bytes (/proc/self/status; zeros where unreadable)."""
+    parts = {"RssAnon": 0, "RssFile": 0}
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key in parts:
+                    parts[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return parts
 
 
 def in_child(function: str, *args: str) -> dict:

@@ -58,7 +58,7 @@ def _compiled(interpret: bool) -> Any:
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok, col_ok = rows < m_size, cols < n_size
         zero_shift = (cols % per_word) * BITS
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # a builtin: stdlib tl.zeros is jitted at import
         for k_start in range(0, k_size, BLOCK_K):
             ks = k_start + tl.arange(0, BLOCK_K)
             k_ok = ks < k_size
