@@ -96,7 +96,7 @@ def check_case(kernel: str, bits: int, group_size: int, act_order: bool, checkpo
         return
     got = layer(x)
     assert layer.kernel == kernel and got.dtype == dtype and got.shape == (tokens, OUT_FEATURES)
-    bf16_op = kernel == "cpu-int8" or kernel == "cpu-int4" and (tokens < cpu_int4.PREFILL_TOKENS
+    bf16_op = kernel == "cpu-int8" or kernel == "cpu-int4" and (tokens < cpu_int4.EXACT_TOKENS
                                                                  or dtype != torch.float32)
     limit = tolerance if tolerance is not None else BF16_TOLERANCE if bf16_op else EXACT_TOLERANCE
     if dtype == torch.float16:  # the result itself is rounded to fp16 (unit roundoff 2**-11)
@@ -118,8 +118,8 @@ def test_cpu_kernel_parity(kernel: str, bits: int, group_size: int, act_order: b
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32-exact", "fp16-bf16-gemm"])
 def test_cpu_int4_prefill_paths(bits: int, group_size: int, act_order: bool, checkpoint_format: str, sym: bool,
                                 dtype: torch.dtype) -> None:
-    check_case("cpu-int4", bits, group_size, act_order, checkpoint_format, sym, tokens=cpu_int4.PREFILL_TOKENS,
-               dtype=dtype)
+    tokens = cpu_int4.EXACT_TOKENS if dtype == torch.float32 else cpu_int4.PREFILL_TOKENS
+    check_case("cpu-int4", bits, group_size, act_order, checkpoint_format, sym, tokens=tokens, dtype=dtype)
 
 
 def test_fp16_model_dtype_within_rounding() -> None:

@@ -16,9 +16,10 @@ dropped: no dequantized copy is kept. The op's fp32 and fp16 paths are several t
 ``nn.Linear`` on x86 (measured: ``scripts/bench_kernels.py``), so decode runs in bf16; its output is
 rounded to bf16, which bounds the error at about bf16 rounding (2**-9 relative) rather than fp16's.
 The op's cost grows with every token while dequantizing a weight block costs the same for any count, so
-from :data:`PREFILL_TOKENS` tokens on (prefill) blocks are dequantized instead: in bf16 (one table lookup
-and one multiply-add per weight) for the bf16 GEMM (AMX / AVX-512-BF16 where the CPU has them), or, for
-fp32 activations, exactly in fp32 for the fp32 GEMM (slower: fp32 models ask for fp32 results).
+from :data:`PREFILL_TOKENS` tokens on (prefill) blocks are dequantized instead, in bf16 (one table lookup
+and one multiply-add per weight) for the bf16 GEMM (AMX / AVX-512-BF16 where the CPU has them); fp32
+activations from :data:`EXACT_TOKENS` tokens on are dequantized exactly in fp32 for the fp32 GEMM
+(slower: fp32 models ask for fp32 results).
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ NAME = "cpu-int4"
 OP_GROUP_SIZES = (32, 64, 128, 256)
 #: Output columns per block of the packed layout.
 BLOCK_N = 64
-#: From this many tokens per call blocks are dequantized for a GEMM instead of calling the int4 op
-#: (``scripts/bench_kernels.py`` measures both at 8-128 tokens: the "prefill threshold" rows).
-PREFILL_TOKENS = 16
+#: From this many tokens per call half-precision inputs go to the bf16 dequantize-and-GEMM path instead
+#: of the int4 op (``scripts/bench_kernels.py``, "prefill threshold" rows, 7168x7168 on the shared 2-core
+#: machine: the op took 2.65 s at 128 tokens and grows ~20 ms a token; the dequantize path ~7 s flat).
+PREFILL_TOKENS = 256
+#: From this many tokens per call fp32 inputs get the exact fp32 dequantize-and-GEMM path.
+EXACT_TOKENS = 16
 #: Weights dequantized at once on the prefill path (bounds its workspace: about 12 bytes each).
 PREFILL_BLOCK_ELEMENTS = 1 << 23
 
@@ -132,14 +136,15 @@ def forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError(f"{layer.name or 'QuantLinear'}: kernel 'cpu-int4' repacked this layer for the CPU; "
                            f"it got input on {x.device} (load the model again for that device)")
     flat = permuted_input(layer, x)  # (tokens, in)
-    if flat.shape[0] < PREFILL_TOKENS:
+    tokens = flat.shape[0]
+    if x.dtype == torch.float32 and tokens >= EXACT_TOKENS:
+        out = _prefill_exact(layer, flat)
+    elif tokens >= PREFILL_TOKENS:
+        out = _prefill_bf16(layer, flat.to(torch.bfloat16))
+    else:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), layer.int4_packed,
                                                          layer.int4_group_size, layer.int4_scales_and_zeros)
         out = out[:, : layer.out_features].to(torch.float32)
-    elif x.dtype == torch.float32:
-        out = _prefill_exact(layer, flat)
-    else:
-        out = _prefill_bf16(layer, flat.to(torch.bfloat16))
     if layer.bias is not None:
         out += layer.bias.to(torch.float32)
     return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
