@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo fuzz bench bench-join bench-download bench-load bench-quant venv-gptqmodel lint clean
+.PHONY: install test test-slow demo fuzz bench bench-join bench-download bench-load bench-quant bench-kernels venv-gptqmodel lint clean
 
 install: $(STAMP)
 
@@ -34,7 +34,7 @@ FUZZ_CASES ?= 100000
 fuzz: $(STAMP)
 	$(PY) scripts/fuzz_safetensors.py --cases $(FUZZ_CASES)
 
-bench: bench-join bench-download bench-load bench-quant
+bench: bench-join bench-download bench-load bench-quant bench-kernels
 
 bench-join: $(STAMP)
 	$(PY) scripts/bench_join.py
@@ -44,6 +44,10 @@ bench-download: $(STAMP)
 
 bench-load: $(STAMP)
 	$(PY) scripts/bench_load.py
+
+# QuantLinear kernels vs fp32 nn.Linear (CPU) / fp16 nn.Linear (CUDA, when present), and generate end to end.
+bench-kernels: $(STAMP)
+	$(PY) scripts/bench_kernels.py
 
 # GPTQ quality benchmark on tiny OPT/BLOOM models trained here; adds GPTQModel side by side when
 # GPTQMODEL_PYTHON (default .venv-gptqmodel/bin/python, made by `make venv-gptqmodel`) exists.

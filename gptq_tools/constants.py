@@ -57,3 +57,8 @@ def step_log_path() -> Path | None:
     """Test hook: ``GPTQ_TOOLS_STEP_LOG=FILE`` appends one line per publishing step (``KIND PATH``)."""
     value = os.environ.get("GPTQ_TOOLS_STEP_LOG")
     return Path(value) if value else None
+
+
+def triton_interpret() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``; correctness tests only)."""
+    return bool(_env_flag("TRITON_INTERPRET"))

@@ -33,6 +33,7 @@ from torch import nn
 
 from .constants import IO_CHUNK_BYTES
 from .errors import CheckpointError, ChecksumMismatchError, UsageError
+from .kernels import KernelDecision, summarize
 from .model_files import (
     CheckpointFiles,
     MappedWeightFile,
@@ -63,7 +64,7 @@ INTEGER_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8
 
 def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[Any, Any] | None = None,
                    device_map: str | Mapping[str, DeviceKey] = "auto", dtype: torch.dtype = torch.float16,
-                   offload_folder: str | os.PathLike[str] | None = None, kernel: str = "torch",
+                   offload_folder: str | os.PathLike[str] | None = None, kernel: str = "auto",
                    batch_size: int = 1, seq_len: int = 2048, cuda_context: str | int = "1GiB",
                    verify_hash: bool = True,
                    expected_sha256: str | None = None, preset: str | None = None, allow_pickle: bool = False,
@@ -81,7 +82,8 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
             explicit ``{module: device}`` map.
         dtype: dtype of every floating-point tensor (scales, norms, embeddings) and of the compute.
         offload_folder: where modules that fit nowhere else go (``"disk"``); None forbids disk offload.
-        kernel: QuantLinear kernel name (see :func:`gptq_tools.qlinear.available_kernels`).
+        kernel: QuantLinear kernel name (see :func:`gptq_tools.qlinear.available_kernels`), or ``"auto"``:
+            per layer, the fastest kernel that supports it on the device it runs on.
         batch_size: batch size the GPU headroom is reserved for.
         seq_len: sequence length (prompt plus new tokens) the headroom is reserved for.
         cuda_context: memory the CUDA context takes per GPU (``"1GiB"``; bare numbers are bytes).
@@ -95,11 +97,14 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
         trust_remote_code: allow model code shipped with the checkpoint (off by default).
 
     Returns:
-        The model (in eval mode), with ``gptq_placement`` holding the plan when ``device_map="auto"``.
+        The model (in eval mode), with ``gptq_placement`` holding the plan when ``device_map="auto"`` and
+        ``gptq_kernels`` mapping each quantized linear's name to its
+        :class:`~gptq_tools.kernels.KernelDecision` (the kernel it got and why earlier ones were skipped).
 
     Raises:
         PlacementError: the caps cannot hold the model (the message says by how much and what would fit).
-        UsageError: malformed caps, a device that does not exist, an unknown kernel.
+        UsageError: malformed caps, a device that does not exist, an unknown kernel, a named kernel that
+            cannot run a layer where it is placed.
         CheckpointError: config and tensors disagree, missing shards, truncated files.
         ChecksumMismatchError: the weights' SHA256 differs from the expected one.
         UnsafeCheckpointError: pickled weights only and ``allow_pickle`` is False.
@@ -134,8 +139,32 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
     model.eval()
     model.gptq_placement = placement
     model.gptq_settings = settings
+    model.gptq_kernels = _kernel_decisions(model)
     logger.info("loaded %s in %.1f s", folder, time.perf_counter() - started)
     return model
+
+
+def _kernel_decisions(model: nn.Module) -> dict[str, KernelDecision]:
+    """Each QuantLinear's kernel and skip reasons, logged as one line per distinct decision."""
+    decisions = {name: KernelDecision(module.kernel, tuple(module.kernel_skipped.items()))
+                 for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+    for line in summarize(decisions):
+        logger.info("kernel: %s", line)
+    return decisions
+
+
+def _kernel_target(device: DeviceKey, modules_map: Mapping[str, DeviceKey]) -> tuple[torch.device, bool]:
+    """Where a module placed on ``device`` executes, and whether its weights stay there between calls.
+
+    accelerate runs CPU- and disk-placed modules on the first GPU when there is one, moving their weights
+    in at every call; only then (and for disk without GPUs) may a kernel not repack them.
+    """
+    if isinstance(device, int):
+        return torch.device("cuda", device), True
+    gpus = sorted(d for d in set(modules_map.values()) if isinstance(d, int))
+    if gpus:
+        return torch.device("cuda", gpus[0]), False
+    return torch.device("cpu"), device == "cpu"
 
 
 def _explicit_map(model: nn.Module, device_map: str | Mapping[str, DeviceKey],
@@ -323,7 +352,8 @@ def _stream_weights(model: nn.Module, files: CheckpointFiles, modules_map: Mappi
                     module_name = entry.name.rpartition(".")[0]
                     remaining[module_name] -= 1
                     if remaining[module_name] == 0:
-                        _module_complete(model, module_name, device, offload_folder, offload_index)
+                        _module_complete(model, module_name, device, offload_folder, offload_index,
+                                         target=_kernel_target(device, modules_map))
                     bar.update(entry.nbytes)
     return offload_index
 
@@ -357,12 +387,15 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def _module_complete(model: nn.Module, module_name: str, device: DeviceKey,
-                     offload_folder: str | os.PathLike[str] | None, offload_index: dict[str, Any]) -> None:
-    """All tensors of ``module_name`` are in: prepare a QuantLinear; send a disk module to the folder."""
+                     offload_folder: str | os.PathLike[str] | None, offload_index: dict[str, Any], *,
+                     target: tuple[torch.device, bool]) -> None:
+    """All tensors of ``module_name`` are in: prepare a QuantLinear and pick its kernel for ``target``
+    (execution device, whether its weights stay resident); send a disk module to the folder."""
     module = model.get_submodule(module_name)
     if isinstance(module, QuantLinear):
         _check_scales(module_name, module.scales)
         module.prepare()
+        module.select_kernel(target[0], allow_repack=target[1])
     if device == "disk":
         from accelerate.utils import offload_weight
 
@@ -407,7 +440,8 @@ def _load_pickled(model: nn.Module, files: CheckpointFiles, modules_map: Mapping
             module_name = name.rpartition(".")[0]
             remaining[module_name] -= 1
             if remaining[module_name] == 0:
-                _module_complete(model, module_name, device, offload_folder, offload_index)
+                _module_complete(model, module_name, device, offload_folder, offload_index,
+                                 target=_kernel_target(device, modules_map))
         del state
     return offload_index
 

@@ -33,6 +33,7 @@ from torch import nn
 from .architectures import ArchSpec, get_arch
 from .config_check import check_config_against_headers, validate_model_config
 from .errors import CheckpointError, PlacementError, UsageError
+from .kernels import planning_workspace
 from .model_files import (
     CheckpointFiles,
     QuantizeSettings,
@@ -41,7 +42,7 @@ from .model_files import (
     read_quantize_settings,
     settings_from_dict,
 )
-from .qlinear import QuantLinear, check_quant_shape, get_kernel
+from .qlinear import QuantLinear, check_quant_shape
 from .units import format_size, parse_size
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class PlanOptions:
     batch_size: int = 1
     seq_len: int = 2048
     cuda_context_bytes: int = GiB
-    kernel: str = "torch"
+    kernel: str = "auto"
     allow_disk: bool = False  # an offload folder is available: "disk" takes what does not fit elsewhere
 
 
@@ -175,7 +176,7 @@ def config_from_dict(model_config: dict[str, Any]) -> Any:
 
 
 def build_meta_model(config: Any, settings: QuantizeSettings, *, dtype: torch.dtype = torch.float16,
-                     quantized: set[str] | None = None, kernel: str = "torch",
+                     quantized: set[str] | None = None, kernel: str = "auto",
                      trust_remote_code: bool = False) -> tuple[nn.Module, ArchSpec, list[str]]:
     """The model on the meta device, with its target linears replaced by meta :class:`QuantLinear`.
 
@@ -301,7 +302,7 @@ def tied_names(model: nn.Module) -> dict[str, str]:
 
 
 def layout_from_model(model: nn.Module, arch: ArchSpec, settings: QuantizeSettings, *, source: str,
-                      kernel: str = "torch") -> ModelLayout:
+                      kernel: str = "auto") -> ModelLayout:
     """Group ``model``'s tensors into placement blocks in execution order, with their sizes."""
     followers = tied_names(model)
     sizes: dict[str, int] = {}
@@ -372,7 +373,7 @@ def _workspace_per_block(model: nn.Module, arch: ArchSpec, kernel: str) -> dict[
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             block = block_of(name + ".qweight", arch)
-            need = get_kernel(kernel).workspace_bytes(module.in_features, module.out_features, module.scales.dtype)
+            need = planning_workspace(module, kernel)
             workspace[block] = max(workspace.get(block, 0), need)
     return workspace
 
@@ -669,7 +670,7 @@ def load_layout(source: str | Path, *, options: PlanOptions, branch: str | None 
     return layout_from_model(model, arch, settings, source=f"preset {preset.name}", kernel=options.kernel), None
 
 
-def build_checkpoint_model(folder: Path, *, dtype: torch.dtype, kernel: str = "torch",
+def build_checkpoint_model(folder: Path, *, dtype: torch.dtype, kernel: str = "auto",
                            trust_remote_code: bool = False, allow_pickle: bool = False
                            ) -> tuple[nn.Module, ArchSpec, QuantizeSettings, CheckpointFiles]:
     """Meta model for the checkpoint in ``folder``, checked against its safetensors headers."""

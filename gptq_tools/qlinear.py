@@ -3,12 +3,15 @@
 :class:`QuantLinear` holds a GPTQ linear in the AutoGPTQ checkpoint layout (``qweight``, ``qzeros``,
 ``scales``, ``g_idx``, optional ``bias`` buffers; v1 ``"gptq"`` or v2 ``"gptq_v2"`` zero points; 2, 3, 4
 or 8 bits; any group size). Its forward pass is delegated to a *kernel* picked by name from a registry;
-the built-in ``"torch"`` kernel is pure PyTorch and runs wherever PyTorch runs (CPU, CUDA, ...). Faster
-kernels (Triton, Marlin, ExLlama) register themselves with :func:`register_kernel`.
+the built-in kernels live in :mod:`gptq_tools.kernels` (one module each: the pure-PyTorch reference
+``"torch"``, PyTorch's CPU int4/int8 matmuls, a Triton kernel, PyTorch's CUDA int4 kernel), and
+``kernel="auto"`` picks the fastest that supports a layer on its device. Others register themselves
+with :func:`register_kernel`.
 
 Act-order (``desc_act``) checkpoints have a non-monotonic ``g_idx``: input column ``i`` belongs to group
-``g_idx[i]`` in no particular order. :meth:`QuantLinear.prepare` sorts the packed rows by group once at
-load time and keeps the permutation in ``input_perm``; every forward pass then reorders the *input* once
+``g_idx[i]`` in no particular order. :meth:`QuantLinear.prepare` sorts the rows by group once at load
+time (the packed rows, or the kernel's repacked copy) and keeps the permutation in ``input_perm``; every
+forward pass then reorders the *input* once
 (one ``index_select``) and each group is a contiguous run of rows, so no per-group gather is needed.
 """
 
@@ -30,6 +33,9 @@ from .packing import (
     unpack_rows,
 )
 
+#: ``QuantLinear(kernel=AUTO_KERNEL)``: pick the fastest kernel per layer and device.
+AUTO_KERNEL = "auto"
+
 #: Most weight elements dequantized at once by the torch kernel (bounds its workspace: ~16 bytes each).
 DEQUANT_CHUNK_ELEMENTS = 1 << 24
 
@@ -44,12 +50,25 @@ class QuantKernel:
         supports: ``supports(layer, device) -> bool``: whether this kernel can run ``layer`` on ``device``.
         workspace_bytes: ``workspace_bytes(in_features, out_features, dtype) -> int``: the temporary
             device memory one forward call needs beyond its input and output (the planner reserves it).
+        unsupported: ``unsupported(layer, device) -> str | None``: why this kernel cannot run ``layer`` on
+            ``device`` (None when it can); None derives a generic reason from ``supports``.
+        prepare: ``prepare(layer)``, run once before the first forward (after :meth:`QuantLinear.prepare`):
+            repacks the checkpoint buffers into the kernel's own form and may drop them. A kernel with a
+            ``prepare`` cannot serve modules whose weights are reloaded from disk at every call.
     """
 
     name: str
     forward: Callable[[QuantLinear, torch.Tensor], torch.Tensor]
     supports: Callable[[QuantLinear, torch.device], bool]
     workspace_bytes: Callable[[int, int, torch.dtype], int]
+    unsupported: Callable[[QuantLinear, torch.device], str | None] | None = None
+    prepare: Callable[[QuantLinear], None] | None = None
+
+    def why_not(self, layer: QuantLinear, device: torch.device) -> str | None:
+        """Why this kernel cannot run ``layer`` on ``device``; None when it can."""
+        if self.unsupported is not None:
+            return self.unsupported(layer, device)
+        return None if self.supports(layer, device) else f"kernel {self.name!r} does not support this layer"
 
 
 _KERNELS: dict[str, QuantKernel] = {}
@@ -73,6 +92,7 @@ def get_kernel(name: str) -> QuantKernel:
     Raises:
         UsageError: no such kernel (the message lists the registered ones).
     """
+    _register_builtin_kernels()
     try:
         return _KERNELS[name]
     except KeyError:
@@ -82,7 +102,13 @@ def get_kernel(name: str) -> QuantKernel:
 
 def available_kernels() -> list[str]:
     """Names of all registered kernels, sorted."""
+    _register_builtin_kernels()
     return sorted(_KERNELS)
+
+
+def _register_builtin_kernels() -> None:
+    """Import :mod:`gptq_tools.kernels` (its modules register themselves) the first time it is needed."""
+    from . import kernels  # noqa: F401  (imported for its registrations; the kernels import this module)
 
 
 class QuantLinear(nn.Module):
@@ -97,7 +123,8 @@ class QuantLinear(nn.Module):
         checkpoint_format: ``"gptq"`` (v1, stored zero minus one) or ``"gptq_v2"``.
         dtype: dtype of ``scales`` and ``bias`` (the compute dtype).
         device: where the buffers are created (``"meta"`` to allocate nothing).
-        kernel: name of a registered :class:`QuantKernel`.
+        kernel: name of a registered :class:`QuantKernel`, or ``"auto"``: the fastest kernel that supports
+            the layer on the device of its first input (see :func:`gptq_tools.kernels.select_kernel`).
 
     Raises:
         UsageError: unsupported bits, format, kernel, or shapes that cannot be packed.
@@ -112,7 +139,8 @@ class QuantLinear(nn.Module):
         check_quant_shape(bits, in_features, out_features, what="QuantLinear")
         if checkpoint_format not in CHECKPOINT_FORMATS:
             raise UsageError(f"unknown checkpoint format {checkpoint_format!r}; use one of {CHECKPOINT_FORMATS}")
-        get_kernel(kernel)
+        if kernel != AUTO_KERNEL:
+            get_kernel(kernel)
         self.bits, self.in_features, self.out_features = bits, in_features, out_features
         self.group_size = group_size if group_size > 0 else in_features
         self.checkpoint_format, self.kernel, self.name = checkpoint_format, kernel, ""
@@ -125,6 +153,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_perm", None)
         self.group_counts: tuple[int, ...] | None = None  # rows per group after prepare(); None if uniform
         self.prepared = False
+        self.rows_sorted = True  # packed rows are in g_idx order (False between prepare() and sort_packed_rows())
+        self.kernel_ready = False  # the kernel's own prepare() has run (its repacked buffers are in place)
+        self.kernel_skipped: dict[str, str] = {}  # kernel -> why it was not chosen (filled by select_kernel)
 
     @property
     def num_groups(self) -> int:
@@ -137,9 +168,13 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def prepare(self) -> None:
-        """Check ``g_idx`` and, for act-order, sort the packed rows by group once (see module docs).
+        """Check ``g_idx`` and, for act-order, order the rows by group once (see module docs).
 
-        Call once after the checkpoint tensors are in place, before the first forward.
+        Call once after the checkpoint tensors are in place, before the first forward. ``g_idx`` is
+        sorted here and the permutation kept in ``input_perm``; the packed rows themselves are sorted
+        (in place) only when the chosen kernel reads them packed (:meth:`sort_packed_rows`): kernels that
+        repack the weights take the rows in sorted order from :meth:`integer_columns` instead, so a
+        memory-mapped ``qweight`` is never written (no private copy of its pages).
 
         Raises:
             CheckpointError: ``g_idx`` names a group that does not exist.
@@ -152,7 +187,7 @@ class QuantLinear(nn.Module):
                 f"{int(groups.max())}]; the checkpoint's group_size does not match its tensors")
         if groups.numel() > 1 and bool((groups[1:] < groups[:-1]).any()):
             perm = torch.argsort(groups, stable=True)
-            _permute_packed_rows_(self.qweight, perm, self.bits, self.in_features)
+            self.rows_sorted = False
             self.g_idx = self.g_idx[perm].contiguous()
             self.input_perm = perm.to(torch.int32)
             groups = groups[perm]
@@ -162,11 +197,16 @@ class QuantLinear(nn.Module):
         self.group_counts = None if uniform else tuple(counts)
         self.prepared = True
 
-    def dequantized_columns(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Dequantized weight for outputs ``[start, stop)`` as (in, stop - start), rows in sorted order.
+    def integer_columns(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer weights (in, c) and zero points (groups, c) of outputs ``[start, stop)``, rows sorted.
 
-        ``start`` and ``stop`` must be multiples of 32 (or ``stop == out_features``).
+        ``start`` and ``stop`` must be multiples of 32 (or ``stop == out_features``). Zeros are the true
+        zero points (v1's ``-1`` undone).
+
+        Raises:
+            UsageError: a kernel has already repacked the checkpoint buffers and dropped them.
         """
+        self._check_checkpoint_buffers()
         word_start, word_stop = start * self.bits // 32, math.ceil(stop * self.bits / 32)
         if 32 % self.bits == 0:  # 2, 4, 8 bits: whole values per word, one shift-and-mask pass
             intweight = _unpack_words(self.qweight[:, start:stop], self.bits, dim=0)[: self.in_features]
@@ -177,6 +217,29 @@ class QuantLinear(nn.Module):
             intweight = unpack_rows(self.qweight[:, start:stop], self.bits, self.in_features)  # (in, c)
             zeros = unpack_qzeros(self.qzeros[:, word_start:word_stop], self.bits, stop - start,
                                   checkpoint_format=self.checkpoint_format)  # (groups, c)
+        if not self.rows_sorted:
+            intweight = intweight[self.input_perm.to(device=intweight.device, dtype=torch.long)]
+        return intweight, zeros
+
+    @torch.no_grad()
+    def sort_packed_rows(self) -> None:
+        """Reorder the packed ``qweight`` rows into sorted (``g_idx``) order in place, once."""
+        if not self.rows_sorted:
+            self._check_checkpoint_buffers()
+            _permute_packed_rows_(self.qweight, self.input_perm.to(torch.long), self.bits, self.in_features)
+            self.rows_sorted = True
+
+    def _check_checkpoint_buffers(self) -> None:
+        if self.qweight is None:
+            raise UsageError(f"{self.name or 'QuantLinear'}: kernel {self.kernel!r} repacked the weights at load; "
+                             f"its checkpoint buffers are gone (load with kernel='torch' to read them)")
+
+    def dequantized_columns(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized weight for outputs ``[start, stop)`` as (in, stop - start), rows in sorted order.
+
+        ``start`` and ``stop`` must be multiples of 32 (or ``stop == out_features``).
+        """
+        intweight, zeros = self.integer_columns(start, stop)
         scales = self.scales[:, start:stop].to(torch.float32)  # (groups, c)
         if self.group_counts is None:
             rows = self.num_groups * self.group_size
@@ -191,6 +254,7 @@ class QuantLinear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full dequantized weight in ``nn.Linear`` layout (out, in), original input order."""
+        self._check_checkpoint_buffers()
         weight = self.dequantized_columns(0, self.out_features, dtype or self.scales.dtype)  # (in, out)
         if self.input_perm is not None:
             restored = torch.empty_like(weight)
@@ -198,9 +262,37 @@ class QuantLinear(nn.Module):
             weight = restored
         return weight.t().contiguous()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def select_kernel(self, device: torch.device | str, *, allow_repack: bool = True) -> str:
+        """Resolve ``kernel="auto"`` (or check a named kernel) for ``device`` and run its prepare step.
+
+        Args:
+            device: where the layer runs.
+            allow_repack: whether kernels that repack the weights may be chosen (False for modules whose
+                weights are reloaded from disk at every call).
+
+        Returns:
+            The kernel's name (also in ``self.kernel``; skipped kernels and why in ``self.kernel_skipped``).
+
+        Raises:
+            UsageError: a named kernel cannot run this layer on ``device`` (the message says why).
+        """
+        from .kernels import select_kernel
+
         if not self.prepared:
             self.prepare()
+        decision = select_kernel(self, torch.device(device), requested=self.kernel, allow_repack=allow_repack)
+        self.kernel, self.kernel_skipped = decision.kernel, dict(decision.skipped)
+        prepare = get_kernel(self.kernel).prepare
+        if prepare is None:
+            self.sort_packed_rows()  # the kernel reads the packed rows as they lie
+        elif not self.kernel_ready:
+            prepare(self)
+        self.kernel_ready = True
+        return self.kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.kernel_ready:
+            self.select_kernel(x.device)
         return get_kernel(self.kernel).forward(self, x)
 
 
@@ -251,32 +343,3 @@ def _column_chunk(in_features: int, out_features: int) -> int:
     """Outputs per dequantization step: a multiple of 32 keeping the step near DEQUANT_CHUNK_ELEMENTS."""
     step = max(32, DEQUANT_CHUNK_ELEMENTS // max(in_features, 1) // 32 * 32)
     return min(step, out_features)
-
-
-def _torch_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """Dequantize a column block at a time and multiply; act-order inputs are permuted once."""
-    if layer.input_perm is not None:
-        x = x.index_select(-1, layer.input_perm.to(device=x.device, dtype=torch.long))
-    # CPUs have no fast half-precision GEMM: multiply in fp32 there (the weights are built in fp32 anyway).
-    half_on_cpu = x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
-    compute_dtype = torch.float32 if half_on_cpu else x.dtype
-    flat = x.reshape(-1, layer.in_features).to(compute_dtype)  # (tokens, in)
-    out = torch.empty(flat.shape[0], layer.out_features, dtype=compute_dtype, device=x.device)
-    step = _column_chunk(layer.in_features, layer.out_features)
-    for start in range(0, layer.out_features, step):
-        stop = min(start + step, layer.out_features)
-        weight = layer.dequantized_columns(start, stop, compute_dtype)  # (in, c)
-        out[:, start:stop] = flat @ weight
-    if layer.bias is not None:
-        out += layer.bias.to(compute_dtype)
-    return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
-
-
-def _torch_workspace(in_features: int, out_features: int, dtype: torch.dtype) -> int:
-    # unpacked values and zeros (int64 on the 3-bit path), fp32 products, the result: ~20 bytes per element.
-    elements = in_features * _column_chunk(in_features, out_features)
-    return elements * (8 + 8 + 4 + torch.empty((), dtype=dtype).element_size())
-
-
-register_kernel(QuantKernel(name="torch", forward=_torch_forward, supports=lambda layer, device: True,
-                            workspace_bytes=_torch_workspace))

@@ -103,7 +103,7 @@ def child(folder: str) -> None:
     import_seconds = time.perf_counter() - started
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     started = time.perf_counter()
-    model = load_quantized(folder, max_memory={"cpu": "16GiB"}, verify_hash=False)
+    model = load_quantized(folder, max_memory={"cpu": "16GiB"}, verify_hash=False, kernel="torch")  # keeps qweight
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tensors = {id(t): t for t in model.state_dict(keep_vars=True).values() if t.device.type == "cpu"}

@@ -60,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="above 1 discourages repeating tokens, greedy or sampled (default 1 = off)")
     parser.add_argument("--seed", type=int, help="random seed for sampling")
-    parser.add_argument("--kernel", default="torch", help="quantized-linear kernel (default: torch)")
+    parser.add_argument("--kernel", default="auto",
+                        help="quantized-linear kernel (default: auto, the fastest per layer; -v shows the choice)")
     parser.add_argument("--no-verify", action="store_true", help="skip the SHA256 check of the weights")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept pickled weights (unsafe: unpickling can run code)")

@@ -1,0 +1,434 @@
+"""Benchmark the QuantLinear kernels against fp32 ``nn.Linear`` (CPU) and fp16 ``nn.Linear`` (CUDA).
+
+Every ratio is measured side by side in one run, with ``torch.set_num_threads(THREADS)`` for both sides
+and the median of several repetitions:
+
+1. CPU decode (1 token): ``kernel="auto"`` vs an fp32 ``nn.Linear`` holding the same (dequantized)
+   weights, 4-bit act-order with group 128 and group -1, on 7168x7168, 7168x28672, 28672x7168 and
+   14336x57344 (in x out); goal >= 2x faster. The resident bytes of each repacked layer are compared
+   with its checkpoint bytes (goal <= 1.1x). Also: the reference ``torch`` kernel, and the 2/3/8-bit
+   fallbacks, against the reference (goal: faster than it).
+2. CPU prefill (128 and 512 tokens) on the OPT-30B shapes; goal: no worse than 1.3x the fp32 GEMM; and
+   the int4 op vs the fp32 path at 1-32 tokens (where ``cpu_int4.PREFILL_TOKENS`` comes from).
+3. End to end: ``gptq-tools generate`` decode tokens/s on a synthetic OPT-1.3B-shaped 4-bit checkpoint
+   (random weights, cached in ``bench-out/kernels/``) vs transformers running the same dequantized
+   model in fp32; goal >= 1.5x, greedy tokens equal to the reference kernel's; resident weight bytes after
+   load <= 1.1x the checkpoint's packed bytes.
+4. GPU (only with CUDA): the same shapes vs fp16 ``nn.Linear`` at batch 1, 16 and 64.
+
+Prints a table of every ratio and the kernel each case used, and writes ``bench-out/kernels/results.json``.
+Exit status 1 when a goal is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402  (after the path insert, like the other scripts)
+
+from gptq_tools.packing import pack_qzeros  # noqa: E402
+from gptq_tools.qlinear import QuantLinear  # noqa: E402
+
+THREADS = 2
+OUT = REPO_ROOT / "bench-out" / "kernels"
+DECODE_SHAPES = [(7168, 7168), (7168, 28672), (28672, 7168), (14336, 57344)]
+PREFILL_SHAPES = [(7168, 7168), (7168, 28672), (28672, 7168)]
+GPU_BATCHES = (1, 16, 64)
+OPT_1B3 = {"model_type": "opt", "hidden_size": 2048, "num_hidden_layers": 24, "ffn_dim": 8192,
+           "num_attention_heads": 32, "vocab_size": 50272, "max_position_embeddings": 2048,
+           "word_embed_proj_dim": 2048, "torch_dtype": "float16", "tie_word_embeddings": True,
+           "do_layer_norm_before": True, "pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 2}
+QUANTIZE = {"bits": 4, "group_size": 128, "desc_act": True, "sym": True, "quant_method": "gptq",
+            "checkpoint_format": "gptq"}
+PROMPT = "The quick brown fox jumps over the lazy dog because"
+NEW_TOKENS, REFERENCE_TOKENS = 32, 3  # the reference kernel dequantizes 1.2B weights per token: ~1 min each
+
+
+def median_seconds(call: Callable[..., object], *args: object, repeats: int,
+                   sync: Callable[[], None] = lambda: None) -> float:
+    """Median wall time of ``call(*args)`` after one warm-up call."""
+    call(*args)
+    sync()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call(*args)
+        sync()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def random_layer(bits: int, group_size: int, in_features: int, out_features: int, *, act_order: bool,
+                 device: str = "cpu", seed: int = 0) -> QuantLinear:
+    """A QuantLinear with random packed words, symmetric zeros, random fp16 scales (fast to build)."""
+    generator = torch.Generator().manual_seed(seed)
+    layer = QuantLinear(bits, group_size, in_features, out_features, bias=False, dtype=torch.float16,
+                        device="meta", kernel="auto")
+    words = in_features * bits // 32
+    qweight = torch.empty(words, out_features, dtype=torch.int32)
+    for start in range(0, words, 256):  # in slices: torch.randint on a 400M-word tensor needs 8 bytes each
+        stop = min(start + 256, words)
+        qweight[start:stop] = torch.randint(-2**31, 2**31 - 1, (stop - start, out_features), dtype=torch.int32,
+                                            generator=generator)
+    groups = layer.num_groups
+    layer.qweight = qweight
+    layer.qzeros = pack_qzeros(torch.full((groups, out_features), 2 ** (bits - 1)), bits)
+    layer.scales = (torch.rand(groups, out_features, generator=generator) * 0.004 + 0.001).to(torch.float16)
+    g_idx = torch.arange(in_features) // layer.group_size
+    if act_order:
+        g_idx = g_idx[torch.randperm(in_features, generator=generator)]
+    layer.g_idx = g_idx.to(torch.int32)
+    layer.name = f"{bits}bit-{group_size}g-{in_features}x{out_features}"
+    layer.prepare()
+    return layer.to(device)
+
+
+def dense_copy(layer: QuantLinear, dtype: torch.dtype, device: str = "cpu") -> torch.nn.Linear:
+    """An ``nn.Linear`` holding the layer's dequantized weight (built in column slices: bounded memory)."""
+    linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+    weight = torch.empty(layer.out_features, layer.in_features, dtype=dtype, device=device)
+    step = max(64, (1 << 24) // layer.in_features // 64 * 64)
+    order = layer.input_perm.long() if layer.input_perm is not None else None
+    for start in range(0, layer.out_features, step):
+        stop = min(start + step, layer.out_features)
+        block = layer.dequantized_columns(start, stop, dtype).t()  # (c, in), sorted input order
+        if order is None:
+            weight[start:stop] = block
+        else:
+            weight[start:stop, order] = block
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
+def held_bytes(layer: QuantLinear) -> int:
+    return sum(t.numel() * t.element_size() for t in layer.buffers())
+
+
+def checkpoint_bytes(bits: int, group_size: int, in_features: int, out_features: int) -> int:
+    groups = math.ceil(in_features / (group_size if group_size > 0 else in_features))
+    return in_features * bits // 8 * out_features + groups * out_features * (bits / 8 + 2) + in_features * 4
+
+
+# --------------------------------------------------------------------------------------------- CPU
+def cpu_decode(rows: list[dict], shapes: list[tuple[int, int]], repeats: int) -> None:
+    for in_features, out_features in shapes:
+        for group_size in (128, -1):
+            layer = random_layer(4, group_size, in_features, out_features, act_order=True)
+            dense = dense_copy(layer, torch.float32)
+            x = torch.randn(1, in_features)
+            check = x.to(torch.float16)
+            kernel = layer.select_kernel("cpu")
+            assert torch.allclose(layer(check).float(), dense(x), rtol=0.05, atol=0.05 * float(dense(x).abs().max()))
+            fp32 = median_seconds(dense, x, repeats=repeats)
+            ours = median_seconds(layer, check, repeats=repeats)
+            memory = held_bytes(layer) / checkpoint_bytes(4, group_size, in_features, out_features)
+            rows.append({"section": "cpu decode", "case": f"4bit g{group_size} act {in_features}x{out_features}",
+                         "kernel": kernel, "ours_ms": ours * 1e3, "baseline": "fp32 nn.Linear",
+                         "baseline_ms": fp32 * 1e3, "speedup": fp32 / ours, "goal": 2.0, "memory_ratio": memory})
+            print_row(rows[-1])
+            del layer, dense
+
+
+def cpu_fallbacks(rows: list[dict], repeats: int) -> None:
+    """Each bit width's auto kernel against the reference ``torch`` kernel on a 7168x7168 layer."""
+    for bits, group_size in ((4, 128), (2, 128), (3, 128), (8, -1), (8, 128)):
+        layer = random_layer(bits, group_size, 7168, 7168, act_order=True)
+        reference = random_layer(bits, group_size, 7168, 7168, act_order=True)
+        reference.kernel = "torch"
+        x = torch.randn(1, 7168, dtype=torch.float16)
+        kernel = layer.select_kernel("cpu")
+        ours = median_seconds(layer, x, repeats=repeats)
+        slow = median_seconds(reference, x, repeats=2)
+        rows.append({"section": "cpu fallback", "case": f"{bits}bit g{group_size} act 7168x7168", "kernel": kernel,
+                     "ours_ms": ours * 1e3, "baseline": "torch (reference) kernel", "baseline_ms": slow * 1e3,
+                     "speedup": slow / ours, "goal": 1.0})
+        print_row(rows[-1])
+
+
+def cpu_prefill(rows: list[dict], shapes: list[tuple[int, int]], repeats: int) -> None:
+    from gptq_tools.kernels import cpu_int4
+
+    layer = random_layer(4, 128, 7168, 7168, act_order=True)
+    layer.select_kernel("cpu")
+    for tokens in (4, 8, 16, 32, 64, 128):  # the int4 op vs the bf16 dequantize+GEMM path: PREFILL_TOKENS
+        flat = torch.randn(tokens, 7168).index_select(1, layer.input_perm.long()).to(torch.bfloat16)
+        op = median_seconds(torch.ops.aten._weight_int4pack_mm_for_cpu, flat, layer.int4_packed,
+                            layer.int4_group_size, layer.int4_scales_and_zeros, repeats=repeats)
+        dequant = median_seconds(cpu_int4._prefill_bf16, layer, flat, repeats=repeats)
+        rows.append({"section": "prefill threshold", "case": f"{tokens} tokens 7168x7168 (int4 op)",
+                     "kernel": "cpu-int4", "ours_ms": op * 1e3, "baseline": "bf16 dequant+GEMM path",
+                     "baseline_ms": dequant * 1e3, "speedup": dequant / op, "goal": None})
+        print_row(rows[-1])
+    del layer
+    for in_features, out_features in shapes:
+        layer = random_layer(4, 128, in_features, out_features, act_order=True)
+        dense = dense_copy(layer, torch.float32)
+        kernel = layer.select_kernel("cpu")
+        for tokens in (128, 512):
+            x = torch.randn(tokens, in_features)
+            half = x.to(torch.float16)  # the model's dtype; the fp32 baseline gets fp32 input
+            fp32 = median_seconds(dense, x, repeats=repeats)
+            ours = median_seconds(layer, half, repeats=repeats)
+            rows.append({"section": "cpu prefill", "kernel": kernel,
+                         "case": f"{tokens} tokens 4bit g128 act {in_features}x{out_features}",
+                         "ours_ms": ours * 1e3, "baseline": "fp32 nn.Linear", "baseline_ms": fp32 * 1e3,
+                         "speedup": fp32 / ours, "goal": 1 / 1.3})
+            print_row(rows[-1])
+        del layer, dense
+
+
+# ------------------------------------------------------------------------------------------- GPU
+def gpu_section(rows: list[dict], shapes: list[tuple[int, int]], repeats: int) -> None:
+    if not torch.cuda.is_available():
+        print("GPU section skipped: no CUDA device", flush=True)
+        return
+    sync = torch.cuda.synchronize
+    for in_features, out_features in shapes:
+        for group_size in (128, -1):
+            layer = random_layer(4, group_size, in_features, out_features, act_order=True)
+            dense = dense_copy(layer, torch.float16, device="cuda")
+            for kernel in ("triton", "cuda-int4"):
+                candidate = random_layer(4, group_size, in_features, out_features, act_order=True, device="cuda")
+                candidate.kernel = kernel
+                try:
+                    candidate.select_kernel("cuda")
+                except ValueError as exc:
+                    print(f"GPU {kernel} {in_features}x{out_features}: {exc}", flush=True)
+                    continue
+                for batch in GPU_BATCHES:
+                    x = torch.randn(batch, in_features, dtype=torch.float16, device="cuda")
+                    fp16 = median_seconds(dense, x, repeats=repeats, sync=sync)
+                    ours = median_seconds(candidate, x, repeats=repeats, sync=sync)
+                    rows.append({"section": "gpu", "case": f"batch {batch} 4bit g{group_size} act {in_features}x"
+                                 f"{out_features}", "kernel": kernel, "ours_ms": ours * 1e3,
+                                 "baseline": "fp16 nn.Linear", "baseline_ms": fp16 * 1e3, "speedup": fp16 / ours,
+                                 "goal": 3.0 if batch == 1 else None})
+                    print_row(rows[-1])
+                del candidate
+            del layer, dense
+            torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------- end to end
+def write_checkpoint(folder: Path) -> Path:
+    """The synthetic OPT-1.3B-shaped checkpoint, with a small trained tokenizer (written once)."""
+    from gptq_tools.fileio import atomic_output
+    from gptq_tools.model_files import QuantizeSettings
+    from gptq_tools.plan import build_meta_model, config_from_dict, tied_names
+    from gptq_tools.safetensors_format import build_header
+    from gptq_tools.tiny import tiny_corpus, train_tokenizer
+
+    weights = folder / "gptq_model-4bit-128g.safetensors"
+    if weights.is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    config = config_from_dict(OPT_1B3)
+    model, _, _ = build_meta_model(config, QuantizeSettings(bits=4, group_size=128, desc_act=True))
+    followers = tied_names(model)
+    tensors = [(n, t) for n, t in model.state_dict(keep_vars=True).items() if n not in followers]
+    names = {torch.float16: "F16", torch.int32: "I32"}
+    header, _ = build_header([(n, names[t.dtype], tuple(t.shape)) for n, t in tensors], metadata={"format": "pt"})
+    generator = torch.Generator().manual_seed(0)
+    with atomic_output(weights, force=True) as handle:
+        handle.write(header)
+        for name, meta in tensors:
+            handle.write(synthetic_tensor(name, tuple(meta.shape), generator).numpy().tobytes())
+    config.quantization_config = QUANTIZE
+    config.save_pretrained(folder)
+    (folder / "quantize_config.json").write_text(json.dumps(QUANTIZE), encoding="utf-8")
+    train_tokenizer(tiny_corpus()[0], folder, vocab_size=2048)
+    return folder
+
+
+def synthetic_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    if name.endswith(".qweight"):
+        return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32, generator=generator)
+    if name.endswith(".qzeros"):
+        return torch.full(shape, 0x77777777, dtype=torch.int32)  # zero 8 (v1 stores 7): symmetric
+    if name.endswith(".g_idx"):
+        return (torch.randperm(shape[0], generator=generator) // 128).to(torch.int32)  # act-order
+    if name.endswith(".scales"):
+        return (torch.rand(shape, generator=generator) * 0.004 + 0.004).to(torch.float16)
+    if name.endswith("layer_norm.weight"):
+        return torch.ones(shape, dtype=torch.float16)
+    if name.endswith(".bias") or name.endswith("layer_norm.bias"):
+        return torch.zeros(shape, dtype=torch.float16)
+    return (torch.randn(shape, generator=generator) * 0.05).to(torch.float16)
+
+
+def child_environment() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(THREADS), "GPTQ_TOOLS_DISABLE_PROGRESS": "1",
+            "PYTHONPATH": str(REPO_ROOT)}
+
+
+def run_generate(folder: Path, kernel: str, new_tokens: int) -> tuple[str, float, list[str]]:
+    """``gptq-tools -v generate`` in a fresh process: (text, tokens/s, the kernel log lines)."""
+    command = [sys.executable, "-m", "gptq_tools", "-v", "generate", str(folder), "--prompt", PROMPT,
+               "--max-new-tokens", str(new_tokens), "--dtype", "float32", "--kernel", kernel, "--no-verify"]
+    done = subprocess.run(command, capture_output=True, text=True, env=child_environment(), check=False)
+    if done.returncode:
+        raise SystemExit(f"generate failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    speed = re.search(r"\[(\d+) tokens in ([\d.]+) s, ([\d.]+) tokens/s\]", done.stderr)
+    kernels = [line.split("kernel: ", 1)[1] for line in done.stderr.splitlines() if "kernel: " in line]
+    return done.stdout.strip(), float(speed.group(3)) if speed else 0.0, kernels
+
+
+def fp32_child(folder: str, new_tokens: int) -> None:
+    """transformers, fp32, the dequantized weights: greedy text and tokens/s as JSON (a fresh process)."""
+    from gptq_tools.generate import load_tokenizer
+    from gptq_tools.load import load_quantized
+
+    torch.set_num_threads(THREADS)
+    model = load_quantized(folder, dtype=torch.float32, kernel="torch", verify_hash=False)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight = torch.nn.Parameter(module.dequantize_weight(torch.float32), requires_grad=False)
+            if module.bias is not None:
+                linear.bias = torch.nn.Parameter(module.bias.float(), requires_grad=False)
+            parent, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(parent), attribute, linear)
+    tokenizer = load_tokenizer(folder)
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        started = time.perf_counter()
+        output = model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.eos_token_id)
+        seconds = time.perf_counter() - started
+    new = output[0, ids.shape[1]:]
+    print(json.dumps({"text": PROMPT + tokenizer.decode(new, skip_special_tokens=True),
+                      "tokens_per_second": new.numel() / seconds}))
+
+
+def memory_child(folder: str) -> None:
+    """Resident bytes of the quantized linears after an auto load vs their checkpoint bytes, as JSON."""
+    from gptq_tools.load import load_quantized
+    from gptq_tools.model_files import find_checkpoint_files
+
+    before = rss_parts()
+    model = load_quantized(folder, dtype=torch.float32, verify_hash=False)
+    after = rss_parts()
+    held = sum(held_bytes(m) for m in model.modules() if isinstance(m, QuantLinear))
+    names = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QuantLinear)
+             for b in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+    packed = sum(e.nbytes for n, e in find_checkpoint_files(Path(folder)).entries.items() if n in names)
+    print(json.dumps({"held": held, "packed": packed, "file_bytes": sum(p.stat().st_size for p in Path(folder).glob(
+        "*.safetensors")), **{f"{key}_growth": after[key] - before[key] for key in after}}))
+
+
+def rss_parts() -> dict[str, int]:
+    """RssAnon / RssFile of this process in bytes (/proc/self/status; zeros where unreadable)."""
+    parts = {"RssAnon": 0, "RssFile": 0}
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key in parts:
+                    parts[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return parts
+
+
+def in_child(function: str, *args: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", function, *args], capture_output=True, text=True,
+                          env=child_environment(), check=False)
+    if done.returncode:
+        raise SystemExit(f"{function} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def end_to_end(rows: list[dict], results: dict) -> None:
+    folder = write_checkpoint(OUT / "opt-1.3b-4bit")
+    text, ours, kernels = run_generate(folder, "auto", NEW_TOKENS)
+    baseline = in_child("fp32", str(folder), str(NEW_TOKENS))
+    reference_text, _, _ = run_generate(folder, "torch", REFERENCE_TOKENS)
+    memory = in_child("memory", str(folder))
+    prefix_equal = text.startswith(reference_text)
+    results["end_to_end"] = {"ours_text": text, "fp32_text": baseline["text"], "reference_text": reference_text,
+                             "kernels": kernels, "equal_to_reference": prefix_equal,
+                             "equal_to_fp32": text == baseline["text"], **memory}
+    rows.append({"section": "end to end", "case": f"OPT-1.3B shape, {NEW_TOKENS} new tokens (tokens/s)",
+                 "kernel": "; ".join(kernels), "ours_ms": 1e3 / ours, "baseline": "transformers fp32",
+                 "baseline_ms": 1e3 / baseline["tokens_per_second"], "speedup": ours / baseline["tokens_per_second"],
+                 "goal": 1.5})
+    print_row(rows[-1])
+    rows.append({"section": "memory", "case": "OPT-1.3B resident quantized-linear bytes / checkpoint bytes",
+                 "kernel": "auto", "ours_ms": None, "baseline": "packed bytes", "baseline_ms": None,
+                 "speedup": None, "goal": None, "memory_ratio": memory["held"] / memory["packed"]})
+    print_row(rows[-1])
+    print(f"greedy text, auto kernels : {text!r}\ngreedy text, fp32 model   : {baseline['text']!r}\n"
+          f"greedy text, torch kernel : {reference_text!r} ({REFERENCE_TOKENS} tokens; auto starts with it: "
+          f"{prefix_equal})", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ output
+def print_row(row: dict) -> None:
+    speed = f"{row['speedup']:.2f}x" if row.get("speedup") is not None else "-"
+    goal = row.get("goal")
+    met = "" if goal is None or row.get("speedup") is None else ("  ok" if row["speedup"] >= goal else "  MISSED")
+    memory = f"  mem {row['memory_ratio']:.3f}x" if row.get("memory_ratio") is not None else ""
+    times = "" if row.get("ours_ms") is None else f"{row['ours_ms']:9.2f} ms vs {row['baseline_ms']:9.2f} ms"
+    print(f"{row['section']:17s} {row['case']:52s} {row['kernel'][:60]:12s} {times} {speed:>7s}{met}{memory}",
+          flush=True)
+
+
+def missed(rows: list[dict]) -> list[str]:
+    out = []
+    for row in rows:
+        if row.get("goal") is not None and row.get("speedup") is not None and row["speedup"] < row["goal"]:
+            out.append(f"{row['section']} {row['case']}: {row['speedup']:.2f}x < {row['goal']:.2f}x")
+        if row.get("memory_ratio") is not None and row["memory_ratio"] > 1.1:
+            out.append(f"{row['section']} {row['case']}: memory {row['memory_ratio']:.3f}x > 1.1x")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="OPT-30B 7168x7168 only, no end-to-end run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per case (median; default 5)")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        {"fp32": lambda: fp32_child(args.child[1], int(args.child[2])),
+         "memory": lambda: memory_child(args.child[1])}[args.child[0]]()
+        return 0
+    torch.set_num_threads(THREADS)
+    OUT.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    results: dict = {"threads": THREADS, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
+    decode_shapes = DECODE_SHAPES[:1] if args.quick else DECODE_SHAPES
+    prefill_shapes = PREFILL_SHAPES[:1] if args.quick else PREFILL_SHAPES
+    print(f"torch {torch.__version__}, {THREADS} threads, CPU {results['cpu']}; medians of {args.repeats}", flush=True)
+    cpu_decode(rows, decode_shapes, args.repeats)
+    cpu_fallbacks(rows, args.repeats)
+    cpu_prefill(rows, prefill_shapes, max(3, args.repeats // 2))
+    gpu_section(rows, decode_shapes, args.repeats * 4)
+    if not args.quick:
+        end_to_end(rows, results)
+    results["rows"] = rows
+    failures = missed(rows)
+    if "end_to_end" in results and not results["end_to_end"]["equal_to_reference"]:
+        failures.append("end to end: greedy tokens differ from the reference kernel's")
+    results["missed"] = failures
+    (OUT / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    print("\n".join(["goals missed:", *failures]) if failures else "all goals met", flush=True)
+    print(f"results: {OUT / 'results.json'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Every kernel against the fp32 dequantized reference: bits x group size x act-order x v1/v2 x sym/asym.
+
+A kernel either matches the reference (exactly for the fp32 kernels, within bf16 rounding for the ones
+PyTorch's int4/int8 ops run in bf16) or refuses the case with an "unsupported: reason" error; which cases
+each kernel must take is asserted too, so a kernel cannot pass by refusing everything.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptq_tools.errors import UsageError
+from gptq_tools.kernels import AUTO_ORDER, KernelDecision, cpu_int4, planning_workspace, select_kernel, summarize
+from gptq_tools.packing import dequantize, pack_qweight, pack_qzeros
+from gptq_tools.qlinear import QuantLinear, get_kernel
+
+IN_FEATURES, OUT_FEATURES = 256, 96
+CPU_KERNELS = ("torch", "cpu-int4", "cpu-int8", "unpacked")
+#: Norm-relative error allowed for kernels whose op computes in bf16 (unit roundoff 2**-9, a few roundings).
+BF16_TOLERANCE = 4e-3
+EXACT_TOLERANCE = 2e-6
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def random_layer_tensors(bits: int, group_size: int, *, act_order: bool, checkpoint_format: str, sym: bool,
+                         in_features: int = IN_FEATURES, out_features: int = OUT_FEATURES,
+                         seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random integer weights, zeros (2**(bits-1) when ``sym``) and scales, packed as a checkpoint holds them."""
+    generator = torch.Generator().manual_seed(seed)
+    size = group_size if group_size > 0 else in_features
+    groups = -(-in_features // size)
+    intweight = torch.randint(0, 2**bits, (in_features, out_features), generator=generator)
+    if sym:
+        zeros = torch.full((groups, out_features), 2 ** (bits - 1))
+    else:
+        zeros = torch.randint(1 if checkpoint_format == "gptq" else 0, 2**bits, (groups, out_features),
+                              generator=generator)
+    scales = (torch.rand(groups, out_features, generator=generator) * 0.02 + 0.001).to(torch.float16)
+    g_idx = torch.arange(in_features) // size
+    if act_order:
+        g_idx = g_idx[torch.randperm(in_features, generator=generator)]
+    return {"qweight": pack_qweight(intweight, bits),
+            "qzeros": pack_qzeros(zeros, bits, checkpoint_format=checkpoint_format),
+            "scales": scales, "g_idx": g_idx.to(torch.int32),
+            "bias": (torch.randn(out_features, generator=generator) * 0.1).to(torch.float16)}
+
+
+def make_layer(tensors: dict[str, torch.Tensor], bits: int, group_size: int, *, checkpoint_format: str,
+               kernel: str, dtype: torch.dtype = torch.float16) -> QuantLinear:
+    in_features, out_features = tensors["g_idx"].shape[0], tensors["scales"].shape[1]
+    layer = QuantLinear(bits, group_size, in_features, out_features, bias=True, checkpoint_format=checkpoint_format,
+                        dtype=dtype, kernel=kernel)
+    layer.name = "model.layers.0.fc1"
+    for name in ("qweight", "qzeros", "scales", "g_idx", "bias"):
+        getattr(layer, name).copy_(tensors[name])
+    layer.prepare()
+    return layer
+
+
+def reference_output(tensors: dict[str, torch.Tensor], x: torch.Tensor, *, bits: int,
+                     checkpoint_format: str) -> torch.Tensor:
+    weight = dequantize(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], bits=bits,
+                        checkpoint_format=checkpoint_format, dtype=torch.float32)
+    return x.float() @ weight.t() + tensors["bias"].float()
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.float() - expected).norm() / expected.norm())
+
+
+def expected_support(kernel: str, bits: int, group_size: int) -> bool:
+    """Which cases of the matrix each kernel must run (the rest it must refuse with a reason)."""
+    return {"torch": True, "cpu-int4": bits <= 4, "cpu-int8": bits == 8 and group_size == -1,
+            "unpacked": bits == 8, "triton": bits != 3}[kernel]
+
+
+MATRIX = [(bits, group_size, act_order, checkpoint_format, sym)
+          for bits in (2, 3, 4, 8) for group_size in (-1, 32, 128) for act_order in (False, True)
+          for checkpoint_format in ("gptq", "gptq_v2") for sym in (True, False)]
+MATRIX_IDS = [f"{b}bit-g{g}-{'act' if a else 'seq'}-{f}-{'sym' if s else 'asym'}" for b, g, a, f, s in MATRIX]
+
+
+def check_case(kernel: str, bits: int, group_size: int, act_order: bool, checkpoint_format: str, sym: bool, *,
+               tokens: int, dtype: torch.dtype = torch.float16, tolerance: float | None = None) -> None:
+    tensors = random_layer_tensors(bits, group_size, act_order=act_order, checkpoint_format=checkpoint_format,
+                                   sym=sym)
+    layer = make_layer(tensors, bits, group_size, checkpoint_format=checkpoint_format, kernel=kernel, dtype=dtype)
+    x = torch.randn(tokens, IN_FEATURES, generator=torch.Generator().manual_seed(1)).to(dtype)
+    if not expected_support(kernel, bits, group_size):
+        with pytest.raises(UsageError, match=rf"model.layers.0.fc1: kernel '{kernel}' is unsupported here: \S"):
+            layer(x)
+        return
+    got = layer(x)
+    assert layer.kernel == kernel and got.dtype == dtype and got.shape == (tokens, OUT_FEATURES)
+    bf16_op = kernel == "cpu-int8" or kernel == "cpu-int4" and (tokens < cpu_int4.EXACT_TOKENS
+                                                                 or dtype != torch.float32)
+    limit = tolerance if tolerance is not None else BF16_TOLERANCE if bf16_op else EXACT_TOLERANCE
+    if dtype == torch.float16:  # the result itself is rounded to fp16 (unit roundoff 2**-11)
+        limit = max(limit, 1e-3)
+    error = relative_error(got, reference_output(tensors, x, bits=bits, checkpoint_format=checkpoint_format))
+    assert error <= limit, f"{kernel}: relative error {error:.2e} > {limit:.0e}"
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("bits,group_size,act_order,checkpoint_format,sym", MATRIX, ids=MATRIX_IDS)
+def test_cpu_kernel_parity(kernel: str, bits: int, group_size: int, act_order: bool, checkpoint_format: str,
+                           sym: bool) -> None:
+    check_case(kernel, bits, group_size, act_order, checkpoint_format, sym, tokens=3, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 128, True), (4, -1, True), (3, 32, False),
+                                                       (2, -1, False)])
+@pytest.mark.parametrize("checkpoint_format,sym", [("gptq", True), ("gptq_v2", False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32-exact", "fp16-bf16-gemm"])
+def test_cpu_int4_prefill_paths(bits: int, group_size: int, act_order: bool, checkpoint_format: str, sym: bool,
+                                dtype: torch.dtype) -> None:
+    tokens = cpu_int4.EXACT_TOKENS if dtype == torch.float32 else cpu_int4.PREFILL_TOKENS
+    check_case("cpu-int4", bits, group_size, act_order, checkpoint_format, sym, tokens=tokens, dtype=dtype)
+
+
+def test_fp16_model_dtype_within_rounding() -> None:
+    for kernel in ("cpu-int4", "unpacked", "torch"):
+        check_case(kernel, 4 if kernel != "unpacked" else 8, 128, True, "gptq", True, tokens=1)
+
+
+def test_bf16_error_measured_against_fp16_rounding() -> None:
+    """The bf16 op's error, in units of the error of rounding the reference to fp16 (measured: about 14x)."""
+    tensors = random_layer_tensors(4, 128, act_order=True, checkpoint_format="gptq", sym=False,
+                                   in_features=1024, out_features=256)
+    layer = make_layer(tensors, 4, 128, checkpoint_format="gptq", kernel="cpu-int4", dtype=torch.float32)
+    x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(2))
+    expected = reference_output(tensors, x, bits=4, checkpoint_format="gptq")
+    fp16_rounding = relative_error(expected.half(), expected)
+    ratio = relative_error(layer(x), expected) / fp16_rounding
+    assert 4 < ratio < 24, ratio  # not fp16-exact (bf16 output), but within about two bf16 roundings
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("bits,group_size,act_order,checkpoint_format,sym",
+                         [case for case in MATRIX if case[3:] in (("gptq", True), ("gptq_v2", False))],
+                         ids=[i for case, i in zip(MATRIX, MATRIX_IDS) if case[3:] in (("gptq", True),
+                                                                                          ("gptq_v2", False))])
+def test_triton_kernel_parity_in_interpreter(monkeypatch: pytest.MonkeyPatch, bits: int, group_size: int,
+                                             act_order: bool, checkpoint_format: str, sym: bool) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_case("triton", bits, group_size, act_order, checkpoint_format, sym, tokens=3, dtype=torch.float32)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_kernel_fp16_activations_in_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_case("triton", 4, 32, True, "gptq", False, tokens=2, dtype=torch.float16)
+
+
+def test_triton_refuses_cpu_without_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    tensors = random_layer_tensors(4, 32, act_order=False, checkpoint_format="gptq", sym=True)
+    layer = make_layer(tensors, 4, 32, checkpoint_format="gptq", kernel="triton")
+    reason = "triton is not installed" if not HAS_TRITON else "needs a CUDA device"
+    with pytest.raises(UsageError, match=f"kernel 'triton' is unsupported here: {reason}"):
+        layer(torch.randn(1, IN_FEATURES, dtype=torch.float16))
+
+
+def test_cuda_int4_refuses_cpu() -> None:
+    tensors = random_layer_tensors(4, 128, act_order=False, checkpoint_format="gptq", sym=True)
+    layer = make_layer(tensors, 4, 128, checkpoint_format="gptq", kernel="cuda-int4")
+    with pytest.raises(UsageError, match=r"kernel 'cuda-int4' is unsupported here: needs a CUDA device \(this "
+                                         r"layer runs on cpu\)"):
+        layer(torch.randn(1, IN_FEATURES, dtype=torch.float16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel", ["triton", "cuda-int4", "torch"])
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 128, True), (4, -1, True), (2, 32, False),
+                                                       (8, 128, False), (3, -1, False)])
+def test_gpu_kernel_parity(kernel: str, bits: int, group_size: int, act_order: bool) -> None:
+    tensors = random_layer_tensors(bits, group_size, act_order=act_order, checkpoint_format="gptq_v2", sym=False)
+    layer = make_layer(tensors, bits, group_size, checkpoint_format="gptq_v2", kernel="torch").cuda()
+    layer.kernel = kernel
+    x = torch.randn(5, IN_FEATURES, dtype=torch.float16, device="cuda")
+    supported = {"triton": bits != 3, "cuda-int4": bits <= 4, "torch": True}[kernel]
+    if not supported:
+        with pytest.raises(UsageError, match=f"kernel '{kernel}' is unsupported here"):
+            layer(x)
+        return
+    error = relative_error(layer(x).cpu(), reference_output(tensors, x.cpu(), bits=bits,
+                                                            checkpoint_format="gptq_v2"))
+    assert error <= (BF16_TOLERANCE if kernel == "cuda-int4" else 1e-3)
+
+
+def test_unsupported_group_size_says_why() -> None:
+    tensors = random_layer_tensors(4, 48, act_order=False, checkpoint_format="gptq", sym=True, in_features=96)
+    layer = make_layer(tensors, 4, 48, checkpoint_format="gptq", kernel="cpu-int4")
+    with pytest.raises(UsageError, match=r"kernel 'cpu-int4' is unsupported here: groups of 48 rows "
+                                         r"\(in_features=96\) cannot be tiled by the op's group sizes"):
+        layer(torch.randn(1, 96))
+
+
+def test_auto_picks_per_layer_and_records_why() -> None:
+    four = make_layer(random_layer_tensors(4, 128, act_order=True, checkpoint_format="gptq", sym=True), 4, 128,
+                      checkpoint_format="gptq", kernel="auto")
+    assert four.select_kernel("cpu") == "cpu-int4" and four.kernel_skipped == {}
+    assert four.qweight is None and four.int4_packed.dtype == torch.uint8  # repacked, checkpoint copy dropped
+    eight = make_layer(random_layer_tensors(8, 32, act_order=False, checkpoint_format="gptq", sym=True), 8, 32,
+                       checkpoint_format="gptq", kernel="auto")
+    assert eight.select_kernel("cpu") == "unpacked"
+    assert list(eight.kernel_skipped) == ["cpu-int4", "cpu-int8"]
+    assert "one scale per output channel; this layer has 8 groups" in eight.kernel_skipped["cpu-int8"]
+    odd = make_layer(random_layer_tensors(4, 48, act_order=False, checkpoint_format="gptq", sym=True,
+                                          in_features=96), 4, 48, checkpoint_format="gptq", kernel="auto")
+    assert odd.select_kernel("cpu", allow_repack=False) == "torch"
+    assert "reloaded from disk" in odd.kernel_skipped["cpu-int4"]
+
+
+def test_auto_order_and_decision_summary() -> None:
+    assert AUTO_ORDER["cpu"][0] == "cpu-int4" and AUTO_ORDER["cpu"][-1] == "torch"
+    assert AUTO_ORDER["cuda"][0] == "triton"
+    decisions = {f"layers.{i}.fc1": KernelDecision("cpu-int4") for i in range(3)}
+    decisions["layers.0.fc2"] = KernelDecision("torch", (("cpu-int4", "groups of 48 rows ..."),))
+    assert summarize(decisions) == ["3 layer(s) [layers.0.fc1, ...]: cpu-int4",
+                                    "1 layer(s) [layers.0.fc2]: torch (skipped cpu-int4: groups of 48 rows ...)"]
+
+
+def test_planning_workspace_follows_the_kernel() -> None:
+    layer = QuantLinear(4, 128, 7168, 7168, bias=False, device="meta", kernel="auto")
+    assert planning_workspace(layer, "torch") == get_kernel("torch").workspace_bytes(7168, 7168, torch.float16)
+    assert planning_workspace(layer, "auto") < planning_workspace(layer, "torch")  # triton/tinygemm: none
+    three = QuantLinear(3, 128, 7168, 7168, bias=False, device="meta", kernel="auto")
+    assert planning_workspace(three, "cpu-int4", "cpu") == get_kernel("cpu-int4").workspace_bytes(7168, 7168,
+                                                                                                 torch.float16)
+
+
+def test_select_kernel_names_a_kernel_that_cannot_run() -> None:
+    layer = make_layer(random_layer_tensors(8, 32, act_order=False, checkpoint_format="gptq", sym=True), 8, 32,
+                       checkpoint_format="gptq", kernel="torch")
+    with pytest.raises(UsageError, match=r"kernel 'cpu-int4' is unsupported here: takes values of at most 4 bits; "
+                                         r"this layer has 8; use kernel='auto'"):
+        select_kernel(layer, torch.device("cpu"), requested="cpu-int4")
+
+
+def test_repacked_layer_refuses_reading_checkpoint_buffers() -> None:
+    layer = make_layer(random_layer_tensors(4, 32, act_order=False, checkpoint_format="gptq", sym=True), 4, 32,
+                       checkpoint_format="gptq", kernel="cpu-int4")
+    layer(torch.randn(1, IN_FEATURES, dtype=torch.float16))
+    with pytest.raises(UsageError, match=r"kernel 'cpu-int4' repacked the weights at load"):
+        layer.dequantize_weight()
+
+
+# ------------------------------------------------------------------------------------- tiny models
+@pytest.mark.parametrize("model_type,desc_act,checkpoint_format,sym", [
+    ("opt", True, "gptq", True), ("bloom", False, "gptq_v2", False)])
+def test_tiny_model_logits_with_auto_kernels(tmp_path: Path, model_type: str, desc_act: bool,
+                                             checkpoint_format: str, sym: bool) -> None:
+    from gptq_tools.load import load_quantized
+
+    from .tiny_gptq import build_tiny_checkpoint, reference_model
+
+    checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", model_type, desc_act=desc_act,
+                                       checkpoint_format=checkpoint_format, sym=sym)
+    model = load_quantized(checkpoint.folder, dtype=torch.float32)
+    assert {d.kernel for d in model.gptq_kernels.values()} == {"cpu-int4"}
+    reference = reference_model(checkpoint)
+    ids = torch.randint(3, 96, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        prefill, expected = model(ids).logits, reference(ids).logits  # 24 tokens: the exact fp32 path
+        torch.testing.assert_close(prefill, expected, rtol=1e-5, atol=1e-5)
+        decode = model(ids[:, :1]).logits  # one token: the bf16 op
+        assert relative_error(decode, reference(ids[:, :1]).logits) < 2e-2
+
+
+def test_repacking_kernels_never_write_the_checkpoint_rows() -> None:
+    """Act-order rows are sorted in place only for kernels that read them packed: a mapped file stays clean."""
+    tensors = random_layer_tensors(4, 32, act_order=True, checkpoint_format="gptq", sym=False)
+    repacked = make_layer(tensors, 4, 32, checkpoint_format="gptq", kernel="auto")
+    original = repacked.qweight
+    before = original.clone()
+    assert repacked.select_kernel("cpu") == "cpu-int4"
+    assert torch.equal(original, before)
+    packed = make_layer(tensors, 4, 32, checkpoint_format="gptq", kernel="torch")
+    packed.select_kernel("cpu")
+    assert packed.rows_sorted and not torch.equal(packed.qweight, before)
