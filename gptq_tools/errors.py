@@ -91,3 +91,7 @@ class PlacementError(GptqToolsError, ValueError):
 
 class UnsafeCheckpointError(GptqToolsError, ValueError):
     """Loading would require unpickling or remote code that was not explicitly allowed."""
+
+
+class DistributedError(GptqToolsError, RuntimeError):
+    """A distributed quantization run lost a rank (died, hung, or stopped with an error)."""

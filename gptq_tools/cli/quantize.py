@@ -56,7 +56,8 @@ def _run(args: argparse.Namespace) -> int:
                              nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, resume=args.resume,
                              max_shard_size=args.max_shard_size, single_file=args.single_file, seed=args.seed,
                              method=args.method)
-    print(format_summary(summary))
+    if summary.rank == 0:  # distributed runs (torchrun): rank 0 wrote the output and reports for all
+        print(format_summary(summary))
     return 0
 
 
