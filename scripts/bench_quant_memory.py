@@ -10,7 +10,8 @@ run under a memory cgroup capped below the model's fp16 size.
    narrow model (a few hundred small layers) is quantized once uncapped and once inside a fresh memory
    cgroup whose limit is below the model's fp16 size; the two checkpoints must be byte-identical.
 
-Usage: python scripts/bench_quant_memory.py [--out bench-out/quant-memory] [--hidden 768] [--cgroup]
+Usage: python scripts/bench_quant_memory.py [--out bench-out/quant-memory] [--hidden 512] [--compare-no-release]
+       [--cgroup] [--deep-layers 400 --deep-hidden 256 --cap 560MiB]
 """
 
 from __future__ import annotations
@@ -183,14 +184,14 @@ def cgroup_run(root: Path, *, layers: int, hidden: int, cap: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-out" / "quant-memory")
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--compare-no-release", action="store_true",
                         help="also run with the allocator release switched off (the old behaviour)")
     parser.add_argument("--cgroup", action="store_true", help="also run the capped deep model (root)")
-    parser.add_argument("--deep-layers", type=int, default=480)
+    parser.add_argument("--deep-layers", type=int, default=400)
     parser.add_argument("--deep-hidden", type=int, default=256)
-    parser.add_argument("--cap", default="640MiB", help="cgroup memory limit for the deep model")
+    parser.add_argument("--cap", default="560MiB", help="cgroup memory limit for the deep model")
     args = parser.parse_args()
     from gptq_tools.units import parse_size
 
