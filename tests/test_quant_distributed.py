@@ -84,6 +84,7 @@ def test_ranks_sum_the_same_hessians_as_one_process(tiny_opt: Path, tmp_path: Pa
     results = _launch(world, tiny_opt, tmp_path / "dist", record=record)
     assert [r.returncode for r in results] == [0] * world, [r.stderr[-2000:] for r in results]
     assert "quantized 12 linears in 2 layers" in results[0].stdout
+    assert f"distributed over {world} ranks: " in results[0].stdout
     assert all(r.stdout == "" for r in results[1:])  # only rank 0 reports
     distributed = {path.stem: torch.load(path) for path in record.glob("*.pt")}
     assert sorted(distributed) == sorted(single)  # every linear solved exactly once, on its owner

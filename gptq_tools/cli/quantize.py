@@ -75,6 +75,9 @@ def format_summary(summary: QuantizeSummary) -> str:
                     f"{max(r.damp_percent for r in reports):6.3f}  {sum(r.seconds for r in reports):7.2f}")
     rows.append(f"quantized {len(summary.linears)} linears in {len(layers)} layers in {summary.seconds:.1f} s"
                 + (f" (resumed at layer {summary.resumed_from_layer})" if summary.resumed_from_layer else ""))
+    if summary.world_size > 1:
+        rows.append(f"distributed over {summary.world_size} ranks: {summary.comm_seconds:.1f} s of rank 0's "
+                    f"{summary.seconds:.1f} s in collectives")
     if summary.fallbacks:
         rows.append(f"round-to-nearest fallback (Cholesky failed): {', '.join(summary.fallbacks)}")
     rows.append(f"wrote {summary.output}: {', '.join(summary.files)}")
