@@ -161,3 +161,16 @@ def test_single_process_makes_no_collective(tiny_opt: Path, tmp_path: Path, monk
                              config=QuantizeConfig(group_size=32), nsamples=4, seqlen=32)
     assert not torch.distributed.is_initialized()
     assert (summary.rank, summary.world_size, summary.comm_seconds) == (0, 1, 0.0)
+
+
+def test_rank0_refusal_reaches_every_rank(tiny_opt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("not ours")
+    results = _launch(2, tiny_opt, out)
+    assert [r.returncode for r in results] == [1, 1]
+    assert "gptq-tools: error: " + str(out) + ": output folder is not empty" in results[0].stderr
+    assert ("gptq-tools: error: rank 1: rank 0 stopped before starting: " + str(out) + ": output folder is not "
+            "empty") in results[1].stderr
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert not list(tmp_path.glob(".out*"))

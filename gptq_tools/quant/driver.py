@@ -11,6 +11,14 @@ output and renamed to the output at the very end.
 Resume: the work folder's ``state.json`` is the commit record; a layer counts as done only once its
 packed tensors and the next inputs are on disk. A resumed run recomputes the (cheap) layer-0 call
 arguments, loads the saved inputs and continues, giving byte-identical tensors.
+
+Memory: after each layer the allocator's free pages are returned to the OS (:mod:`.memory` explains
+why that, not a held reference, made memory grow with depth), and the final shards are streamed one
+tensor at a time, so a run needs one layer's working set plus a constant, whatever the depth.
+
+Distributed (``torchrun``): the same loop runs on every rank over its share of the calibration
+windows; Hessians are reduced onto owner ranks that solve and broadcast (:mod:`.distributed`). Only
+rank 0 reads and writes the work folder and the output. Without a launcher nothing changes.
 """
 
 from __future__ import annotations
@@ -400,7 +408,7 @@ def _quantize(run: distributed.DistributedRun | None, model_dir: Path, output: P
               on_layer_done: Callable[[int], None] | None, started: float) -> QuantizeSummary:
     """:func:`quantize_model` on one rank (``run`` None: a single process, exactly as before)."""
     main = run is None or run.is_main
-    if main:
+    if run is None:
         check_output_folder(output)
     shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     source = SourceModel(model_dir, dtype=_compute_dtype(compute))
@@ -416,6 +424,8 @@ def _quantize(run: distributed.DistributedRun | None, model_dir: Path, output: P
     prepared: str | int = 0
     if main:
         try:
+            if run is not None:  # checked here so that the other ranks hear of it instead of timing out
+                check_output_folder(output)
             staging = _prepare_staging(output, resume=resume)
             if resume and (staging / MANIFEST_NAME).is_file() and not work.exists():
                 logger.info("%s: the interrupted run had finished writing; publishing it", staging)
