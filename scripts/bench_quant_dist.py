@@ -7,6 +7,7 @@ the fraction of rank 0's time spent in collectives (waiting for the other rank i
 divergence from the fp16 model of both checkpoints with their ratio (goal: within 1.01x).
 
 Usage: python scripts/bench_quant_dist.py [--out bench-out/quant-dist] [--nsamples 64] [--arch opt bloom]
+       [--steps 800]
 Writes OUT/results.json and prints a table.
 """
 
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -60,16 +62,31 @@ def _run(world: int, model: Path, out: Path, calib: Path, nsamples: int, seqlen:
             "ranks": ranks}
 
 
-def bench_arch(arch: str, root: Path, *, nsamples: int) -> dict:
+def _trained_model(arch: str, root: Path, steps: int) -> Path:
+    """``make bench-quant``'s tiny model (``--steps 800``, its setting) or a shorter-trained one."""
+    import bench_quant
+    from bench_quant import BENCH_SPEC
+
+    from gptq_tools.tiny import build_tiny_model
+
+    if steps == BENCH_SPEC.steps:
+        return bench_quant._model(arch, root)
+    folder = root / f"tiny-{arch}-{steps}"
+    if not (folder / "tiny_spec.json").is_file():
+        build_tiny_model(arch, folder, spec=replace(BENCH_SPEC, steps=steps), force=True)
+    return folder
+
+
+def bench_arch(arch: str, root: Path, *, nsamples: int, steps: int) -> dict:
     import torch
-    from bench_quant import SEQLEN, _model
+    from bench_quant import SEQLEN
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     from gptq_tools.quant.calibration import load_calibration
     from gptq_tools.quant.evaluate import compare_to_reference, load_for_eval, log_probs
 
-    model = _model(arch, root)
+    model = _trained_model(arch, root, steps)
     tokenizer = AutoTokenizer.from_pretrained(model)
     ids = load_calibration(model / "train.txt", tokenizer, nsamples=nsamples, seqlen=SEQLEN)
     calib = root / f"calib-{arch}.safetensors"
@@ -93,10 +110,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-out" / "quant-dist")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--arch", nargs="+", default=["opt", "bloom"])
+    parser.add_argument("--steps", type=int, default=800, help="training steps of the tiny models (800: make "
+                        "bench-quant's models)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     args.out.mkdir(parents=True, exist_ok=True)
-    results = [bench_arch(arch, args.out, nsamples=args.nsamples) for arch in args.arch]
+    results = [bench_arch(arch, args.out, nsamples=args.nsamples, steps=args.steps) for arch in args.arch]
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"{'model':>6}  {'1 rank s':>9}  {'2 ranks s':>9}  {'speed-up':>8}  {'comm':>6}  {'KL 1 rank':>10}  "
           f"{'KL 2 ranks':>10}  {'KL ratio':>8}")

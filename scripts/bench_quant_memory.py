@@ -189,6 +189,7 @@ def main() -> int:
     parser.add_argument("--compare-no-release", action="store_true",
                         help="also run with the allocator release switched off (the old behaviour)")
     parser.add_argument("--cgroup", action="store_true", help="also run the capped deep model (root)")
+    parser.add_argument("--no-depth", action="store_true", help="skip the 8 vs 32 layer comparison")
     parser.add_argument("--deep-layers", type=int, default=400)
     parser.add_argument("--deep-hidden", type=int, default=256)
     parser.add_argument("--cap", default="560MiB", help="cgroup memory limit for the deep model")
@@ -196,8 +197,9 @@ def main() -> int:
     from gptq_tools.units import parse_size
 
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"depth": depth_table(args.out, hidden=args.hidden, nsamples=args.nsamples,
-                                          compare=args.compare_no_release)}
+    results: dict = {"depth": [] if args.no_depth else depth_table(args.out, hidden=args.hidden,
+                                                                    nsamples=args.nsamples,
+                                                                    compare=args.compare_no_release)}
     for mode in ("release", "no-release"):
         rows = {row["layers"]: row["peak_anon"] for row in results["depth"] if row["mode"] == mode}
         if len(rows) == 2:
