@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo fuzz bench bench-join bench-download bench-load bench-quant bench-kernels venv-gptqmodel lint clean
+.PHONY: install test test-slow demo fuzz bench bench-join bench-download bench-load bench-quant bench-kernels bench-quant-memory bench-quant-dist venv-gptqmodel lint clean
 
 install: $(STAMP)
 
@@ -54,6 +54,15 @@ bench-kernels: $(STAMP)
 GPTQMODEL_PYTHON ?= .venv-gptqmodel/bin/python
 bench-quant: $(STAMP)
 	$(PY) scripts/bench_quant.py $(if $(wildcard $(GPTQMODEL_PYTHON)),--gptqmodel $(GPTQMODEL_PYTHON),--no-gptqmodel)
+
+# Quantizer memory against depth (8 vs 32 layers, with and without the allocator release); as root also a run
+# inside a memory cgroup capped below the model's fp16 size, checked byte-identical to an uncapped run.
+bench-quant-memory: $(STAMP)
+	$(PY) scripts/bench_quant_memory.py --compare-no-release $(if $(filter 0,$(shell id -u)),--cgroup,)
+
+# Distributed quantization: 1 vs 2 ranks (torchrun, gloo, one thread each), communication share, KL ratio.
+bench-quant-dist: $(STAMP)
+	$(PY) scripts/bench_quant_dist.py
 
 # GPTQModel, our side-by-side peer, in a venv of its own (torch pinned; GPTQModel needs
 # GPTQMODEL_CPU_WORKERS=2 on two cores, which the scripts set).

@@ -62,3 +62,42 @@ def step_log_path() -> Path | None:
 def triton_interpret() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``; correctness tests only)."""
     return bool(_env_flag("TRITON_INTERPRET"))
+
+
+#: Seconds a distributed collective may wait for the other ranks before the run fails. It must cover the
+#: longest single-linear solve on an owner rank (the others wait in the broadcast meanwhile): 30 minutes
+#: covers a 53248-input BLOOM-176B ``dense_4h_to_h`` on a CPU. ``GPTQ_TOOLS_DIST_TIMEOUT`` overrides it.
+DEFAULT_DIST_TIMEOUT_S = 1800.0
+
+
+def distributed_env() -> dict[str, int] | None:
+    """The process's place in a ``torchrun``-style launch, or None for a single process.
+
+    ``torchrun`` (and any launcher that follows its contract) sets ``RANK``, ``WORLD_SIZE`` and
+    ``LOCAL_RANK``; ``MASTER_ADDR``/``MASTER_PORT`` are read by ``torch.distributed`` itself. A
+    ``WORLD_SIZE`` of 1 (or none) is a single process.
+    """
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        return None
+    if world <= 1:
+        return None
+    return {"rank": rank, "world_size": world, "local_rank": local_rank}
+
+
+def dist_timeout_s() -> float:
+    """``GPTQ_TOOLS_DIST_TIMEOUT`` seconds (default :data:`DEFAULT_DIST_TIMEOUT_S`) for collectives."""
+    value = os.environ.get("GPTQ_TOOLS_DIST_TIMEOUT", "").strip()
+    try:
+        return float(value) if value and float(value) > 0 else DEFAULT_DIST_TIMEOUT_S
+    except ValueError:
+        return DEFAULT_DIST_TIMEOUT_S
+
+
+def vllm_python() -> Path:
+    """The vLLM venv's interpreter for the command-line checks (``VLLM_PYTHON``, default ``.venv-vllm``)."""
+    value = os.environ.get("VLLM_PYTHON", "").strip()
+    return Path(value) if value else Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"

@@ -115,3 +115,7 @@ class UnsafeCheckpointError(GptqToolsError, ValueError):
 
 class UnsafeNameError(GptqToolsError, ValueError):
     """A name from outside (Hub listing, part name, manifest line) would not stay inside its folder."""
+
+
+class DistributedError(GptqToolsError, RuntimeError):
+    """A distributed quantization run lost a rank (died, hung, or stopped with an error)."""

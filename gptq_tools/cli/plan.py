@@ -26,6 +26,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "downloaded into its default folder")
     parser.add_argument("--branch", help="preset branch whose quantization settings apply (instead of :BRANCH)")
     parser.add_argument("--json", action="store_true", help="print the placement as JSON")
+    vllm = parser.add_argument_group("serving with vLLM (--engine vllm)")
+    vllm.add_argument("--engine", choices=("gptq-tools", "vllm"), default="gptq-tools",
+                      help="vllm: choose tensor/pipeline parallel sizes for vllm serve and print its commands")
+    vllm.add_argument("--nodes", type=int, default=1, help="nodes, each with --gpus (default 1)")
+    vllm.add_argument("--max-model-len", type=int, help="vLLM --max-model-len (default: the model's maximum)")
+    vllm.add_argument("--max-num-seqs", type=int, default=1, help="sequences whose KV cache must fit at once")
+    vllm.add_argument("--gpu-memory-utilization", type=float, default=0.92, help="vLLM's fraction (default 0.92)")
+    vllm.add_argument("--model-ref", help="what vllm serve is given (default: the folder or the preset's repo id)")
     parser.set_defaults(func=run_plan)
 
 
@@ -68,6 +76,8 @@ def caps_from_args(args: argparse.Namespace, *, required: bool) -> dict[int | st
 def run_plan(args: argparse.Namespace) -> int:
     from ..plan import load_layout, place_layout
 
+    if args.engine == "vllm":
+        return _run_vllm_plan(args)
     caps = caps_from_args(args, required=True) or {}
     options = options_from_args(args)
     layout, _ = load_layout(args.source, options=options, branch=args.branch,
@@ -78,6 +88,23 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         print(format_placement(placement))
     return 0 if placement.fits else 1
+
+
+def _run_vllm_plan(args: argparse.Namespace) -> int:
+    from ..serving_plan import ServingOptions, format_serving_plan, plan_serving
+
+    if not args.gpus or args.max_memory:
+        raise UsageError("--engine vllm takes --gpus (8x80GB: the GPUs of one node), not --max-memory")
+    if args.max_model_len is not None and args.max_model_len < 1 or args.max_num_seqs < 1:
+        raise UsageError("--max-model-len and --max-num-seqs must be positive")
+    options = ServingOptions(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                             gpu_memory_utilization=args.gpu_memory_utilization,
+                             cuda_context_bytes=parse_size(args.cuda_context,
+                                                           what="--cuda-context"))
+    plan = plan_serving(args.source, gpus=args.gpus, nodes=args.nodes, options=options, branch=args.branch,
+                        model_ref=args.model_ref, trust_remote_code=args.trust_remote_code)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else format_serving_plan(plan))
+    return 0 if plan.fits else 1
 
 
 def format_placement(placement: Placement) -> str:

@@ -56,7 +56,8 @@ def _run(args: argparse.Namespace) -> int:
                              nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, resume=args.resume,
                              max_shard_size=args.max_shard_size, single_file=args.single_file, seed=args.seed,
                              method=args.method)
-    print(format_summary(summary))
+    if summary.rank == 0:  # distributed runs (torchrun): rank 0 wrote the output and reports for all
+        print(format_summary(summary))
     return 0
 
 
@@ -88,6 +89,9 @@ def format_summary(summary: QuantizeSummary) -> str:
     rows.append(f"time: setup {summary.setup_seconds:.1f} s + {len(summary.layer_seconds)} layers "
                 f"{sum(summary.layer_seconds.values()):.1f} s + writing {summary.write_seconds:.1f} s "
                 f"= {summary.seconds:.1f} s")
+    if summary.world_size > 1:
+        rows.append(f"distributed over {summary.world_size} ranks: {summary.comm_seconds:.1f} s of rank 0's "
+                    f"{summary.seconds:.1f} s in collectives")
     if summary.fallbacks:
         rows.append(f"round-to-nearest fallback (Cholesky failed): {', '.join(summary.fallbacks)}")
     rows.append(f"wrote {summary.output}: {', '.join(summary.files)}")

@@ -11,6 +11,14 @@ output and renamed to the output at the very end.
 Resume: the work folder's ``state.json`` is the commit record; a layer counts as done only once its
 packed tensors and the next inputs are on disk. A resumed run recomputes the (cheap) layer-0 call
 arguments, loads the saved inputs and continues, giving byte-identical tensors.
+
+Memory: after each layer the allocator's free pages are returned to the OS (:mod:`.memory` explains
+why that, not a held reference, made memory grow with depth), and the final shards are streamed one
+tensor at a time, so a run needs one layer's working set plus a constant, whatever the depth.
+
+Distributed (``torchrun``): the same loop runs on every rank over its share of the calibration
+windows; Hessians are reduced onto owner ranks that solve and broadcast (:mod:`.distributed`). Only
+rank 0 reads and writes the work folder and the output. Without a launcher nothing changes.
 """
 
 from __future__ import annotations
@@ -26,14 +34,16 @@ from typing import Any
 
 import torch
 
-from ..errors import CalibrationError, QuantizationError, UsageError
+from ..errors import CalibrationError, DistributedError, GptqToolsError, QuantizationError, UsageError
 from ..fileio import check_free_space, rmtree, unlink
 from ..packing import pack_qweight, pack_qzeros
 from ..progress import tqdm
 from ..units import parse_size
+from . import distributed
 from .calibration import check_token_ids, load_calibration
 from .config import QuantizeConfig
 from .gptq import CholeskyFailure, HessianAccumulator, QuantResult, gptq_quantize
+from .memory import release_free_memory
 from .rtn import rtn_quantize
 from .save import (
     MANIFEST_NAME,
@@ -86,6 +96,9 @@ class QuantizeSummary:
     layer_seconds: dict[int, float] = field(default_factory=dict)
     setup_seconds: float = 0.0
     write_seconds: float = 0.0
+    rank: int = 0  # distributed runs: this process's rank (only rank 0 writes; its summary is the run's)
+    world_size: int = 1
+    comm_seconds: float = 0.0  # time spent in collectives, waiting for other ranks included
 
 
 class _Captured(Exception):
@@ -209,10 +222,13 @@ def _quantize_linear(name: str, W: torch.Tensor, H: torch.Tensor, config: Quanti
 
 
 def _quantize_layer(source: SourceModel, index: int, calib: _Calibration, config: QuantizeConfig,
-                    device: torch.device, method: str) -> tuple[dict[str, torch.Tensor], list[LinearReport]]:
+                    device: torch.device, method: str, run: distributed.DistributedRun | None = None
+                    ) -> tuple[dict[str, torch.Tensor], list[LinearReport]]:
     """Quantize layer ``index`` in place (weights replaced by their dequantized values).
 
-    Returns the checkpoint tensors of the layer and one report per linear.
+    In a distributed run each linear's Hessian is summed onto its owner rank, the owners solve, and
+    the results are broadcast; every rank ends with the same layer. Returns the checkpoint tensors of
+    the layer (packed on rank 0 only) and one report per linear.
     """
     spec = source.spec
     prefix = f"{spec.layers_path}.{index}"
@@ -223,21 +239,58 @@ def _quantize_layer(source: SourceModel, index: int, calib: _Calibration, config
     for group in groups:
         modules = {name: layer.get_submodule(name) for name in group}
         accumulators = _collect_hessians(layer, modules, calib, device, spec.conv1d)
+        owners, solved = _solve_owned(run, prefix, modules, accumulators, config, method, spec.conv1d)
         for name, module in modules.items():
             started = time.perf_counter()
             full = f"{prefix}.{name}"
-            W = _linear_weight(module, spec.conv1d).float()
-            result, rtn_error = _quantize_linear(full, W, accumulators.pop(name).hessian(), config, method)
+            if run is None:
+                W = _linear_weight(module, spec.conv1d).float()
+                result, rtn_error = _quantize_linear(full, W, accumulators.pop(name).hessian(), config, method)
+                seconds = None
+            else:
+                out_features, in_features = _linear_weight(module, spec.conv1d).shape
+                groups = 1 if config.group_size == -1 else in_features // config.group_size
+                result, rtn_error, seconds = distributed.broadcast_result(
+                    run, solved.get(name), owners[name], name=full, out_features=out_features,
+                    in_features=in_features, groups=groups, device=device)
             dequantized = result.dequantized().to(module.weight.dtype)
             module.weight.data = dequantized.t().contiguous() if spec.conv1d else dequantized
-            tensors.update(_pack(full, result, config))
+            if run is None or run.is_main:
+                tensors.update(_pack(full, result, config))
             reports.append(LinearReport(index, full, result.method, result.error, rtn_error, result.damp_percent,
-                                        time.perf_counter() - started))
+                                        time.perf_counter() - started if seconds is None else seconds))
     quantized = {f"{name}.weight" for name in spec.quantized_linears}
     for name, param in layer.named_parameters():
         if name not in quantized:
             tensors[f"{prefix}.{name}"] = param.detach().to("cpu", torch.float16)
     return tensors, reports
+
+
+def _solve_owned(run: distributed.DistributedRun | None, prefix: str, modules: dict[str, torch.nn.Module],
+                 accumulators: dict[str, HessianAccumulator], config: QuantizeConfig, method: str,
+                 conv1d: bool) -> tuple[dict[str, int], dict[str, tuple[QuantResult, float, float]]]:
+    """Distributed runs: reduce each Hessian onto its owner, then solve the linears this rank owns.
+
+    Owners are balanced by solve cost (``in_features ** 3``); they solve at the same time. Returns
+    ``({name: owner rank}, {name: (result, rtn_error, seconds)} for the owned linears)``; both empty for
+    a single process (which solves each linear as it goes, as before).
+    """
+    if run is None:
+        return {}, {}
+    names = list(modules)
+    costs = [float(_linear_weight(modules[name], conv1d).shape[1]) ** 3 for name in names]
+    owners = dict(zip(names, distributed.assign_owners(costs, run.world_size)))
+    for name in names:
+        distributed.reduce_hessian(run, accumulators[name], owners[name], name=f"{prefix}.{name}")
+    solved: dict[str, tuple[QuantResult, float, float]] = {}
+    for name in names:
+        if owners[name] != run.rank:
+            continue
+        started = time.perf_counter()
+        W = _linear_weight(modules[name], conv1d).float()
+        result, rtn_error = _quantize_linear(f"{prefix}.{name}", W, accumulators.pop(name).hessian(), config, method)
+        solved[name] = (result, rtn_error, time.perf_counter() - started)
+    return owners, solved
 
 
 def _pack(name: str, result: QuantResult, config: QuantizeConfig) -> dict[str, torch.Tensor]:
@@ -348,35 +401,87 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
     if finished is not None:
         logger.info("%s: already quantized (every file matches its SHA256SUMS); nothing to resume", output)
         return QuantizeSummary(output, config, (), finished, time.perf_counter() - started, already_done=True)
-    check_output_folder(output)
+    run, compute = distributed.start(check_compute_device(device))
+    try:
+        return _quantize(run, model_dir, output, calibration=calibration, config=config, nsamples=nsamples,
+                         seqlen=seqlen, compute=compute, resume=resume, max_shard_size=max_shard_size,
+                         single_file=single_file, seed=seed, method=method, on_layer_done=on_layer_done,
+                         started=started)
+    finally:
+        distributed.stop(run)
+
+
+def _quantize(run: distributed.DistributedRun | None, model_dir: Path, output: Path, *, calibration: str | Path,
+              config: QuantizeConfig, nsamples: int, seqlen: int | None, compute: torch.device, resume: bool,
+              max_shard_size: int | str, single_file: bool, seed: int, method: str,
+              on_layer_done: Callable[[int], None] | None, started: float) -> QuantizeSummary:
+    """:func:`quantize_model` on one rank (``run`` None: a single process, exactly as before)."""
+    main = run is None or run.is_main
+    if run is None:
+        check_output_folder(output)
     shard_bytes = parse_size(max_shard_size, what="--max-shard-size")
-    compute = check_compute_device(device)
     source = SourceModel(model_dir, dtype=_compute_dtype(compute))
     ids = _calibration_ids(source, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed)
     check_token_ids(ids, source.model.get_input_embeddings().num_embeddings, calibration=calibration,
                     model=model_dir)
     _check_group_size(source, config)
-    staging = _prepare_staging(output, resume=resume)
+    if run is not None and len(ids) < run.world_size:
+        raise UsageError(f"{len(ids)} calibration windows for {run.world_size} ranks; use --nsamples "
+                         f"{run.world_size} or more, or fewer ranks")
+    staging = _staging_folder(output)
     work = staging / WORK_DIR
-    if resume and (staging / MANIFEST_NAME).is_file() and not work.exists():
-        logger.info("%s: the interrupted run had finished writing; publishing it", staging)
-        publish(staging, output)
-        files = tuple(sorted(p.name for p in output.iterdir()))
+    state: dict[str, Any] = {"fingerprint": "", "done": 0, "linears": []}
+    published = False
+    prepared: str | int = 0
+    if main:
+        try:
+            if run is not None:  # checked here so that the other ranks hear of it instead of timing out
+                check_output_folder(output)
+            staging = _prepare_staging(output, resume=resume)
+            if resume and (staging / MANIFEST_NAME).is_file() and not work.exists():
+                logger.info("%s: the interrupted run had finished writing; publishing it", staging)
+                publish(staging, output)
+                published = True
+            else:
+                work.mkdir(parents=True, exist_ok=True)
+                state = _read_state(work, _fingerprint(source, ids, config, source.dtype, method))
+            prepared = -1 if published else int(state["done"])
+        except GptqToolsError as exc:
+            prepared = str(exc)
+            raise
+        finally:
+            if run is not None:
+                distributed.broadcast_object(run, prepared, what="the resume point from rank 0")
+    else:
+        prepared = distributed.broadcast_object(run, None, what="the resume point from rank 0")
+        if isinstance(prepared, str):
+            raise DistributedError(f"rank {run.rank}: rank 0 stopped before starting: {prepared}")
+        published = prepared == -1
+        state["done"] = max(int(prepared), 0)
+    if published:
+        files = tuple(sorted(p.name for p in output.iterdir())) if main else ()
         seconds = time.perf_counter() - started
-        return QuantizeSummary(output, config, (), files, seconds, source.num_layers(), write_seconds=seconds)
-    work.mkdir(parents=True, exist_ok=True)
-    state = _read_state(work, _fingerprint(source, ids, config, source.dtype, method))
+        return QuantizeSummary(output, config, (), files, seconds, source.num_layers(), write_seconds=seconds,
+                               **_run_fields(run))
     first = state["done"]
     store = _activation_store(source, ids, compute)
-    loop_started, layer_seconds = _run_layers(source, ids, config, compute, store, work, state, method, on_layer_done)
-    files = _finish(source, staging, output, config, work, model_dir, single_file=single_file, shard_bytes=shard_bytes)
+    loop_started, layer_seconds = _run_layers(source, ids, config, compute, store, work, state, method,
+                                              on_layer_done, run)
+    files = (_finish(source, staging, output, config, work, model_dir, single_file=single_file,
+                     shard_bytes=shard_bytes) if main else [])
     linears = tuple(LinearReport(**entry) for entry in state["linears"])
     fallbacks = tuple(entry.name for entry in linears if entry.method != "gptq") if method == "gptq" else ()
     seconds = time.perf_counter() - started
     setup = loop_started - started
     return QuantizeSummary(output, config, linears, tuple(files), seconds, first, fallbacks,
                            layer_seconds=layer_seconds, setup_seconds=setup,
-                           write_seconds=seconds - setup - sum(layer_seconds.values()))
+                           write_seconds=seconds - setup - sum(layer_seconds.values()), **_run_fields(run))
+
+
+def _run_fields(run: distributed.DistributedRun | None) -> dict[str, Any]:
+    if run is None:
+        return {}
+    return {"rank": run.rank, "world_size": run.world_size, "comm_seconds": run.comm_seconds}
 
 
 def _calibration_ids(source: SourceModel, calibration: str | Path, *, nsamples: int, seqlen: int | None,
@@ -482,27 +587,41 @@ def _activation_store(source: SourceModel, ids: torch.Tensor, compute: torch.dev
 
 def _run_layers(source: SourceModel, ids: torch.Tensor, config: QuantizeConfig, compute: torch.device,
                 store: torch.device, work: Path, state: dict[str, Any], method: str,
-                on_layer_done: Callable[[int], None] | None) -> tuple[float, dict[int, float]]:
-    """Quantize the layers not done yet; returns when the first one started and each one's wall time
-    (consecutive clock readings, so together they cover the whole loop)."""
+                on_layer_done: Callable[[int], None] | None,
+                run: distributed.DistributedRun | None = None) -> tuple[float, dict[int, float]]:
+    """Quantize the layers from ``state["done"]`` on (in a distributed run on this rank's windows only);
+    returns when the first one started and each one's wall time (consecutive clock readings, so together
+    they cover the whole loop)."""
     total = source.num_layers()
     if state["done"] >= total:
         return time.perf_counter(), {}
-    calib = _capture_layer0(source, ids, compute, store)
+    calib = _capture_layer0(source, ids[distributed.share(run, len(ids))], compute, store)
     if state["done"] > 0:
-        calib.hidden = _load_inputs(work / f"inputs-{state['done']:05d}.safetensors", store)
+        saved = (_load_inputs(work / f"inputs-{state['done']:05d}.safetensors", store)
+                 if run is None or run.is_main else None)
+        calib.hidden = saved if run is None else distributed.scatter_rows(
+            run, saved, len(ids), store=store, what=f"the saved inputs of layer {state['done']}")
         logger.info("resuming at layer %d of %d", state["done"], total)
-    bar = tqdm(range(state["done"], total), desc="quantizing layers", unit="layer", dynamic_ncols=True)
+    bar = tqdm(range(state["done"], total), desc="quantizing layers", unit="layer", dynamic_ncols=True,
+               disable=None if run is None or run.is_main else True)
     loop_started = previous = time.perf_counter()
     layer_seconds: dict[int, float] = {}
     for index in bar:
-        tensors, reports = _quantize_layer(source, index, calib, config, compute, method)
+        tensors, reports = _quantize_layer(source, index, calib, config, compute, method, run)
         last = index == total - 1
         layer = source.model.get_submodule(f"{source.spec.layers_path}.{index}")
         outputs = [] if last else _run_layer(layer, calib, compute)
         source.unload_module(f"{source.spec.layers_path}.{index}")
-        _commit_layer(work, state, index, tensors, outputs, reports, last)
+        every = outputs if run is None or last else distributed.gather_rows(
+            run, outputs, len(ids), what=f"the outputs of layer {index}")
+        if run is None or run.is_main:
+            _commit_layer(work, state, index, tensors, every or [], reports, last)
+        else:
+            state["done"] = index + 1
+            state["linears"].extend(asdict(report) for report in reports)
         calib.hidden = outputs
+        del tensors, outputs, every, layer
+        release_free_memory()  # the allocator keeps freed layer temporaries otherwise (see quant/memory.py)
         worst = max(reports, key=lambda r: r.error)
         bar.set_postfix(err=f"{sum(r.error for r in reports):.4g}", worst=worst.name.rsplit(".", 1)[-1])
         logger.info("layer %d: error %s", index, ", ".join(f"{r.name.rsplit('.', 1)[-1]}={r.error:.4g}"
@@ -525,8 +644,10 @@ def _finish(source: SourceModel, staging: Path, output: Path, config: QuantizeCo
         with safe_open(str(path), "pt") as handle:
             for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 shape = handle.get_slice(key).get_shape()
-                dtype_bytes = 2 if handle.get_slice(key).get_dtype() in ("F16", "BF16") else 4
-                refs.append(TensorRef(key, dtype_bytes * _prod(shape), _file_loader(path, key)))
+                dtype = handle.get_slice(key).get_dtype()
+                dtype_bytes = 2 if dtype in ("F16", "BF16") else 4
+                refs.append(TensorRef(key, dtype_bytes * _prod(shape), _file_loader(path, key),
+                                      dtype=dtype, shape=tuple(shape)))
     refs.extend(_outer_refs(source, before=False))
     file_name = single_file_name(config.bits, config.group_size) if single_file else None
     check_free_space(staging, sum(ref.nbytes for ref in refs), what="writing the checkpoint")
@@ -574,7 +695,9 @@ def _outer_refs(source: SourceModel, *, before: bool) -> list[TensorRef]:
         shape = source.model.get_parameter(name).shape if _is_param(source, name) else None
         nbytes = 2 * _prod(list(shape)) if shape is not None else 0
         refs.append(TensorRef(source.checkpoint_name(name), nbytes,
-                              lambda name=name: source.read(name).to(torch.float16).clone()))
+                              lambda name=name: source.read(name).to(torch.float16).clone(),
+                              dtype="F16" if shape is not None else None,
+                              shape=tuple(shape) if shape is not None else None))
     return refs
 
 

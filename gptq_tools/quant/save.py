@@ -9,15 +9,16 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import InsufficientSpaceError, OutputExistsError
+from ..errors import InsufficientSpaceError, OutputExistsError, QuantizationError
 from ..fileio import atomic_path, fsync_dir, raise_if_no_space, replace, rmtree, sha256_file, write_bytes_atomic
+from ..safetensors_format import build_header
 from ..split import plan_shards, shard_names
 
 logger = logging.getLogger(__name__)
@@ -30,11 +31,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 @dataclass(frozen=True)
 class TensorRef:
-    """A tensor to write: its checkpoint name, size in bytes, and how to load it."""
+    """A tensor to write: its checkpoint name, size in bytes, how to load it, and (when known without
+    loading it) its safetensors dtype name and shape."""
 
     name: str
     nbytes: int
     load: Callable[[], torch.Tensor]
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+
+
+#: safetensors dtype names of the torch dtypes a checkpoint holds.
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+                       torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32",
+                       torch.int64: "I64", torch.bool: "BOOL"}
 
 
 def single_file_name(bits: int, group_size: int) -> str:
@@ -42,17 +52,63 @@ def single_file_name(bits: int, group_size: int) -> str:
     return f"gptq_model-{bits}bit-{group_size}g.safetensors"
 
 
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _save_safetensors(tensors: Mapping[str, torch.Tensor] | Sequence[TensorRef], path: Path) -> None:
+    """Write a safetensors file atomically: a dict of tensors at once, or ``TensorRef`` s streamed one by one.
+
+    Both give the same bytes as ``safetensors.torch.save_file``.
+    """
     from safetensors.torch import save_file
 
     try:
         with atomic_path(path, force=True) as temp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp), metadata={"format": "pt"})
-            with open(temp, "rb+") as handle:
-                os.fsync(handle.fileno())
+            if isinstance(tensors, Mapping):
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp), metadata={"format": "pt"})
+                with open(temp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+            else:
+                with open(temp, "wb") as handle:
+                    _stream_safetensors(tensors, handle)
+                    handle.flush()
+                    os.fsync(handle.fileno())
     except OSError as exc:
         raise_if_no_space(exc, path)
         raise
+
+
+def _stream_safetensors(refs: Sequence[TensorRef], handle: Any) -> None:
+    """Header first, then each tensor loaded, written and dropped: memory is one tensor, not the file."""
+    metas = []
+    for ref in refs:
+        if ref.dtype is None or ref.shape is None:
+            tensor = ref.load()
+            metas.append((ref.name, _SAFETENSORS_DTYPES[tensor.dtype], tuple(tensor.shape)))
+            del tensor
+        else:
+            metas.append((ref.name, ref.dtype, tuple(ref.shape)))
+    order = _safetensors_order(metas)
+    header, _ = build_header([metas[i] for i in order], metadata={"format": "pt"})
+    handle.write(header)
+    for i in order:
+        tensor = refs[i].load().contiguous()
+        name, dtype, shape = metas[i]
+        if _SAFETENSORS_DTYPES.get(tensor.dtype) != dtype or tuple(tensor.shape) != shape:
+            raise QuantizationError(f"{name}: the tensor read back is {tensor.dtype} {tuple(tensor.shape)}, "
+                                    f"not {dtype} {shape} as planned; delete the work folder and quantize again")
+        handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        del tensor
+
+
+def _safetensors_order(metas: Sequence[tuple[str, str, tuple[int, ...]]]) -> list[int]:
+    """The order ``safetensors`` itself lays tensors out in (by dtype, then name), asked of safetensors
+    with empty stand-ins so the streamed file is byte-identical to ``save_file``'s."""
+    from safetensors.torch import save
+
+    by_dtype = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+    blob = save({name: torch.empty(0, dtype=by_dtype[dtype]) for name, dtype, _ in metas})
+    length = int.from_bytes(blob[:8], "little")
+    names = [key for key in json.loads(blob[8:8 + length]) if key != "__metadata__"]
+    position = {name: i for i, (name, _, _) in enumerate(metas)}
+    return [position[name] for name in names]
 
 
 def write_tensors(refs: Sequence[TensorRef], folder: Path, *, max_shard_size: int,
@@ -66,14 +122,14 @@ def write_tensors(refs: Sequence[TensorRef], folder: Path, *, max_shard_size: in
         InsufficientSpaceError: the disk filled up.
     """
     if single_file:
-        _save_safetensors({ref.name: ref.load() for ref in refs}, folder / single_file)
+        _save_safetensors(refs, folder / single_file)
         return [single_file]
     by_name = {ref.name: ref for ref in refs}
     shards = [[by_name[n] for n in names] for names in plan_shards([(r.name, r.nbytes) for r in refs], max_shard_size)]
     weight_map: dict[str, str] = {}
     names = []
     for name, shard in zip(shard_names(len(shards)), shards):
-        _save_safetensors({ref.name: ref.load() for ref in shard}, folder / name)
+        _save_safetensors(shard, folder / name)
         weight_map.update({ref.name: name for ref in shard})
         names.append(name)
         logger.debug("wrote %s (%d tensors)", name, len(shard))

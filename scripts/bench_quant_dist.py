@@ -1,0 +1,129 @@
+"""Distributed quantization benchmark: 1 rank vs 2 ranks on this machine (gloo, one thread each).
+
+For the tiny OPT and BLOOM models of ``scripts/bench_quant.py`` (trained here, 800 steps), quantizes with
+4-bit, group 32, act-order, the same 64 calibration windows, once in one process and once with
+``torchrun --nproc-per-node 2`` (``torch.distributed.run``), and prints: wall time of each, the speed-up,
+the fraction of rank 0's time spent in collectives (waiting for the other rank included), and the KL
+divergence from the fp16 model of both checkpoints with their ratio (goal: within 1.01x).
+
+Usage: python scripts/bench_quant_dist.py [--out bench-out/quant-dist] [--nsamples 64] [--arch opt bloom]
+       [--steps 800]
+Writes OUT/results.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+CHILD = """
+import json, sys, torch
+from gptq_tools.quant.config import QuantizeConfig
+from gptq_tools.quant.driver import quantize_model
+model, out, calib, nsamples, seqlen = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+summary = quantize_model(model, out, calibration=calib, nsamples=nsamples, seqlen=seqlen,
+                         config=QuantizeConfig(bits=4, group_size=32, desc_act=True), single_file=True)
+print("RESULT " + json.dumps({"rank": summary.rank, "seconds": summary.seconds, "comm_seconds": summary.comm_seconds}))
+"""
+
+
+def _run(world: int, model: Path, out: Path, calib: Path, nsamples: int, seqlen: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTQ_TOOLS_DISABLE_PROGRESS": "1",
+           "PYTHONPATH": str(REPO_ROOT)}
+    script = out.parent / "bench_dist_child.py"
+    script.write_text(CHILD)
+    args = [str(model), str(out), str(calib), str(nsamples), str(seqlen)]
+    if world == 1:
+        argv = [sys.executable, str(script), *args]
+    else:
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+                str(script), *args]
+    started = time.perf_counter()
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=3600, check=False)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{world} rank(s) failed:\n{done.stderr[-3000:]}")
+    ranks = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    main = next(r for r in ranks if r["rank"] == 0)
+    return {"world": world, "wall_seconds": wall, "seconds": main["seconds"], "comm_seconds": main["comm_seconds"],
+            "ranks": ranks}
+
+
+def _trained_model(arch: str, root: Path, steps: int) -> Path:
+    """``make bench-quant``'s tiny model (``--steps 800``, its setting) or a shorter-trained one."""
+    import bench_quant
+    from bench_quant import BENCH_SPEC
+
+    from gptq_tools.tiny import build_tiny_model
+
+    if steps == BENCH_SPEC.steps:
+        return bench_quant._model(arch, root)
+    folder = root / f"tiny-{arch}-{steps}"
+    if not (folder / "tiny_spec.json").is_file():
+        build_tiny_model(arch, folder, spec=replace(BENCH_SPEC, steps=steps), force=True)
+    return folder
+
+
+def bench_arch(arch: str, root: Path, *, nsamples: int, steps: int) -> dict:
+    import torch
+    from bench_quant import SEQLEN
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from gptq_tools.quant.calibration import load_calibration
+    from gptq_tools.quant.evaluate import compare_to_reference, load_for_eval, log_probs
+
+    model = _trained_model(arch, root, steps)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    ids = load_calibration(model / "train.txt", tokenizer, nsamples=nsamples, seqlen=SEQLEN)
+    calib = root / f"calib-{arch}.safetensors"
+    save_file({"input_ids": ids.contiguous()}, str(calib))
+    eval_ids = torch.tensor(tokenizer((model / "eval.txt").read_text())["input_ids"], dtype=torch.long)
+    reference = log_probs(load_for_eval(model), eval_ids, seqlen=SEQLEN)
+    rows = {}
+    for world in (1, 2):
+        out = root / f"out-{arch}-{world}"
+        rows[world] = _run(world, model, out, calib, nsamples, SEQLEN)
+        rows[world]["ppl"], rows[world]["kl"] = compare_to_reference(load_for_eval(out), eval_ids, reference,
+                                                                     seqlen=SEQLEN)
+        print(arch, rows[world], flush=True)
+    one, two = rows[1], rows[2]
+    return {"arch": arch, "one": one, "two": two, "speedup": one["seconds"] / two["seconds"],
+            "comm_fraction": two["comm_seconds"] / two["seconds"], "kl_ratio": two["kl"] / one["kl"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-out" / "quant-dist")
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--arch", nargs="+", default=["opt", "bloom"])
+    parser.add_argument("--steps", type=int, default=800, help="training steps of the tiny models (800: make "
+                        "bench-quant's models)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = [bench_arch(arch, args.out, nsamples=args.nsamples, steps=args.steps) for arch in args.arch]
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"{'model':>6}  {'1 rank s':>9}  {'2 ranks s':>9}  {'speed-up':>8}  {'comm':>6}  {'KL 1 rank':>10}  "
+          f"{'KL 2 ranks':>10}  {'KL ratio':>8}")
+    for r in results:
+        print(f"{r['arch']:>6}  {r['one']['seconds']:9.1f}  {r['two']['seconds']:9.1f}  {r['speedup']:7.2f}x  "
+              f"{r['comm_fraction']:6.1%}  {r['one']['kl']:10.5f}  {r['two']['kl']:10.5f}  {r['kl_ratio']:7.4f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
