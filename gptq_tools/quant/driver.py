@@ -308,7 +308,7 @@ def _commit_layer(work: Path, state: dict[str, Any], index: int, tensors: dict[s
 def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration: str | Path,
                    config: QuantizeConfig | None = None, nsamples: int = 128, seqlen: int | None = None,
                    device: str = "cpu", resume: bool = False, max_shard_size: int | str = "5GB",
-                   single_file: bool = False, seed: int = 0, method: str = "gptq",
+                   single_file: bool = False, autogptq_name: bool = False, seed: int = 0, method: str = "gptq",
                    on_layer_done: Callable[[int], None] | None = None) -> QuantizeSummary:
     """Quantize a Hugging Face causal LM with GPTQ, layer by layer, into an AutoGPTQ checkpoint folder.
 
@@ -322,7 +322,9 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
         device: compute device (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         resume: continue an interrupted run from its last finished layer.
         max_shard_size: largest shard (bytes or ``"5GB"``); ignored with ``single_file``.
-        single_file: write AutoGPTQ's single ``gptq_model-{bits}bit-{gs}g.safetensors``.
+        single_file: write one ``model.safetensors`` instead of shards.
+        autogptq_name: write one file named as AutoGPTQ does, ``gptq_model-{bits}bit-{gs}g.safetensors``
+            (implies ``single_file``; transformers does not find that name).
         seed: seeds the calibration windows.
         method: ``"gptq"``, or ``"rtn"`` for a round-to-nearest baseline checkpoint (same format).
         on_layer_done: called with each layer index once it is persisted.
@@ -357,7 +359,8 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
     first = state["done"]
     store = _activation_store(source, ids, compute)
     _run_layers(source, ids, config, compute, store, work, state, method, on_layer_done)
-    files = _finish(source, staging, output, config, work, model_dir, single_file=single_file, shard_bytes=shard_bytes)
+    files = _finish(source, staging, output, config, work, model_dir, single_file=single_file or autogptq_name,
+                    autogptq_name=autogptq_name, shard_bytes=shard_bytes)
     linears = tuple(LinearReport(**entry) for entry in state["linears"])
     fallbacks = tuple(entry.name for entry in linears if entry.method != "gptq") if method == "gptq" else ()
     return QuantizeSummary(output, config, linears, tuple(files), time.perf_counter() - started, first, fallbacks)
@@ -450,7 +453,7 @@ def _run_layers(source: SourceModel, ids: torch.Tensor, config: QuantizeConfig, 
 
 
 def _finish(source: SourceModel, staging: Path, output: Path, config: QuantizeConfig, work: Path, model_dir: Path,
-            *, single_file: bool, shard_bytes: int) -> list[str]:
+            *, single_file: bool, autogptq_name: bool, shard_bytes: int) -> list[str]:
     """Write tensors, configs, tokenizer and SHA256SUMS into ``staging``; rename it to ``output``."""
     from safetensors import safe_open
 
@@ -463,7 +466,7 @@ def _finish(source: SourceModel, staging: Path, output: Path, config: QuantizeCo
                 dtype_bytes = 2 if handle.get_slice(key).get_dtype() in ("F16", "BF16") else 4
                 refs.append(TensorRef(key, dtype_bytes * _prod(shape), _file_loader(path, key)))
     refs.extend(_outer_refs(source, before=False))
-    file_name = single_file_name(config.bits, config.group_size) if single_file else None
+    file_name = single_file_name(config.bits, config.group_size, autogptq=autogptq_name) if single_file else None
     check_free_space(staging, sum(ref.nbytes for ref in refs), what="writing the checkpoint")
     files = write_tensors(refs, staging, max_shard_size=shard_bytes, single_file=file_name)
     base = file_name.removesuffix(".safetensors") if file_name else "model"
