@@ -277,7 +277,7 @@ def client_python(client: str) -> Path:
 
 
 def run_client(client: str, folders: list[Path], out: Path) -> dict[str, Any]:
-    python = client_python(client)
+    python = client_python(client).absolute()  # the workers run in OUT; never resolve(): a venv's python is a link
     if not python.exists():
         return {str(f): {"status": "skipped", "message": f"no {python}"} for f in folders}
     results = out / f"results-{client}.json"

@@ -14,10 +14,11 @@ vLLM 0.32's ``BloomForCausalLM`` fails on GPTQ checkpoints for two reasons, both
    ``qzeros`` (groups, out/pack) packs several outputs per int32, so the view fails with a reshape
    error (or, when the sizes happen to divide, scrambles the inputs). ``g_idx`` has no output dimension.
 
-This class reorders each tensor along its real output dimension (unpacking and repacking ``qzeros``)
-and skips a tied ``lm_head.weight``; everything else is vLLM's own BLOOM. It is registered by
-:func:`gptq_tools.integrations.vllm.register`. Tensor parallelism is untouched: the reorder happens
-before vLLM's loaders shard the fused tensor, as in vLLM's own code.
+This class reorders each tensor along its real output dimension (unpacking and repacking ``qzeros``,
+see :mod:`gptq_tools.integrations.bloom_qkv`) and gives a stored ``lm_head.weight`` to the head
+(when the config ties it, vLLM's own re-tying then applies); everything else is vLLM's own BLOOM. It
+is registered by :func:`gptq_tools.integrations.vllm.register`. Tensor parallelism is untouched: the
+reorder happens before vLLM's loaders shard the fused tensor, as in vLLM's own code.
 """
 
 from __future__ import annotations
@@ -29,61 +30,11 @@ from vllm.config import VllmConfig
 from vllm.model_executor.models.bloom import BloomForCausalLM
 from vllm.model_executor.models.utils import AutoWeightsLoader
 
-#: GPTQ tensor suffix -> the dimension that runs over the layer's outputs
-_OUTPUT_DIM = {"weight": 0, "bias": 0, "qweight": 1, "scales": 1, "qzeros": 1}
-
-
-def _reorder_outputs(tensor: torch.Tensor, dim: int, heads: int) -> torch.Tensor:
-    """(heads, 3, head_size) -> (3, heads, head_size) along ``dim``."""
-    return tensor.unflatten(dim, (heads, 3, -1)).transpose(dim, dim + 1).flatten(dim, dim + 2).contiguous()
-
-
-def _unpack_columns(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 (rows, cols) holding ``32 // bits`` values per word, least significant first -> int64 (rows, cols * n)."""
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
-    values = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return values.flatten(-2)
-
-
-def _pack_columns(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`_unpack_columns`."""
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
-    words = (values.unflatten(-1, (-1, 32 // bits)) << shifts).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def repack_qkv_tensor(name: str, tensor: torch.Tensor, *, heads: int, out_features: int) -> torch.Tensor:
-    """One ``query_key_value`` tensor of a BLOOM checkpoint in the output order vLLM's fused QKV expects.
-
-    Args:
-        name: the checkpoint name (its last component says which GPTQ tensor it is).
-        tensor: the tensor as stored.
-        heads: attention heads.
-        out_features: outputs of the fused linear (3 * hidden size).
-
-    Returns:
-        The reordered tensor (``g_idx`` and unknown tensors unchanged).
-
-    Raises:
-        ValueError: a ``qzeros`` whose packing is not 2, 4 or 8 bits.
-    """
-    kind = name.rsplit(".", 1)[-1]
-    dim = _OUTPUT_DIM.get(kind)
-    if dim is None:
-        return tensor
-    if kind != "qzeros":
-        return _reorder_outputs(tensor, dim, heads)
-    per_word, remainder = divmod(out_features, tensor.shape[1])
-    bits = 32 // per_word if per_word and not remainder else 0
-    if bits not in (2, 4, 8) or 32 % bits:
-        raise ValueError(f"{name}: qzeros {tuple(tensor.shape)} for {out_features} outputs is not 2/4/8-bit "
-                         f"packing; vLLM loads 4-bit (and, on GPU, 8-bit) GPTQ only")
-    values = _reorder_outputs(_unpack_columns(tensor, bits), 1, heads)
-    return _pack_columns(values, bits)
+from .bloom_qkv import repack_qkv_tensor
 
 
 class GptqBloomForCausalLM(BloomForCausalLM):
-    """vLLM's BLOOM with a QKV reorder that knows GPTQ tensors, and a stored tied ``lm_head`` skipped."""
+    """vLLM's BLOOM with a QKV reorder that knows GPTQ tensors, and a stored ``lm_head`` loaded as the head."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
