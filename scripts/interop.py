@@ -281,6 +281,7 @@ def run_client(client: str, folders: list[Path], out: Path) -> dict[str, Any]:
     if not python.exists():
         return {str(f): {"status": "skipped", "message": f"no {python}"} for f in folders}
     results = out / f"results-{client}.json"
+    results.unlink(missing_ok=True)  # a stale file from an earlier run must not pass for this one
     env = {**os.environ, "PYTHONPATH": "", "GPTQMODEL_CPU_WORKERS": "2", "VLLM_CPU_KVCACHE_SPACE": "1",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
     # GPTQModel writes a logs/ folder into its working directory: keep it in OUT
