@@ -132,9 +132,9 @@ class QuantizeConfig:
             warnings.append("asymmetric checkpoints are refused by vLLM (\"Unsupported quantization config: "
                             "sym=False\"); use --sym (the default) for vLLM")
             if self.checkpoint_format == "gptq":
-                warnings.append("asymmetric v1 is refused by GPTQModel and transformers for any producer but "
+                warnings.append("asymmetric v1 is refused by GPTQModel (GPTQModel.load) for any producer but "
                                 "GPTQModel (\"Loading of a sym=False model with format=gptq is only supported "
-                                "if produced by gptqmodel\"); use --format gptq_v2 for them")
+                                "if produced by gptqmodel\"); use --format gptq_v2 for it")
         if self.bits != 4:
             where = "vLLM on CPU" if self.bits == 8 else "vLLM"
             warnings.append(f"{self.bits}-bit checkpoints are refused by {where} (its GPTQ kernels take "
