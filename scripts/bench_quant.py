@@ -1,8 +1,8 @@
 """Quality benchmark of the GPTQ quantizer on tiny OPT and BLOOM models the project trains itself.
 
 For each model: perplexity on held-out text at fp16, RTN and GPTQ at 4 and 3 bits (group -1 and a real
-group size, act-order off and on), the mean KL divergence of each quantized model's next-token
-distribution from the fp16 model's (much more sensitive than perplexity on models this small), and
+group size, act-order off, dynamic and, with groups, static), the mean KL divergence of each quantized
+model's next-token distribution from the fp16 model's (much more sensitive than perplexity on models this small), and
 quantization time. With ``--gptqmodel PYTHON`` (a venv where GPTQModel is installed; default
 .venv-gptqmodel/bin/python, made by ``make venv-gptqmodel``, when it exists) the same model, calibration
 windows and settings are also quantized by GPTQModel and evaluated the same way (both checkpoints are read
@@ -101,12 +101,14 @@ def bench_arch(arch: str, root: Path, *, nsamples: int, gptqmodel: Path | None) 
         seconds = _ours(model, out, calib, config, "rtn", nsamples)
         rows.append({"method": "rtn", "bits": bits, "group_size": group_size, **quality(out), "seconds": seconds})
         print(arch, rows[-1], flush=True)
-        for desc_act in (False, True):
-            config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act)
+        # static act-order (our default) only differs from dynamic when there are groups
+        for act_order in ("off", "dynamic") + (("static",) if group_size != -1 else ()):
+            config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=act_order != "off",
+                                    static_groups=act_order == "static")
             seconds = _ours(model, out, calib, config, "gptq", nsamples)
-            row = {"method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
+            row = {"method": "gptq", "bits": bits, "group_size": group_size, "desc_act": act_order,
                    **quality(out), "seconds": seconds}
-            if gptqmodel is not None and group_size == GROUPED and desc_act:
+            if gptqmodel is not None and group_size == GROUPED and act_order == "dynamic":
                 # the machine is shared: time both tools alternately, REPEATS times, and keep the fastest
                 gm_out = root / f"gptqmodel-{arch}"
                 gm_times = []

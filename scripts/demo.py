@@ -63,7 +63,7 @@ def publish_like_the_seed(quantized: Path, folder: Path) -> None:
     for item in quantized.iterdir():
         if item.suffix != ".safetensors" and item.name != "SHA256SUMS":
             shutil.copy2(item, folder / item.name)
-    weights = next(quantized.glob("gptq_model-*.safetensors"))
+    weights = quantized / "model.safetensors"
     run("split", str(weights.relative_to(OUT)), "--max-size", "300KiB", "-o", str(folder.relative_to(OUT)))
 
 
@@ -73,7 +73,7 @@ def main() -> int:
     OUT.mkdir(parents=True)
     step("1. build a tiny model (OPT architecture, trained on offline text)")
     model = build_tiny_model(OUT / "tiny-opt")
-    step("2. quantize it like the seed's main branch: GPTQ 4-bit, act-order, no grouping (and RTN to compare)")
+    step("2. quantize it like the seed's main branch: GPTQ 4-bit, act-order, no grouping, one file (and RTN)")
     quantize_args = ("--calibration", "tiny-opt/train.txt", "--bits", "4", "--group-size", "-1", "--seqlen", "128",
                      "--single-file")
     run("quantize", "tiny-opt", "-o", "tiny-opt-gptq", *quantize_args, "--desc-act", "--nsamples", "64")
@@ -101,15 +101,15 @@ def main() -> int:
     step("9. a damaged part is caught, and nothing is written")
     damaged = OUT / "damaged"
     shutil.copytree(OUT / "published", damaged)
-    (damaged / "gptq_model-4bit--1g.safetensors").unlink()
+    (damaged / "model.safetensors").unlink()
     part = next(damaged.glob("*.split-b.safetensors"))
     data = bytearray(part.read_bytes())
     data[100] ^= 0x01
     part.write_bytes(bytes(data))
     run("join", "damaged", expect=1)
-    print(f"(damaged/gptq_model-4bit--1g.safetensors exists: {(damaged / 'gptq_model-4bit--1g.safetensors').exists()})")
+    print(f"(damaged/model.safetensors exists: {(damaged / 'model.safetensors').exists()})")
     step("10. reshard the joined checkpoint into loadable shards with an index")
-    run("reshard", "published/gptq_model-4bit--1g.safetensors", "-o", "sharded", "--max-shard-size", "400KB")
+    run("reshard", "published/model.safetensors", "-o", "sharded", "--max-shard-size", "400KB")
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s; everything is in {OUT.relative_to(REPO_ROOT)}/")
     return 0
 

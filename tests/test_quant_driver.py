@@ -101,8 +101,8 @@ def test_single_file_sharding_and_asym_v2(tiny_models: dict[str, Path], tmp_path
     single = tmp_path / "single"
     summary = quantize_model(model, single, calibration=model / "train.txt", single_file=True,
                              config=QuantizeConfig(group_size=-1, desc_act=False), **FAST)
-    assert "gptq_model-4bit--1g.safetensors" in summary.files
-    assert json.loads((single / "quantize_config.json").read_text())["model_file_base_name"] == "gptq_model-4bit--1g"
+    assert "model.safetensors" in summary.files
+    assert json.loads((single / "quantize_config.json").read_text())["model_file_base_name"] == "model"
     sharded = tmp_path / "sharded"
     quantize_model(model, sharded, calibration=model / "train.txt", max_shard_size="100KB",
                    config=QuantizeConfig(group_size=16, sym=False, checkpoint_format="gptq_v2"), **FAST)
@@ -339,7 +339,7 @@ def test_cli_options_reach_the_checkpoint(tiny_models: dict[str, Path], tmp_path
     model = tiny_models["bloom"]
     out = tmp_path / "out"
     code = cli_main(["quantize", str(model), "-o", str(out), "--calibration", str(model / "train.txt"), "--bits", "8",
-                     "--group-size", "-1", "--no-desc-act", "--asym", "--damp", "0.05", "--single-file",
+                     "--group-size", "-1", "--no-desc-act", "--asym", "--damp", "0.05", "--autogptq-name",
                      "--nsamples", "4", "--seqlen", "32"])
     assert code == 0
     quant = json.loads((out / "quantize_config.json").read_text())

@@ -36,7 +36,7 @@ torch.save(logits, sys.argv[2])
 
 @pytest.mark.slow
 @pytest.mark.skipif(not GPTQMODEL_PYTHON.exists(), reason="no GPTQModel venv (set GPTQMODEL_PYTHON)")
-@pytest.mark.parametrize("config", [QuantizeConfig(group_size=16, desc_act=True),
+@pytest.mark.parametrize("config", [QuantizeConfig(group_size=16, desc_act=True, static_groups=False),
                                     QuantizeConfig(group_size=32, desc_act=True, static_groups=True, sym=False,
                                                    checkpoint_format="gptq_v2")],
                          ids=["sym-v1-act-order", "asym-v2-static-groups"])

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the quantizer pulls in torch: import it only when the command runs
+    from ..quant.config import QuantizeConfig
     from ..quant.driver import QuantizeSummary
+
+logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,11 +28,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--group-size", type=int, default=128, help="inputs per group; -1 for none (default 128)")
     parser.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=True,
                         help="act-order: quantize columns by decreasing Hessian diagonal (default on)")
-    parser.add_argument("--static-groups", action="store_true", help="group parameters fixed before act-order")
+    parser.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --desc-act: group parameters fixed before act-order, so g_idx stays monotonic "
+                             "and vLLM loads the checkpoint (default on; --no-static-groups for dynamic groups)")
     sym = parser.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric")
-    parser.add_argument("--damp", type=float, default=0.01, help="dampening, relative to mean(diag(H)) (0.01)")
+    parser.add_argument("--damp", type=float, default=0.01,
+                        help="dampening, relative to mean(diag(H)), in (0, 1) (default 0.01)")
     parser.add_argument("--format", dest="checkpoint_format", default="gptq", choices=("gptq", "gptq_v2"),
                         help="checkpoint format (default gptq = v1, read by everything)")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
@@ -38,7 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
     parser.add_argument("--max-shard-size", default="5GB", help="largest shard (default 5GB)")
     parser.add_argument("--single-file", action="store_true",
-                        help="one gptq_model-{bits}bit-{gs}g.safetensors file instead of shards")
+                        help="one model.safetensors file instead of shards")
+    parser.add_argument("--autogptq-name", action="store_true",
+                        help="one file named as AutoGPTQ does, gptq_model-{bits}bit-{gs}g.safetensors (implies "
+                             "--single-file; transformers does not find that name)")
     parser.add_argument("--method", choices=("gptq", "rtn"), default="gptq",
                         help="rtn gives a round-to-nearest baseline")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
@@ -46,19 +56,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..quant.config import QuantizeConfig
     from ..quant.driver import quantize_model
 
-    config = QuantizeConfig(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act,
-                            static_groups=args.static_groups, sym=args.sym, damp_percent=args.damp,
-                            checkpoint_format=args.checkpoint_format)
+    config = _config(args)
     summary = quantize_model(args.model_dir, args.output, calibration=args.calibration, config=config,
                              nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, resume=args.resume,
-                             max_shard_size=args.max_shard_size, single_file=args.single_file, seed=args.seed,
-                             method=args.method)
+                             max_shard_size=args.max_shard_size, single_file=args.single_file,
+                             autogptq_name=args.autogptq_name, seed=args.seed, method=args.method)
     if summary.rank == 0:  # distributed runs (torchrun): rank 0 wrote the output and reports for all
         print(format_summary(summary))
     return 0
+
+
+def _config(args: argparse.Namespace) -> QuantizeConfig:
+    """The settings, checked before anything is read or written.
+
+    Values no client loads (``--damp 0``, a group size of 0) are refused by :class:`QuantizeConfig`;
+    settings that some client refuses are warned about, each with the client and what to use instead.
+
+    Raises:
+        UsageError: a value no client accepts.
+    """
+    from ..errors import UsageError
+    from ..quant.config import QuantizeConfig
+
+    if args.nsamples < 1:
+        raise UsageError(f"--nsamples {args.nsamples} must be positive (default 128)")
+    if args.seqlen is not None and args.seqlen < 1:
+        raise UsageError(f"--seqlen {args.seqlen} must be positive (default 2048, capped by the model)")
+    if args.static_groups and not args.desc_act:
+        logger.info("--static-groups has no effect without --desc-act")
+    config = QuantizeConfig(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act,
+                            static_groups=args.static_groups, sym=args.sym, damp_percent=args.damp,
+                            checkpoint_format=args.checkpoint_format)
+    for line in config.client_warnings():
+        logger.warning("gptq-tools: warning: %s", line)
+    return config
 
 
 def format_summary(summary: QuantizeSummary) -> str:

@@ -366,7 +366,7 @@ def _commit_layer(work: Path, state: dict[str, Any], index: int, tensors: dict[s
 def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration: str | Path,
                    config: QuantizeConfig | None = None, nsamples: int = 128, seqlen: int | None = None,
                    device: str = "cpu", resume: bool = False, max_shard_size: int | str = "5GB",
-                   single_file: bool = False, seed: int = 0, method: str = "gptq",
+                   single_file: bool = False, autogptq_name: bool = False, seed: int = 0, method: str = "gptq",
                    on_layer_done: Callable[[int], None] | None = None) -> QuantizeSummary:
     """Quantize a Hugging Face causal LM with GPTQ, layer by layer, into an AutoGPTQ checkpoint folder.
 
@@ -380,7 +380,9 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
         device: compute device (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         resume: continue an interrupted run from its last finished layer.
         max_shard_size: largest shard (bytes or ``"5GB"``); ignored with ``single_file``.
-        single_file: write AutoGPTQ's single ``gptq_model-{bits}bit-{gs}g.safetensors``.
+        single_file: write one ``model.safetensors`` instead of shards.
+        autogptq_name: write one file named as AutoGPTQ does, ``gptq_model-{bits}bit-{gs}g.safetensors``
+            (implies ``single_file``; transformers does not find that name).
         seed: seeds the calibration windows.
         method: ``"gptq"``, or ``"rtn"`` for a round-to-nearest baseline checkpoint (same format).
         on_layer_done: called with each layer index once it is persisted.
@@ -405,15 +407,15 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
     try:
         return _quantize(run, model_dir, output, calibration=calibration, config=config, nsamples=nsamples,
                          seqlen=seqlen, compute=compute, resume=resume, max_shard_size=max_shard_size,
-                         single_file=single_file, seed=seed, method=method, on_layer_done=on_layer_done,
-                         started=started)
+                         single_file=single_file, autogptq_name=autogptq_name, seed=seed, method=method,
+                         on_layer_done=on_layer_done, started=started)
     finally:
         distributed.stop(run)
 
 
 def _quantize(run: distributed.DistributedRun | None, model_dir: Path, output: Path, *, calibration: str | Path,
               config: QuantizeConfig, nsamples: int, seqlen: int | None, compute: torch.device, resume: bool,
-              max_shard_size: int | str, single_file: bool, seed: int, method: str,
+              max_shard_size: int | str, single_file: bool, autogptq_name: bool, seed: int, method: str,
               on_layer_done: Callable[[int], None] | None, started: float) -> QuantizeSummary:
     """:func:`quantize_model` on one rank (``run`` None: a single process, exactly as before)."""
     main = run is None or run.is_main
@@ -467,8 +469,8 @@ def _quantize(run: distributed.DistributedRun | None, model_dir: Path, output: P
     store = _activation_store(source, ids, compute)
     loop_started, layer_seconds = _run_layers(source, ids, config, compute, store, work, state, method,
                                               on_layer_done, run)
-    files = (_finish(source, staging, output, config, work, model_dir, single_file=single_file,
-                     shard_bytes=shard_bytes) if main else [])
+    files = (_finish(source, staging, output, config, work, model_dir, single_file=single_file or autogptq_name,
+                     autogptq_name=autogptq_name, shard_bytes=shard_bytes) if main else [])
     linears = tuple(LinearReport(**entry) for entry in state["linears"])
     fallbacks = tuple(entry.name for entry in linears if entry.method != "gptq") if method == "gptq" else ()
     seconds = time.perf_counter() - started
@@ -634,7 +636,7 @@ def _run_layers(source: SourceModel, ids: torch.Tensor, config: QuantizeConfig, 
 
 
 def _finish(source: SourceModel, staging: Path, output: Path, config: QuantizeConfig, work: Path, model_dir: Path,
-            *, single_file: bool, shard_bytes: int) -> list[str]:
+            *, single_file: bool, autogptq_name: bool, shard_bytes: int) -> list[str]:
     """Write tensors, configs, tokenizer and SHA256SUMS into ``staging``; rename it to ``output``."""
     from safetensors import safe_open
 
@@ -649,7 +651,7 @@ def _finish(source: SourceModel, staging: Path, output: Path, config: QuantizeCo
                 refs.append(TensorRef(key, dtype_bytes * _prod(shape), _file_loader(path, key),
                                       dtype=dtype, shape=tuple(shape)))
     refs.extend(_outer_refs(source, before=False))
-    file_name = single_file_name(config.bits, config.group_size) if single_file else None
+    file_name = single_file_name(config.bits, config.group_size, autogptq=autogptq_name) if single_file else None
     check_free_space(staging, sum(ref.nbytes for ref in refs), what="writing the checkpoint")
     files = write_tensors(refs, staging, max_shard_size=shard_bytes, single_file=file_name)
     base = file_name.removesuffix(".safetensors") if file_name else "model"

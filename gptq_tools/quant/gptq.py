@@ -174,7 +174,7 @@ def _working_hessian(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor) ->
 def _static_params(W: torch.Tensor, config: QuantizeConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Group parameters found up front on the unpermuted weight: (scales, zeros) each (groups, out)."""
     group_size = W.shape[1] if config.group_size == -1 else config.group_size
-    if config.group_size != -1 and not config.static_groups:
+    if config.group_size != -1 and not config.uses_static_groups:
         return None
     grouped = W.reshape(W.shape[0], W.shape[1] // group_size, group_size).transpose(0, 1)  # (groups, out, gs)
     params = [find_params(block, bits=config.bits, sym=config.sym, zero_min=config.zero_min) for block in grouped]

@@ -47,9 +47,17 @@ _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float
                        torch.int64: "I64", torch.bool: "BOOL"}
 
 
-def single_file_name(bits: int, group_size: int) -> str:
-    """AutoGPTQ's file name, ``gptq_model-4bit-128g.safetensors`` (group -1 gives ``--1g``)."""
-    return f"gptq_model-{bits}bit-{group_size}g.safetensors"
+SINGLE_FILE_NAME = "model.safetensors"
+
+
+def single_file_name(bits: int, group_size: int, *, autogptq: bool = False) -> str:
+    """The single-file checkpoint's name: ``model.safetensors``, what transformers and vLLM look for.
+
+    With ``autogptq``, AutoGPTQ's name ``gptq_model-4bit-128g.safetensors`` (group -1 gives ``--1g``),
+    as on TheBloke's repositories; transformers does not find that one. Either way the checkpoint's
+    ``model_file_base_name`` names the file, which is how AutoGPTQ and GPTQModel find it.
+    """
+    return f"gptq_model-{bits}bit-{group_size}g.safetensors" if autogptq else SINGLE_FILE_NAME
 
 
 def _save_safetensors(tensors: Mapping[str, torch.Tensor] | Sequence[TensorRef], path: Path) -> None:
