@@ -114,10 +114,10 @@ def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
         NotRegularFileError: ``path`` is a FIFO, device, socket or folder.
         OSError: ``path`` cannot be opened.
     """
-    _require_regular(os.stat(path).st_mode, path)
+    require_regular(os.stat(path).st_mode, path)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
-        _require_regular(os.fstat(fd).st_mode, path)
+        require_regular(os.fstat(fd).st_mode, path)
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
@@ -126,7 +126,8 @@ def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
         raise
 
 
-def _require_regular(mode: int, path: str | os.PathLike[str]) -> None:
+def require_regular(mode: int, path: str | os.PathLike[str]) -> None:
+    """Refuse a FIFO, device, socket or folder (``mode`` from ``stat``) with one line naming ``path``."""
     if stat.S_ISREG(mode):
         return
     kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)

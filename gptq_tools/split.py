@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import shutil
-import stat
 import string
 import tempfile
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ from .manifest import format_manifest_line, parse_manifest, write_manifest
 from .paths import require_file
 from .pipeline import CallbackConsumer, Consumer, PwriteConsumer, Segment, SegmentHasher, WholeHasher, run_pipeline
 from .progress import byte_bar
-from .safetensors_format import build_header, read_header
+from .safetensors_format import build_header, read_header, require_regular
 from .units import parse_size
 
 logger = logging.getLogger(__name__)
@@ -153,8 +152,7 @@ def _input_size(source: Path) -> int:
         info = source.stat()
     except FileNotFoundError:
         raise PathNotFoundError(f"{source}: no such file; check the path") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise UsageError(f"{source}: not a regular file; give the safetensors (or other) file itself")
+    require_regular(info.st_mode, source)
     return info.st_size
 
 
