@@ -338,7 +338,7 @@ def rss_parts() -> dict[str, int]:
                 key, _, value = line.partition(":")
                 if key in parts:
                     parts[key] = int(value.split()[0]) * 1024
-    except OSError:
+    except OSError:  # no /proc (not Linux): the memory rows then read 0 rather than stopping the benchmark
         pass
     return parts
 
