@@ -7,9 +7,7 @@ name inside it (for a bad listing: nothing written at all, the folder is not eve
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,16 +19,6 @@ from gptq_tools.hub.state import STATE_DIR
 from gptq_tools.names import check_no_clashes, validate_relative_name
 from tests.download_helpers import FAST, blob
 from tests.hub_server import HubServer, make_file, tree_entry
-
-
-@pytest.fixture(autouse=True)
-def _cli_logging_restored() -> Iterator[None]:
-    """``main()`` points the package logger at this test's captured stderr; undo that afterwards."""
-    package = logging.getLogger("gptq_tools")
-    saved = (package.handlers[:], package.level, package.propagate)
-    yield
-    package.handlers[:], package.level, package.propagate = saved
-
 
 pytestmark = pytest.mark.timeout(60)
 

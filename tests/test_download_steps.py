@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,16 +15,6 @@ from gptq_tools.hub.state import LEGACY_STATE_DIR, STATE_DIR, LocalState
 from tests.download_helpers import FAST, safetensors_blob, sha256
 from tests.helpers import kill_at_each_step, leftovers
 from tests.hub_server import HubServer
-
-
-@pytest.fixture(autouse=True)
-def _cli_logging_restored() -> Iterator[None]:
-    """``main()`` points the package logger at this test's captured stderr; undo that afterwards."""
-    package = logging.getLogger("gptq_tools")
-    saved = (package.handlers[:], package.level, package.propagate)
-    yield
-    package.handlers[:], package.level, package.propagate = saved
-
 
 pytestmark = pytest.mark.timeout(300)
 
