@@ -7,6 +7,7 @@ each kernel must take is asserted too, so a kernel cannot pass by refusing every
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import torch
 
 from gptq_tools.errors import UsageError
 from gptq_tools.kernels import AUTO_ORDER, KernelDecision, cpu_int4, planning_workspace, select_kernel, summarize
-from gptq_tools.packing import dequantize, pack_qweight, pack_qzeros
+from gptq_tools.packing import dequantize
 from gptq_tools.qlinear import QuantLinear, get_kernel
+from tests.tiny_gptq import quant_layer, random_quant_tensors
 
 IN_FEATURES, OUT_FEATURES = 256, 96
 CPU_KERNELS = ("torch", "cpu-int4", "cpu-int8", "unpacked")
@@ -26,39 +28,7 @@ EXACT_TOLERANCE = 2e-6
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def random_layer_tensors(bits: int, group_size: int, *, act_order: bool, checkpoint_format: str, sym: bool,
-                         in_features: int = IN_FEATURES, out_features: int = OUT_FEATURES,
-                         seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random integer weights, zeros (2**(bits-1) when ``sym``) and scales, packed as a checkpoint holds them."""
-    generator = torch.Generator().manual_seed(seed)
-    size = group_size if group_size > 0 else in_features
-    groups = -(-in_features // size)
-    intweight = torch.randint(0, 2**bits, (in_features, out_features), generator=generator)
-    if sym:
-        zeros = torch.full((groups, out_features), 2 ** (bits - 1))
-    else:
-        zeros = torch.randint(1 if checkpoint_format == "gptq" else 0, 2**bits, (groups, out_features),
-                              generator=generator)
-    scales = (torch.rand(groups, out_features, generator=generator) * 0.02 + 0.001).to(torch.float16)
-    g_idx = torch.arange(in_features) // size
-    if act_order:
-        g_idx = g_idx[torch.randperm(in_features, generator=generator)]
-    return {"qweight": pack_qweight(intweight, bits),
-            "qzeros": pack_qzeros(zeros, bits, checkpoint_format=checkpoint_format),
-            "scales": scales, "g_idx": g_idx.to(torch.int32),
-            "bias": (torch.randn(out_features, generator=generator) * 0.1).to(torch.float16)}
-
-
-def make_layer(tensors: dict[str, torch.Tensor], bits: int, group_size: int, *, checkpoint_format: str,
-               kernel: str, dtype: torch.dtype = torch.float16) -> QuantLinear:
-    in_features, out_features = tensors["g_idx"].shape[0], tensors["scales"].shape[1]
-    layer = QuantLinear(bits, group_size, in_features, out_features, bias=True, checkpoint_format=checkpoint_format,
-                        dtype=dtype, kernel=kernel)
-    layer.name = "model.layers.0.fc1"
-    for name in ("qweight", "qzeros", "scales", "g_idx", "bias"):
-        getattr(layer, name).copy_(tensors[name])
-    layer.prepare()
-    return layer
+random_layer_tensors = functools.partial(random_quant_tensors, in_features=IN_FEATURES, out_features=OUT_FEATURES)
 
 
 def reference_output(tensors: dict[str, torch.Tensor], x: torch.Tensor, *, bits: int,
@@ -88,7 +58,7 @@ def check_case(kernel: str, bits: int, group_size: int, act_order: bool, checkpo
                tokens: int, dtype: torch.dtype = torch.float16, tolerance: float | None = None) -> None:
     tensors = random_layer_tensors(bits, group_size, act_order=act_order, checkpoint_format=checkpoint_format,
                                    sym=sym)
-    layer = make_layer(tensors, bits, group_size, checkpoint_format=checkpoint_format, kernel=kernel, dtype=dtype)
+    layer = quant_layer(tensors, bits, group_size, checkpoint_format=checkpoint_format, kernel=kernel, dtype=dtype)
     x = torch.randn(tokens, IN_FEATURES, generator=torch.Generator().manual_seed(1)).to(dtype)
     if not expected_support(kernel, bits, group_size):
         with pytest.raises(UsageError, match=rf"model.layers.0.fc1: kernel '{kernel}' is unsupported here: \S"):
@@ -131,7 +101,7 @@ def test_bf16_error_measured_against_fp16_rounding() -> None:
     """The bf16 op's error, in units of the error of rounding the reference to fp16 (measured: about 14x)."""
     tensors = random_layer_tensors(4, 128, act_order=True, checkpoint_format="gptq", sym=False,
                                    in_features=1024, out_features=256)
-    layer = make_layer(tensors, 4, 128, checkpoint_format="gptq", kernel="cpu-int4", dtype=torch.float32)
+    layer = quant_layer(tensors, 4, 128, checkpoint_format="gptq", kernel="cpu-int4", dtype=torch.float32)
     x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(2))
     expected = reference_output(tensors, x, bits=4, checkpoint_format="gptq")
     fp16_rounding = relative_error(expected.half(), expected)
@@ -159,7 +129,7 @@ def test_triton_kernel_fp16_activations_in_interpreter(monkeypatch: pytest.Monke
 def test_triton_refuses_cpu_without_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     tensors = random_layer_tensors(4, 32, act_order=False, checkpoint_format="gptq", sym=True)
-    layer = make_layer(tensors, 4, 32, checkpoint_format="gptq", kernel="triton")
+    layer = quant_layer(tensors, 4, 32, checkpoint_format="gptq", kernel="triton")
     reason = "triton is not installed" if not HAS_TRITON else "needs a CUDA device"
     with pytest.raises(UsageError, match=f"kernel 'triton' is unsupported here: {reason}"):
         layer(torch.randn(1, IN_FEATURES, dtype=torch.float16))
@@ -167,7 +137,7 @@ def test_triton_refuses_cpu_without_interpreter(monkeypatch: pytest.MonkeyPatch)
 
 def test_cuda_int4_refuses_cpu() -> None:
     tensors = random_layer_tensors(4, 128, act_order=False, checkpoint_format="gptq", sym=True)
-    layer = make_layer(tensors, 4, 128, checkpoint_format="gptq", kernel="cuda-int4")
+    layer = quant_layer(tensors, 4, 128, checkpoint_format="gptq", kernel="cuda-int4")
     with pytest.raises(UsageError, match=r"kernel 'cuda-int4' is unsupported here: needs a CUDA device \(this "
                                          r"layer runs on cpu\)"):
         layer(torch.randn(1, IN_FEATURES, dtype=torch.float16))
@@ -180,7 +150,7 @@ def test_cuda_int4_refuses_cpu() -> None:
                                                        (8, 128, False), (3, -1, False)])
 def test_gpu_kernel_parity(kernel: str, bits: int, group_size: int, act_order: bool) -> None:
     tensors = random_layer_tensors(bits, group_size, act_order=act_order, checkpoint_format="gptq_v2", sym=False)
-    layer = make_layer(tensors, bits, group_size, checkpoint_format="gptq_v2", kernel="torch").cuda()
+    layer = quant_layer(tensors, bits, group_size, checkpoint_format="gptq_v2", kernel="torch").cuda()
     layer.kernel = kernel
     x = torch.randn(5, IN_FEATURES, dtype=torch.float16, device="cuda")
     supported = {"triton": bits != 3, "cuda-int4": bits <= 4, "torch": True}[kernel]
@@ -195,23 +165,23 @@ def test_gpu_kernel_parity(kernel: str, bits: int, group_size: int, act_order: b
 
 def test_unsupported_group_size_says_why() -> None:
     tensors = random_layer_tensors(4, 48, act_order=False, checkpoint_format="gptq", sym=True, in_features=96)
-    layer = make_layer(tensors, 4, 48, checkpoint_format="gptq", kernel="cpu-int4")
+    layer = quant_layer(tensors, 4, 48, checkpoint_format="gptq", kernel="cpu-int4")
     with pytest.raises(UsageError, match=r"kernel 'cpu-int4' is unsupported here: groups of 48 rows "
                                          r"\(in_features=96\) cannot be tiled by the op's group sizes"):
         layer(torch.randn(1, 96))
 
 
 def test_auto_picks_per_layer_and_records_why() -> None:
-    four = make_layer(random_layer_tensors(4, 128, act_order=True, checkpoint_format="gptq", sym=True), 4, 128,
+    four = quant_layer(random_layer_tensors(4, 128, act_order=True, checkpoint_format="gptq", sym=True), 4, 128,
                       checkpoint_format="gptq", kernel="auto")
     assert four.select_kernel("cpu") == "cpu-int4" and four.kernel_skipped == {}
     assert four.qweight is None and four.int4_packed.dtype == torch.uint8  # repacked, checkpoint copy dropped
-    eight = make_layer(random_layer_tensors(8, 32, act_order=False, checkpoint_format="gptq", sym=True), 8, 32,
+    eight = quant_layer(random_layer_tensors(8, 32, act_order=False, checkpoint_format="gptq", sym=True), 8, 32,
                        checkpoint_format="gptq", kernel="auto")
     assert eight.select_kernel("cpu") == "unpacked"
     assert list(eight.kernel_skipped) == ["cpu-int4", "cpu-int8"]
     assert "one scale per output channel; this layer has 8 groups" in eight.kernel_skipped["cpu-int8"]
-    odd = make_layer(random_layer_tensors(4, 48, act_order=False, checkpoint_format="gptq", sym=True,
+    odd = quant_layer(random_layer_tensors(4, 48, act_order=False, checkpoint_format="gptq", sym=True,
                                           in_features=96), 4, 48, checkpoint_format="gptq", kernel="auto")
     assert odd.select_kernel("cpu", allow_repack=False) == "torch"
     assert "reloaded from disk" in odd.kernel_skipped["cpu-int4"]
@@ -236,7 +206,7 @@ def test_planning_workspace_follows_the_kernel() -> None:
 
 
 def test_select_kernel_names_a_kernel_that_cannot_run() -> None:
-    layer = make_layer(random_layer_tensors(8, 32, act_order=False, checkpoint_format="gptq", sym=True), 8, 32,
+    layer = quant_layer(random_layer_tensors(8, 32, act_order=False, checkpoint_format="gptq", sym=True), 8, 32,
                        checkpoint_format="gptq", kernel="torch")
     with pytest.raises(UsageError, match=r"kernel 'cpu-int4' is unsupported here: takes values of at most 4 bits; "
                                          r"this layer has 8; use kernel='auto'"):
@@ -244,7 +214,7 @@ def test_select_kernel_names_a_kernel_that_cannot_run() -> None:
 
 
 def test_repacked_layer_refuses_reading_checkpoint_buffers() -> None:
-    layer = make_layer(random_layer_tensors(4, 32, act_order=False, checkpoint_format="gptq", sym=True), 4, 32,
+    layer = quant_layer(random_layer_tensors(4, 32, act_order=False, checkpoint_format="gptq", sym=True), 4, 32,
                        checkpoint_format="gptq", kernel="cpu-int4")
     layer(torch.randn(1, IN_FEATURES, dtype=torch.float16))
     with pytest.raises(UsageError, match=r"kernel 'cpu-int4' repacked the weights at load"):
@@ -276,11 +246,11 @@ def test_tiny_model_logits_with_auto_kernels(tmp_path: Path, model_type: str, de
 def test_repacking_kernels_never_write_the_checkpoint_rows() -> None:
     """Act-order rows are sorted in place only for kernels that read them packed: a mapped file stays clean."""
     tensors = random_layer_tensors(4, 32, act_order=True, checkpoint_format="gptq", sym=False)
-    repacked = make_layer(tensors, 4, 32, checkpoint_format="gptq", kernel="auto")
+    repacked = quant_layer(tensors, 4, 32, checkpoint_format="gptq", kernel="auto")
     original = repacked.qweight
     before = original.clone()
     assert repacked.select_kernel("cpu") == "cpu-int4"
     assert torch.equal(original, before)
-    packed = make_layer(tensors, 4, 32, checkpoint_format="gptq", kernel="torch")
+    packed = quant_layer(tensors, 4, 32, checkpoint_format="gptq", kernel="torch")
     packed.select_kernel("cpu")
     assert packed.rows_sorted and not torch.equal(packed.qweight, before)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptq_tools.errors import CheckpointError, UsageError
-from gptq_tools.packing import dequantize, pack_qweight, pack_qzeros
+from gptq_tools.packing import dequantize
 from gptq_tools.qlinear import (
     QuantKernel,
     QuantLinear,
@@ -15,40 +15,7 @@ from gptq_tools.qlinear import (
     quant_tensor_shapes,
     register_kernel,
 )
-
-
-def make_tensors(bits: int, group_size: int, in_features: int, out_features: int, *, act_order: bool,
-                 checkpoint_format: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random integer weights and group parameters, packed as a checkpoint would hold them."""
-    generator = torch.Generator().manual_seed(seed)
-    gs = group_size if group_size > 0 else in_features
-    groups = -(-in_features // gs)
-    intweight = torch.randint(0, 2**bits, (in_features, out_features), generator=generator)
-    low = 1 if checkpoint_format == "gptq" else 0
-    zeros = torch.randint(low, 2**bits, (groups, out_features), generator=generator)
-    scales = (torch.rand(groups, out_features, generator=generator) * 0.02 + 0.001).to(torch.float16)
-    g_idx = torch.arange(in_features) // gs
-    if act_order:
-        g_idx = g_idx[torch.randperm(in_features, generator=generator)]
-    return {"qweight": pack_qweight(intweight, bits),
-            "qzeros": pack_qzeros(zeros, bits, checkpoint_format=checkpoint_format),
-            "scales": scales, "g_idx": g_idx.to(torch.int32),
-            "bias": (torch.randn(out_features, generator=generator) * 0.1).to(torch.float16)}
-
-
-def build_layer(tensors: dict[str, torch.Tensor], bits: int, group_size: int, *, checkpoint_format: str,
-                bias: bool, dtype: torch.dtype = torch.float32) -> QuantLinear:
-    in_features, out_features = tensors["g_idx"].shape[0], tensors["scales"].shape[1]
-    layer = QuantLinear(bits, group_size, in_features, out_features, bias=bias,
-                        checkpoint_format=checkpoint_format, dtype=dtype)
-    layer.qweight.copy_(tensors["qweight"])
-    layer.qzeros.copy_(tensors["qzeros"])
-    layer.scales.copy_(tensors["scales"])
-    layer.g_idx.copy_(tensors["g_idx"])
-    if bias:
-        layer.bias.copy_(tensors["bias"])
-    layer.prepare()
-    return layer
+from tests.tiny_gptq import quant_layer, random_quant_tensors
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -57,9 +24,9 @@ def build_layer(tensors: dict[str, torch.Tensor], bits: int, group_size: int, *,
 def test_forward_matches_dequantized_matmul(bits: int, group_size: int, act_order: bool,
                                             checkpoint_format: str) -> None:
     in_features, out_features = 96, 64
-    tensors = make_tensors(bits, group_size, in_features, out_features, act_order=act_order,
-                           checkpoint_format=checkpoint_format)
-    layer = build_layer(tensors, bits, group_size, checkpoint_format=checkpoint_format, bias=True)
+    tensors = random_quant_tensors(bits, group_size, in_features=in_features, out_features=out_features,
+                                   act_order=act_order, checkpoint_format=checkpoint_format)
+    layer = quant_layer(tensors, bits, group_size, checkpoint_format=checkpoint_format, bias=True, dtype=torch.float32)
     reference = dequantize(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], bits=bits,
                            checkpoint_format=checkpoint_format, dtype=torch.float32)
     x = torch.randn(2, 5, in_features)
@@ -73,8 +40,8 @@ def test_act_order_rows_are_sorted_once_and_chunked(monkeypatch: pytest.MonkeyPa
     from gptq_tools import qlinear
 
     monkeypatch.setattr(qlinear, "DEQUANT_CHUNK_ELEMENTS", 128 * 32)  # several column blocks
-    tensors = make_tensors(4, 32, 128, 96, act_order=True, checkpoint_format="gptq")
-    layer = build_layer(tensors, 4, 32, checkpoint_format="gptq", bias=False)
+    tensors = random_quant_tensors(4, 32, in_features=128, out_features=96, act_order=True, checkpoint_format="gptq")
+    layer = quant_layer(tensors, 4, 32, checkpoint_format="gptq", bias=False, dtype=torch.float32)
     assert bool((layer.g_idx[1:] >= layer.g_idx[:-1]).all())
     reference = dequantize(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], bits=4,
                            dtype=torch.float32)
@@ -85,8 +52,8 @@ def test_act_order_rows_are_sorted_once_and_chunked(monkeypatch: pytest.MonkeyPa
 
 
 def test_half_precision_forward_on_cpu() -> None:
-    tensors = make_tensors(4, 32, 64, 32, act_order=False, checkpoint_format="gptq_v2")
-    layer = build_layer(tensors, 4, 32, checkpoint_format="gptq_v2", bias=True, dtype=torch.float16)
+    tensors = random_quant_tensors(4, 32, in_features=64, out_features=32, act_order=False, checkpoint_format="gptq_v2")
+    layer = quant_layer(tensors, 4, 32, checkpoint_format="gptq_v2", bias=True, dtype=torch.float16)
     x = torch.randn(4, 64, dtype=torch.float16)
     weight = dequantize(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], bits=4,
                         checkpoint_format="gptq_v2", dtype=torch.float16)
@@ -101,7 +68,7 @@ def test_shapes_follow_autogptq_layout() -> None:
 
 
 def test_bad_g_idx_names_the_layer() -> None:
-    tensors = make_tensors(4, 32, 64, 32, act_order=False, checkpoint_format="gptq")
+    tensors = random_quant_tensors(4, 32, in_features=64, out_features=32, act_order=False, checkpoint_format="gptq")
     tensors["g_idx"][5] = 7
     layer = QuantLinear(4, 32, 64, 32, bias=False)
     layer.name = "model.layers.0.fc1"
@@ -134,8 +101,8 @@ def test_kernel_registry_is_pluggable() -> None:
     assert "test-recording" in available_kernels()
     with pytest.raises(UsageError, match="already registered"):
         register_kernel(kernel)
-    tensors = make_tensors(4, 32, 64, 32, act_order=False, checkpoint_format="gptq")
-    layer = build_layer(tensors, 4, 32, checkpoint_format="gptq", bias=False)
+    tensors = random_quant_tensors(4, 32, in_features=64, out_features=32, act_order=False, checkpoint_format="gptq")
+    layer = quant_layer(tensors, 4, 32, checkpoint_format="gptq", bias=False, dtype=torch.float32)
     layer.kernel, layer.name = "test-recording", "probe"
     layer(torch.randn(1, 64))
     assert calls == ["probe"]

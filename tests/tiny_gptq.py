@@ -21,6 +21,43 @@ from safetensors.torch import save_file
 
 from gptq_tools.architectures import get_arch
 from gptq_tools.packing import dequantize, pack_qweight, pack_qzeros
+from gptq_tools.qlinear import QuantLinear
+
+
+def random_quant_tensors(bits: int, group_size: int, *, in_features: int, out_features: int, act_order: bool,
+                         checkpoint_format: str, sym: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One layer's random integer weights, zeros (``2**(bits-1)`` when ``sym``) and fp16 scales, a random
+    ``g_idx`` with ``act_order``, and a bias, packed as a checkpoint holds them."""
+    generator = torch.Generator().manual_seed(seed)
+    size = group_size if group_size > 0 else in_features
+    groups = -(-in_features // size)
+    intweight = torch.randint(0, 2**bits, (in_features, out_features), generator=generator)
+    if sym:
+        zeros = torch.full((groups, out_features), 2 ** (bits - 1))
+    else:  # v1 stores zero - 1, so a v1 zero of 0 cannot be written
+        zeros = torch.randint(1 if checkpoint_format == "gptq" else 0, 2**bits, (groups, out_features),
+                              generator=generator)
+    scales = (torch.rand(groups, out_features, generator=generator) * 0.02 + 0.001).to(torch.float16)
+    g_idx = torch.arange(in_features) // size
+    if act_order:
+        g_idx = g_idx[torch.randperm(in_features, generator=generator)]
+    return {"qweight": pack_qweight(intweight, bits),
+            "qzeros": pack_qzeros(zeros, bits, checkpoint_format=checkpoint_format),
+            "scales": scales, "g_idx": g_idx.to(torch.int32),
+            "bias": (torch.randn(out_features, generator=generator) * 0.1).to(torch.float16)}
+
+
+def quant_layer(tensors: dict[str, torch.Tensor], bits: int, group_size: int, *, checkpoint_format: str,
+                kernel: str = "torch", bias: bool = True, dtype: torch.dtype = torch.float16) -> QuantLinear:
+    """A prepared QuantLinear holding ``tensors`` (from :func:`random_quant_tensors`)."""
+    in_features, out_features = tensors["g_idx"].shape[0], tensors["scales"].shape[1]
+    layer = QuantLinear(bits, group_size, in_features, out_features, bias=bias, checkpoint_format=checkpoint_format,
+                        dtype=dtype, kernel=kernel)
+    layer.name = "model.layers.0.fc1"
+    for name in ("qweight", "qzeros", "scales", "g_idx") + (("bias",) if bias else ()):
+        getattr(layer, name).copy_(tensors[name])
+    layer.prepare()
+    return layer
 
 
 @dataclass(frozen=True)
