@@ -275,16 +275,19 @@ def _strict(parsed: ParsedManifest) -> list[ManifestEntry]:
     return parsed.entries
 
 
-def unsafe_name_reason(name: str) -> str | None:
+def unsafe_name_reason(name: str, *, windows_too: bool = False) -> str | None:
     """Why ``name`` must not become a path under the manifest's folder, or None when it may.
 
-    A local check, kept small on purpose: the Hub's name validation (``gptq_tools.hub``) is the place to
-    merge it into once both exist.
+    Args:
+        name: a name as the manifest lists it.
+        windows_too: also read ``\\`` as a separator and ``C:`` as a drive (manifests we consume from
+            elsewhere); ``verify`` leaves it off, because ``sha256sum -c`` on Linux reads a backslash as
+            part of the file name.
     """
-    pure = PurePosixPath(name)
+    pure = PurePosixPath(name.replace("\\", "/") if windows_too else name)
     if not name:
         return "the name is empty"
-    if pure.is_absolute():
+    if pure.is_absolute() or windows_too and re.match(r"^[A-Za-z]:", name):
         return "an absolute path"
     if ".." in pure.parts:
         return "a path with '..'"
@@ -292,10 +295,10 @@ def unsafe_name_reason(name: str) -> str | None:
 
 
 def _check_safe_name(name: str, source: str, number: int) -> None:
-    pure = PurePosixPath(name.replace("\\", "/"))
-    if pure.is_absolute() or re.match(r"^[A-Za-z]:", name) or ".." in pure.parts:
-        raise ManifestError(f"{source} line {number}: refusing path {name!r}: manifest names must stay inside "
-                            f"the manifest's folder (no absolute paths, no '..')")
+    reason = unsafe_name_reason(name, windows_too=True)
+    if reason is not None:
+        raise ManifestError(f"{source} line {number}: refusing path {name!r} ({reason}): manifest names must stay "
+                            f"inside the manifest's folder")
 
 
 def format_manifest_line(name: str, sha256: str) -> str:
