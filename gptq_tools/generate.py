@@ -28,6 +28,7 @@ class GenerationResult:
     text: str  # the new text only (the prompt is not repeated)
     new_tokens: int
     seconds: float
+    token_ids: tuple[int, ...] = ()  # the new tokens' ids (text alone can hide them: special or unknown ids)
 
     @property
     def tokens_per_second(self) -> float:
@@ -152,7 +153,7 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, *, max_new_toke
     seconds = time.perf_counter() - started
     new = output[0, input_ids.shape[1]:]
     return GenerationResult(prompt=prompt, text=tokenizer.decode(new, skip_special_tokens=True),
-                            new_tokens=int(new.numel()), seconds=seconds)
+                            new_tokens=int(new.numel()), seconds=seconds, token_ids=tuple(new.tolist()))
 
 
 def generate_each(model: nn.Module, tokenizer: Any, prompts: Iterable[str], *, max_new_tokens: int = 64,

@@ -43,6 +43,7 @@ def test_greedy_generation_matches_reference(checkpoint: TinyCheckpoint) -> None
     tokenizer = load_tokenizer(checkpoint.folder)
     assert result.new_tokens == expected.shape[1] - 3
     assert result.text == tokenizer.decode(expected[0, 3:], skip_special_tokens=True)
+    assert result.token_ids == tuple(expected[0, 3:].tolist())
     assert result.tokens_per_second > 0
 
 
@@ -64,6 +65,15 @@ def test_cli_generate_prints_prompt_and_continuation(checkpoint: TinyCheckpoint,
     expected = generate(checkpoint.folder, "w1 w5 w9", max_new_tokens=4, dtype=torch.float32)
     assert captured.out.strip() == "w1 w5 w9" + expected.text
     assert "4 tokens in" in captured.err
+    assert "new token ids" not in captured.err  # only with -v
+
+
+def test_cli_generate_verbose_logs_the_new_token_ids(checkpoint: TinyCheckpoint,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-v", "generate", str(checkpoint.folder), "--prompt", "w1 w5 w9", "--max-new-tokens", "4",
+                 "--dtype", "float32"]) == 0
+    expected = generate(checkpoint.folder, "w1 w5 w9", max_new_tokens=4, dtype=torch.float32)
+    assert f"INFO: new token ids: {' '.join(map(str, expected.token_ids))}\n" in capsys.readouterr().err
 
 
 def test_cli_generate_refuses_too_small_caps(checkpoint: TinyCheckpoint, capsys: pytest.CaptureFixture[str]) -> None:

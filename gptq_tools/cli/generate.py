@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -89,6 +92,7 @@ def _write(text: str) -> None:
 def _report(result: GenerationResult) -> None:
     print(f"[{result.new_tokens} tokens in {result.seconds:.1f} s, {result.tokens_per_second:.2f} tokens/s]",
           file=sys.stderr)
+    logger.info("new token ids: %s", " ".join(str(token) for token in result.token_ids))
 
 
 def run_generate(args: argparse.Namespace) -> int:
