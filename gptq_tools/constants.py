@@ -59,6 +59,11 @@ def step_log_path() -> Path | None:
     return Path(value) if value else None
 
 
+def compile_disabled() -> bool:
+    """Whether kernels skip ``torch.compile`` and run eager code (``GPTQ_TOOLS_NO_COMPILE=1``)."""
+    return bool(_env_flag("GPTQ_TOOLS_NO_COMPILE"))
+
+
 def triton_interpret() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``; correctness tests only)."""
     return bool(_env_flag("TRITON_INTERPRET"))

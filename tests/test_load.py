@@ -29,6 +29,8 @@ def logits(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
 
 
 def assert_matches_reference(model: torch.nn.Module, checkpoint: TinyCheckpoint) -> None:
+    """Loading is checked exactly: these models load with the exact reference kernel (``kernel="torch"``);
+    the fast kernels' bf16 results are checked against it in ``tests/test_kernels.py``."""
     expected = logits(reference_model(checkpoint))
     torch.testing.assert_close(logits(model), expected, rtol=1e-5, atol=1e-5)
 
@@ -40,7 +42,7 @@ def test_logits_equal_dequantized_float_model(tmp_path: Path, model_type: str, c
                                               desc_act: bool) -> None:
     checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", model_type, desc_act=desc_act,
                                        checkpoint_format=checkpoint_format, sym=checkpoint_format == "gptq")
-    model = load_quantized(checkpoint.folder, dtype=torch.float32)
+    model = load_quantized(checkpoint.folder, dtype=torch.float32, kernel="torch")
     quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(quantized) == 2 * len(get_arch(model_type).quantized_linears)  # every target linear, 2 layers
     assert all(m.checkpoint_format == checkpoint_format for m in quantized)
@@ -50,19 +52,19 @@ def test_logits_equal_dequantized_float_model(tmp_path: Path, model_type: str, c
 
 def test_llama_with_grouped_kv_heads_and_rotary_buffers(tmp_path: Path) -> None:
     checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "llama", desc_act=True, tie=False)
-    assert_matches_reference(load_quantized(checkpoint.folder, dtype=torch.float32), checkpoint)
+    assert_matches_reference(load_quantized(checkpoint.folder, dtype=torch.float32, kernel="torch"), checkpoint)
 
 
 @pytest.mark.parametrize("bits,group_size", [(2, 32), (3, -1), (8, 16)])
 def test_other_bit_widths_and_groups(tmp_path: Path, bits: int, group_size: int) -> None:
     checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "opt", bits=bits, group_size=group_size, desc_act=True)
-    assert_matches_reference(load_quantized(checkpoint.folder, dtype=torch.float32), checkpoint)
+    assert_matches_reference(load_quantized(checkpoint.folder, dtype=torch.float32, kernel="torch"), checkpoint)
 
 
 @pytest.mark.parametrize("tie,with_lm_head", [(True, False), (True, True), (False, True)])
 def test_with_and_without_lm_head(tmp_path: Path, tie: bool, with_lm_head: bool) -> None:
     checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "bloom", tie=tie, with_lm_head=with_lm_head)
-    model = load_quantized(checkpoint.folder, dtype=torch.float32)
+    model = load_quantized(checkpoint.folder, dtype=torch.float32, kernel="torch")
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tie
     assert_matches_reference(model, checkpoint)
 
@@ -78,7 +80,7 @@ def test_joined_sharded_and_parts_give_identical_logits(tmp_path: Path) -> None:
     results = []
     for layout in ("single", "sharded", "parts"):
         checkpoint = build_tiny_checkpoint(tmp_path / layout, "opt", desc_act=True, layout=layout)
-        results.append(logits(load_quantized(checkpoint.folder, dtype=torch.float32)))
+        results.append(logits(load_quantized(checkpoint.folder, dtype=torch.float32, kernel="torch")))
     assert torch.equal(results[0], results[1])
     assert torch.equal(results[0], results[2])
 
@@ -109,7 +111,7 @@ def cpu_bytes(model: torch.nn.Module) -> int:
 
 def test_cpu_cap_respected_and_rest_offloaded_to_disk(tmp_path: Path) -> None:
     checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "opt", desc_act=True, layers=4)
-    full = load_quantized(checkpoint.folder, dtype=torch.float32, max_memory={"cpu": "1GiB"})
+    full = load_quantized(checkpoint.folder, dtype=torch.float32, kernel="torch", max_memory={"cpu": "1GiB"})
     total = full.gptq_placement.total_weight_bytes
     cap = total * 2 // 3
     offload = tmp_path / "offload"
@@ -138,7 +140,7 @@ def test_explicit_device_map(tmp_path: Path) -> None:
     checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "bloom", desc_act=True)
     device_map = {"transformer.word_embeddings": "cpu", "transformer.word_embeddings_layernorm": "cpu",
                   "transformer.h.0": "cpu", "transformer.h.1": "disk", "transformer.ln_f": "cpu", "lm_head": "cpu"}
-    model = load_quantized(checkpoint.folder, dtype=torch.float32, device_map=device_map,
+    model = load_quantized(checkpoint.folder, dtype=torch.float32, kernel="torch", device_map=device_map,
                            offload_folder=tmp_path / "off")
     assert model.transformer.h[1].mlp.dense_h_to_4h.qweight.device.type == "meta"
     assert_matches_reference(model, checkpoint)
@@ -193,7 +195,8 @@ def test_pickled_weights_refused_unless_allowed(tmp_path: Path) -> None:
     path.unlink()
     with pytest.raises(UnsafeCheckpointError, match=r"only pickled weights \(pytorch_model.bin\).*allow_pickle=True"):
         load_quantized(checkpoint.folder)
-    assert_matches_reference(load_quantized(checkpoint.folder, dtype=torch.float32, allow_pickle=True), checkpoint)
+    model = load_quantized(checkpoint.folder, dtype=torch.float32, kernel="torch", allow_pickle=True)
+    assert_matches_reference(model, checkpoint)
 
 
 def test_device_that_does_not_exist(tmp_path: Path) -> None:

@@ -13,36 +13,38 @@ scales and zeros. A GPTQ layer maps onto it exactly:
 
 The weights are repacked once at load (``_convert_weight_to_int4pack_for_cpu``) and the checkpoint buffers
 dropped: no dequantized copy is kept. The op's fp32 and fp16 paths are several times slower than an fp32
-``nn.Linear`` on x86 (measured: ``scripts/bench_kernels.py``), so decode runs in bf16; its output is
-rounded to bf16, which bounds the error at about bf16 rounding (2**-9 relative) rather than fp16's.
-The op's cost grows with every token while dequantizing a weight block costs the same for any count, so
-from :data:`PREFILL_TOKENS` tokens on (prefill) blocks are dequantized instead, in bf16 (one table lookup
-and one multiply-add per weight) for the bf16 GEMM (AMX / AVX-512-BF16 where the CPU has them); fp32
-activations from :data:`EXACT_TOKENS` tokens on are dequantized exactly in fp32 for the fp32 GEMM
-(slower: fp32 models ask for fp32 results).
+``nn.Linear`` on x86 (measured: ``scripts/bench_kernels.py``), so the kernel computes in bf16 for every
+input dtype: its results carry bf16 rounding (2**-9 relative) rather than fp16's; ``kernel="torch"`` is
+the exact one. The op's cost grows with every token while dequantizing a weight block costs the same for
+any count, so from :data:`PREFILL_TOKENS` tokens on (prefill) blocks are dequantized instead, with the
+op's own arithmetic (one fused loop compiled by ``torch.compile``, eager passes where it cannot compile),
+for the bf16 GEMM (AMX / AVX-512-BF16 where the CPU has them).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Callable
 
 import torch
 
+from .. import constants
 from ..qlinear import QuantKernel, QuantLinear, register_kernel
 from ._common import column_step, permuted_input, release_checkpoint_buffers, uniform_group_size
+
+logger = logging.getLogger(__name__)
 
 NAME = "cpu-int4"
 #: Group sizes ``_weight_int4pack_mm_for_cpu`` accepts.
 OP_GROUP_SIZES = (32, 64, 128, 256)
 #: Output columns per block of the packed layout.
 BLOCK_N = 64
-#: From this many tokens per call half-precision inputs go to the bf16 dequantize-and-GEMM path instead
-#: of the int4 op (``scripts/bench_kernels.py``, "prefill threshold" rows, 7168x7168 on the shared 2-core
-#: machine: the op took 2.65 s at 128 tokens and grows ~20 ms a token; the dequantize path ~7 s flat).
-PREFILL_TOKENS = 256
-#: From this many tokens per call fp32 inputs get the exact fp32 dequantize-and-GEMM path.
-EXACT_TOKENS = 16
-#: Weights dequantized at once on the prefill path (bounds its workspace: about 12 bytes each).
+#: From this many tokens per call inputs go to the bf16 dequantize-and-GEMM path instead
+#: of the int4 op (``scripts/bench_kernels.py``, "prefill threshold" rows, 7168x7168, 2 threads: the op
+#: costs ~0.7 ms a token, the fused dequantize path ~50 ms flat plus the GEMM; they cross near 90 tokens).
+PREFILL_TOKENS = 96
+#: Weights in one GEMM operand on the prefill path (bounds its workspace: 4 bytes each).
 PREFILL_BLOCK_ELEMENTS = 1 << 23
 
 
@@ -104,8 +106,6 @@ def prepare(layer: QuantLinear) -> None:
     padded_n = -(-n // BLOCK_N) * BLOCK_N
     packed = torch.empty(padded_n, k // 2, dtype=torch.uint8)
     scales_and_zeros = torch.zeros(k // op_group, padded_n, 2, dtype=torch.bfloat16)
-    scales = torch.zeros(k // op_group, padded_n, dtype=layer.scales.dtype)
-    zeros = torch.full((k // op_group, padded_n), 8, dtype=torch.uint8)
     offset = 8 - 2 ** (layer.bits - 1)  # 2-bit values 0..3 become 6..9: centred on the op's 8
     step = column_step(k, BLOCK_N)
     for start in range(0, n, step):
@@ -119,14 +119,9 @@ def prepare(layer: QuantLinear) -> None:
         group_zeros = group_zeros + offset  # the zero of the shifted values
         scales_and_zeros[:, start:stop, 0] = group_scales.to(torch.bfloat16)
         scales_and_zeros[:, start:stop, 1] = ((8 - group_zeros) * group_scales).to(torch.bfloat16)
-        scales[:, start:stop] = group_scales.to(scales.dtype)
-        zeros[:, start:stop] = group_zeros.to(torch.uint8)
-    symmetric = bool((zeros == 8).all())
     release_checkpoint_buffers(layer)
     layer.register_buffer("int4_packed", packed, persistent=False)
     layer.register_buffer("int4_scales_and_zeros", scales_and_zeros, persistent=False)
-    layer.register_buffer("int4_scales", scales, persistent=False)
-    layer.register_buffer("int4_zeros", None if symmetric else zeros, persistent=False)
     layer.int4_group_size = op_group
 
 
@@ -137,10 +132,8 @@ def forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
                            f"it got input on {x.device} (load the model again for that device)")
     flat = permuted_input(layer, x)  # (tokens, in)
     tokens = flat.shape[0]
-    if x.dtype == torch.float32 and tokens >= EXACT_TOKENS:
-        out = _prefill_exact(layer, flat)
-    elif tokens >= PREFILL_TOKENS:
-        out = _prefill_bf16(layer, flat.to(torch.bfloat16))
+    if tokens >= PREFILL_TOKENS:
+        out = _dequantized_gemm(layer, flat.to(torch.bfloat16))
     else:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), layer.int4_packed,
                                                          layer.int4_group_size, layer.int4_scales_and_zeros)
@@ -150,67 +143,115 @@ def forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
-def _blocks(layer: QuantLinear) -> tuple[torch.Tensor, int]:
-    blocks = layer.int4_packed.view(-1, layer.in_features, BLOCK_N // 2)  # (N / 64, K, 32)
-    return blocks, max(1, PREFILL_BLOCK_ELEMENTS // (layer.in_features * BLOCK_N))
+def _nibble_slots(layout: str) -> tuple[slice, slice]:
+    """Where the low and the high nibbles of a block's 32 bytes land among its 64 columns."""
+    if layout == "split":
+        return slice(0, BLOCK_N // 2), slice(BLOCK_N // 2, BLOCK_N)
+    return slice(0, BLOCK_N, 2), slice(1, BLOCK_N, 2)
 
 
-def _prefill_exact(layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
-    """Exact fp32 ``(q - z) * s`` a few column blocks at a time, each multiplied with the fp32 GEMM."""
-    k, groups = layer.in_features, layer.int4_scales.shape[0]
-    blocks, per_step = _blocks(layer)
+def _dequantized_gemm(layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
+    """``flat @ W`` (``flat`` in bf16) with ``W`` dequantized a few 64-column blocks at a time, each block
+    multiplied by one 2-D bf16 GEMM (AMX / AVX-512-BF16 where the CPU has them).
+
+    The weights are the op's own ``(q - 8) * s + zero``, computed in fp32 and rounded once to bf16. The
+    dequantization is one fused loop compiled by ``torch.compile`` (:func:`_fused_dequantizer`); where
+    that cannot run (no C++ compiler, ``GPTQ_TOOLS_NO_COMPILE=1``) the eager form does the same work in
+    several passes (:func:`_eager_dequantized_gemm`).
+    """
+    dequantize = _fused_dequantizer()
+    if dequantize is None:
+        return _eager_dequantized_gemm(layer, flat)
+    k = layer.in_features
+    blocks = layer.int4_packed.view(-1, k, BLOCK_N // 2)  # (N / 64, K, 32)
+    per_step = max(1, PREFILL_BLOCK_ELEMENTS // (k * BLOCK_N))
+    split = packed_layout() == "split"
     out = torch.empty(flat.shape[0], blocks.shape[0] * BLOCK_N, dtype=torch.float32)
-    layout = packed_layout()
     for first in range(0, blocks.shape[0], per_step):
         last = min(first + per_step, blocks.shape[0])
         cols = slice(first * BLOCK_N, last * BLOCK_N)
-        count = last - first
-        values = _unpack_blocks(blocks[first:last], layout).to(torch.float32)  # (b, K, 64)
-        scales = layer.int4_scales[:, cols].to(torch.float32).reshape(groups, count, BLOCK_N).transpose(0, 1)
-        zeros = 8.0 if layer.int4_zeros is None else layer.int4_zeros[:, cols].to(torch.float32).reshape(
-            groups, count, BLOCK_N).transpose(0, 1)
-        shift = (zeros * scales).neg_()[:, :, None, :]  # (b, groups, 1, 64)
-        weight = torch.addcmul(shift, values.view(count, groups, k // groups, BLOCK_N), scales[:, :, None, :])
-        product = torch.matmul(flat, weight.reshape(count, k, BLOCK_N))  # (b, tokens, 64)
-        out[:, cols] = product.transpose(0, 1).reshape(flat.shape[0], count * BLOCK_N)
+        params = layer.int4_scales_and_zeros[:, cols].to(torch.float32)  # (groups, columns, 2)
+        try:
+            weight = dequantize(blocks[first:last], params[..., 0].contiguous(), params[..., 1].contiguous(), split)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: run eager from now on
+            _give_up_compiling(exc)
+            return _eager_dequantized_gemm(layer, flat)
+        out[:, cols] = flat @ weight
     return out[:, : layer.out_features]
 
 
-@functools.cache
-def _byte_table(layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(256, 2) bf16 table byte -> (low - 8, high - 8), and where each table column lands in a 64-block."""
-    codes = torch.arange(256)
-    table = torch.stack([(codes & 15) - 8, (codes >> 4) - 8], dim=-1).to(torch.bfloat16)
-    slot = torch.arange(BLOCK_N)
-    order = slot // 2 + (BLOCK_N // 2) * (slot % 2) if layout == "split" else slot
-    return table, order
+def _dequantize_blocks(blocks: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, split: bool) -> torch.Tensor:
+    """Packed blocks (b, K, 32) to the bf16 (K, b * 64) weight ``(q - 8) * scale + zero``, in fp32 and
+    rounded once; ``scales``/``zeros`` are fp32 (groups, b * 64)."""
+    count, k, _ = blocks.shape
+    groups = scales.shape[0]
+    packed = blocks.permute(1, 0, 2)
+    low = (packed & 15).to(torch.float32)
+    high = (packed >> 4).to(torch.float32)
+    values = torch.cat([low, high], dim=-1) if split else torch.stack([low, high], dim=-1).flatten(-2)
+    width = count * BLOCK_N
+    weight = (values.reshape(groups, k // groups, width) - 8.0) * scales[:, None, :] + zeros[:, None, :]
+    return weight.to(torch.bfloat16).reshape(k, width)
 
 
-def _prefill_bf16(layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
-    """bf16 ``(q - 8) * s + zero`` a few column blocks at a time (one table lookup, one multiply-add),
-    each multiplied with the bf16 GEMM (AMX/AVX-512-BF16 where the CPU has them)."""
+_FUSED: dict[str, object] = {}
+
+
+def _fused_dequantizer() -> Callable[..., torch.Tensor] | None:
+    """:func:`_dequantize_blocks` compiled by ``torch.compile`` (dynamic shapes: one compilation for every
+    layer), or None where compiling is off or has failed once in this process."""
+    if "failed" in _FUSED or constants.compile_disabled():
+        return None
+    if "compiled" not in _FUSED:
+        _FUSED["compiled"] = torch.compile(_dequantize_blocks, dynamic=True)
+    return _FUSED["compiled"]  # type: ignore[return-value]
+
+
+def _give_up_compiling(exc: BaseException) -> None:
+    _FUSED["failed"] = True
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    logger.warning("cpu-int4: torch.compile failed (%s: %s); prefill runs the eager dequantization, about 3x "
+                   "slower on that step (set GPTQ_TOOLS_NO_COMPILE=1 to skip trying)", type(exc).__name__,
+                   first_line)
+
+
+def _eager_dequantized_gemm(layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
+    """The eager form of :func:`_dequantized_gemm`: each nibble half of a step dequantized and multiplied by
+    one 2-D GEMM.
+
+    ``q - 8`` is exact in int8, from the bytes by a mask or an arithmetic shift (folding the 8 into a bf16
+    ``zero - 8 * s`` would round a term several times the weight). Each half is read from the packed bytes
+    into the contiguous (K, columns) operand of its GEMM, with no interleaving copy; only the
+    (tokens, columns) results are written interleaved.
+    """
     k = layer.in_features
-    sz = layer.int4_scales_and_zeros  # (op groups, N, 2) bf16
-    groups = sz.shape[0]
-    blocks, per_step = _blocks(layer)
-    table, order = _byte_table(packed_layout())
-    out = torch.empty(flat.shape[0], blocks.shape[0] * BLOCK_N, dtype=torch.float32)
+    blocks = layer.int4_packed.view(-1, k, BLOCK_N // 2)  # (N / 64, K, 32)
+    per_step = max(1, PREFILL_BLOCK_ELEMENTS // (k * BLOCK_N // 2))
+    groups = layer.int4_scales_and_zeros.shape[0]
+    slots = _nibble_slots(packed_layout())
+    out = torch.empty(flat.shape[0], blocks.shape[0], BLOCK_N, dtype=torch.float32)
     for first in range(0, blocks.shape[0], per_step):
         last = min(first + per_step, blocks.shape[0])
-        count = last - first
-        columns = (torch.arange(first, last)[:, None] * BLOCK_N + order).reshape(-1)  # in lookup order
-        values = torch.nn.functional.embedding(blocks[first:last].to(torch.int32), table)  # (b, K, 32, 2)
-        params = sz[:, columns].reshape(groups, count, BLOCK_N, 2).transpose(0, 1)  # (b, groups, 64, 2)
-        weight = torch.addcmul(params[:, :, None, :, 1], values.view(count, groups, k // groups, BLOCK_N),
-                               params[:, :, None, :, 0])
-        dense = weight.reshape(count, k, BLOCK_N).permute(1, 0, 2).reshape(k, count * BLOCK_N)  # one 2-D GEMM:
-        out[:, columns] = (flat @ dense).to(torch.float32)  # faster than a batched one of 64-column blocks
-    return out[:, : layer.out_features]
+        count, cols = last - first, slice(first * BLOCK_N, last * BLOCK_N)
+        params = layer.int4_scales_and_zeros[:, cols]  # (groups, columns, 2) bf16
+        scales = params[..., 0].reshape(groups, 1, count, BLOCK_N)
+        shift = params[..., 1].reshape(groups, 1, count, BLOCK_N)
+        packed = blocks[first:last].transpose(0, 1).contiguous()  # (K, b, 32) uint8
+        # the high nibble minus 8 is the arithmetic shift of the byte with its top bit flipped
+        halves = ((packed & 15).view(torch.int8).sub_(8), (packed ^ 0x80).view(torch.int8) >> 4)
+        width = count * BLOCK_N // 2
+        for slot, nibbles in zip(slots, halves):  # contiguous (groups, 1, width) parameters: a long inner loop
+            half_scales = scales[..., slot].reshape(groups, 1, width)
+            half_shift = shift[..., slot].reshape(groups, 1, width)
+            weight = torch.addcmul(half_shift, nibbles.view(groups, k // groups, width), half_scales)
+            out[:, first:last, slot] = (flat @ weight.view(k, width)).view(-1, count, BLOCK_N // 2)
+    return out.view(flat.shape[0], -1)[:, : layer.out_features]
 
 
 def workspace_bytes(in_features: int, out_features: int, dtype: torch.dtype) -> int:
-    """The prefill block: int32 indices, bf16 values, the dequantized block and its 2-D copy."""
-    return PREFILL_BLOCK_ELEMENTS * (2 + 2 + 2 + 2) + PREFILL_BLOCK_ELEMENTS // 2 * 4
+    """One prefill step at its largest: the fused path's bf16 operand (the eager path's two nibble halves and
+    bf16 operand take as much), and the fp32 parameters of the step."""
+    return PREFILL_BLOCK_ELEMENTS * (1 + 1 + 2) + PREFILL_BLOCK_ELEMENTS // max(in_features, 1) * 64 * 4
 
 
 register_kernel(QuantKernel(name=NAME, forward=forward, supports=lambda layer, device: unsupported(
