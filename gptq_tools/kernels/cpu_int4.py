@@ -172,7 +172,8 @@ def _dequantized_gemm(layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
         cols = slice(first * BLOCK_N, last * BLOCK_N)
         params = layer.int4_scales_and_zeros[:, cols].to(torch.float32)  # (groups, columns, 2)
         try:
-            weight = dequantize(blocks[first:last], params[..., 0].contiguous(), params[..., 1].contiguous(), split)
+            packed = blocks[first:last].transpose(0, 1).contiguous()  # (K, b, 32): a plain loop to compile
+            weight = dequantize(packed, params[..., 0].contiguous(), params[..., 1].contiguous(), split)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: run eager from now on
             _give_up_compiling(exc)
             return _eager_dequantized_gemm(layer, flat)
@@ -180,12 +181,11 @@ def _dequantized_gemm(layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
     return out[:, : layer.out_features]
 
 
-def _dequantize_blocks(blocks: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, split: bool) -> torch.Tensor:
-    """Packed blocks (b, K, 32) to the bf16 (K, b * 64) weight ``(q - 8) * scale + zero``, in fp32 and
+def _dequantize_blocks(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, split: bool) -> torch.Tensor:
+    """Packed bytes (K, b, 32) to the bf16 (K, b * 64) weight ``(q - 8) * scale + zero``, in fp32 and
     rounded once; ``scales``/``zeros`` are fp32 (groups, b * 64)."""
-    count, k, _ = blocks.shape
+    k, count, _ = packed.shape
     groups = scales.shape[0]
-    packed = blocks.permute(1, 0, 2)
     low = (packed & 15).to(torch.float32)
     high = (packed >> 4).to(torch.float32)
     values = torch.cat([low, high], dim=-1) if split else torch.stack([low, high], dim=-1).flatten(-2)
