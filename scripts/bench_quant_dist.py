@@ -7,7 +7,7 @@ the fraction of rank 0's time spent in collectives (waiting for the other rank i
 divergence from the fp16 model of both checkpoints with their ratio (goal: within 1.01x).
 
 Usage: python scripts/bench_quant_dist.py [--out bench-out/quant-dist] [--nsamples 64] [--arch opt bloom]
-       [--steps 800]
+       [--steps 800] [--synthetic HIDDEN LAYERS]
 Writes OUT/results.json and prints a table.
 """
 
@@ -105,23 +105,46 @@ def bench_arch(arch: str, root: Path, *, nsamples: int, steps: int) -> dict:
             "comm_fraction": two["comm_seconds"] / two["seconds"], "kl_ratio": two["kl"] / one["kl"]}
 
 
+def bench_synthetic(root: Path, *, hidden: int, layers: int, nsamples: int) -> dict:
+    """1 vs 2 ranks on a random-weight OPT of ``hidden`` x ``layers`` (``scripts/bench_quant_memory.py``'s
+    builder): timing only, since a random model's KL says nothing."""
+    from bench_quant_memory import build_model
+
+    model = build_model(root / f"synthetic-{hidden}x{layers}", layers=layers, hidden=hidden, nsamples=nsamples)
+    rows = {}
+    for world in (1, 2):
+        rows[world] = _run(world, model, root / f"out-synthetic-{world}", model / "calib.safetensors", nsamples, 128)
+        print(f"synthetic {hidden}x{layers}", rows[world], flush=True)
+    one, two = rows[1], rows[2]
+    return {"arch": f"opt {hidden}x{layers} (random)", "one": one, "two": two,
+            "speedup": one["seconds"] / two["seconds"], "comm_fraction": two["comm_seconds"] / two["seconds"]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-out" / "quant-dist")
     parser.add_argument("--nsamples", type=int, default=64)
-    parser.add_argument("--arch", nargs="+", default=["opt", "bloom"])
+    parser.add_argument("--arch", nargs="*", default=["opt", "bloom"], help="trained tiny models (none: --arch alone)")
     parser.add_argument("--steps", type=int, default=800, help="training steps of the tiny models (800: make "
                         "bench-quant's models)")
+    parser.add_argument("--synthetic", nargs=2, type=int, metavar=("HIDDEN", "LAYERS"),
+                        help="also time a random-weight OPT of this width and depth (e.g. 1024 8), where the work "
+                        "per layer is large enough for the ranks to matter")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     args.out.mkdir(parents=True, exist_ok=True)
     results = [bench_arch(arch, args.out, nsamples=args.nsamples, steps=args.steps) for arch in args.arch]
+    if args.synthetic:
+        results.append(bench_synthetic(args.out, hidden=args.synthetic[0], layers=args.synthetic[1],
+                                       nsamples=args.nsamples))
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"{'model':>6}  {'1 rank s':>9}  {'2 ranks s':>9}  {'speed-up':>8}  {'comm':>6}  {'KL 1 rank':>10}  "
           f"{'KL 2 ranks':>10}  {'KL ratio':>8}")
     for r in results:
+        quality = (f"  {r['one']['kl']:10.5f}  {r['two']['kl']:10.5f}  {r['kl_ratio']:7.4f}x" if "kl_ratio" in r
+                   else "  (random weights: timing only)")
         print(f"{r['arch']:>6}  {r['one']['seconds']:9.1f}  {r['two']['seconds']:9.1f}  {r['speedup']:7.2f}x  "
-              f"{r['comm_fraction']:6.1%}  {r['one']['kl']:10.5f}  {r['two']['kl']:10.5f}  {r['kl_ratio']:7.4f}x")
+              f"{r['comm_fraction']:6.1%}{quality}")
     return 0
 
 
