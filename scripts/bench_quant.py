@@ -153,7 +153,8 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
-    gptqmodel = None if args.no_gptqmodel else args.gptqmodel
+    # absolute, not resolved: GPTQModel runs with another working folder, and a venv's python is a symlink
+    gptqmodel = None if args.no_gptqmodel or args.gptqmodel is None else args.gptqmodel.absolute()
     results = [bench_arch(arch, args.out, nsamples=args.nsamples, gptqmodel=gptqmodel) for arch in args.arch]
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(_table(results))
