@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,13 +80,14 @@ def _gptqmodel(python: Path, model: Path, out: Path, calib: Path, config: Quanti
     return float(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
 
 
-def bench_arch(arch: str, root: Path, *, nsamples: int, gptqmodel: Path | None) -> dict:
+def evaluation_setup(model: Path, calib: Path, *, nsamples: int) -> Callable[[Path], dict[str, float]]:
+    """Write ``nsamples`` calibration windows of the model's ``train.txt`` to ``calib`` (the same ones for
+    every run), and return how a checkpoint is scored: its perplexity on ``eval.txt`` and the mean KL of its
+    next-token distribution from ``model``'s."""
     from transformers import AutoTokenizer
 
-    model = _model(arch, root)
     tokenizer = AutoTokenizer.from_pretrained(model)
     ids = load_calibration(model / "train.txt", tokenizer, nsamples=nsamples, seqlen=SEQLEN)
-    calib = root / f"calib-{arch}.safetensors"
     save_file({"input_ids": ids.contiguous()}, str(calib))
     eval_ids = torch.tensor(tokenizer((model / "eval.txt").read_text())["input_ids"], dtype=torch.long)
     reference = log_probs(load_for_eval(model), eval_ids, seqlen=SEQLEN)
@@ -93,6 +95,14 @@ def bench_arch(arch: str, root: Path, *, nsamples: int, gptqmodel: Path | None) 
     def quality(folder: Path) -> dict[str, float]:
         ppl, kl = compare_to_reference(load_for_eval(folder), eval_ids, reference, seqlen=SEQLEN)
         return {"ppl": ppl, "kl": kl}
+
+    return quality
+
+
+def bench_arch(arch: str, root: Path, *, nsamples: int, gptqmodel: Path | None) -> dict:
+    model = _model(arch, root)
+    calib = root / f"calib-{arch}.safetensors"
+    quality = evaluation_setup(model, calib, nsamples=nsamples)
 
     rows = [{"method": "fp16", **quality(model)}]
     out = root / f"out-{arch}"

@@ -78,27 +78,16 @@ def _trained_model(arch: str, root: Path, steps: int) -> Path:
 
 
 def bench_arch(arch: str, root: Path, *, nsamples: int, steps: int) -> dict:
-    import torch
-    from bench_quant import SEQLEN
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer
-
-    from gptq_tools.quant.calibration import load_calibration
-    from gptq_tools.quant.evaluate import compare_to_reference, load_for_eval, log_probs
+    from bench_quant import SEQLEN, evaluation_setup
 
     model = _trained_model(arch, root, steps)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    ids = load_calibration(model / "train.txt", tokenizer, nsamples=nsamples, seqlen=SEQLEN)
     calib = root / f"calib-{arch}.safetensors"
-    save_file({"input_ids": ids.contiguous()}, str(calib))
-    eval_ids = torch.tensor(tokenizer((model / "eval.txt").read_text())["input_ids"], dtype=torch.long)
-    reference = log_probs(load_for_eval(model), eval_ids, seqlen=SEQLEN)
+    quality = evaluation_setup(model, calib, nsamples=nsamples)
     rows = {}
     for world in (1, 2):
         out = root / f"out-{arch}-{world}"
         rows[world] = _run(world, model, out, calib, nsamples, SEQLEN)
-        rows[world]["ppl"], rows[world]["kl"] = compare_to_reference(load_for_eval(out), eval_ids, reference,
-                                                                     seqlen=SEQLEN)
+        rows[world].update(quality(out))
         print(arch, rows[world], flush=True)
     one, two = rows[1], rows[2]
     return {"arch": arch, "one": one, "two": two, "speedup": one["seconds"] / two["seconds"],
