@@ -1,8 +1,9 @@
-"""Helpers the kernels share: group mapping, column chunks, releasing the checkpoint buffers."""
+"""Helpers the kernels share: group mapping, integer column chunks, releasing the checkpoint buffers."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -46,9 +47,16 @@ def op_group_params(layer: QuantLinear, op_group: int, start: int, stop: int) ->
     return zeros[groups], scales[groups]
 
 
-def column_step(in_features: int, multiple: int) -> int:
-    """Outputs converted per repack step: a multiple of ``multiple`` near DEQUANT_CHUNK_ELEMENTS weights."""
-    return max(multiple, DEQUANT_CHUNK_ELEMENTS // max(in_features, 1) // multiple * multiple)
+def integer_column_chunks(layer: QuantLinear, multiple: int) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """``(start, stop, intweight, zeros)`` for outputs ``[start, stop)``, in chunks of about
+    DEQUANT_CHUNK_ELEMENTS weights whose width is a multiple of ``multiple`` (but for the last): repacking a
+    layer this way holds one chunk's integers at a time, never the whole unpacked weight."""
+    n, k = layer.out_features, layer.in_features
+    step = max(multiple, DEQUANT_CHUNK_ELEMENTS // max(k, 1) // multiple * multiple)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        intweight, zeros = layer.integer_columns(start, stop)  # (in, c), (groups, c)
+        yield start, stop, intweight, zeros
 
 
 def release_checkpoint_buffers(layer: QuantLinear) -> None:

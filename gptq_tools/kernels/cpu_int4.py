@@ -31,7 +31,7 @@ import torch
 
 from .. import constants
 from ..qlinear import QuantKernel, QuantLinear, register_kernel
-from ._common import column_step, permuted_input, release_checkpoint_buffers, uniform_group_size
+from ._common import integer_column_chunks, permuted_input, release_checkpoint_buffers, uniform_group_size
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +107,8 @@ def prepare(layer: QuantLinear) -> None:
     packed = torch.empty(padded_n, k // 2, dtype=torch.uint8)
     scales_and_zeros = torch.zeros(k // op_group, padded_n, 2, dtype=torch.bfloat16)
     offset = 8 - 2 ** (layer.bits - 1)  # 2-bit values 0..3 become 6..9: centred on the op's 8
-    step = column_step(k, BLOCK_N)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        intweight, _ = layer.integer_columns(start, stop)  # (in, c)
-        padded_stop = min(start + step, padded_n)
+    for start, stop, intweight, _ in integer_column_chunks(layer, BLOCK_N):  # (in, c)
+        padded_stop = padded_n if stop == n else stop  # chunks are whole 64-column blocks but for the last
         values = torch.full((padded_stop - start, k), 8, dtype=torch.int32)
         values[: stop - start] = intweight.t() + offset
         packed[start:padded_stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 2)

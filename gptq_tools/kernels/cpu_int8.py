@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..qlinear import QuantKernel, QuantLinear, register_kernel
-from ._common import column_step, permuted_input, release_checkpoint_buffers
+from ._common import integer_column_chunks, permuted_input, release_checkpoint_buffers
 
 NAME = "cpu-int8"
 
@@ -38,10 +38,7 @@ def prepare(layer: QuantLinear) -> None:
     n, k = layer.out_features, layer.in_features
     weight = torch.empty(n, k, dtype=torch.int8)
     offsets = torch.empty(n, dtype=torch.float32)
-    step = column_step(k, 32)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        intweight, zeros = layer.integer_columns(start, stop)  # (in, c), (1, c)
+    for start, stop, intweight, zeros in integer_column_chunks(layer, 32):  # (in, c), (1, c)
         weight[start:stop] = (intweight.t() - 128).to(torch.int8)
         offsets[start:stop] = (128 - zeros[0]).to(torch.float32)
     scales = layer.scales[0].to(torch.float32)

@@ -12,7 +12,7 @@ import torch
 
 from ..qlinear import QuantKernel, QuantLinear, register_kernel
 from ._common import (
-    column_step,
+    integer_column_chunks,
     op_group_params,
     permuted_input,
     release_checkpoint_buffers,
@@ -49,10 +49,7 @@ def prepare(layer: QuantLinear) -> None:
     n, k = layer.out_features, layer.in_features
     device = layer.qweight.device
     parts, scales_and_zeros = [], torch.empty(k // op_group, n, 2, dtype=torch.bfloat16, device=device)
-    step = column_step(k, 64)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        intweight, _ = layer.integer_columns(start, stop)  # (in, c)
+    for start, stop, intweight, _ in integer_column_chunks(layer, 64):  # (in, c)
         values = intweight.t().to(torch.uint8)  # (c, in)
         pairs = (values[:, 0::2] << 4 | values[:, 1::2]).contiguous()  # (c, in / 2): high nibble first
         parts.append(torch.ops.aten._convert_weight_to_int4pack(pairs, INNER_K_TILES))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..qlinear import QuantKernel, QuantLinear, register_kernel
-from ._common import column_step, permuted_input, release_checkpoint_buffers
+from ._common import integer_column_chunks, permuted_input, release_checkpoint_buffers
 
 NAME = "unpacked"
 #: Weights dequantized at once per call (bounds the workspace: 4 bytes each plus the uint8 source).
@@ -32,10 +32,7 @@ def prepare(layer: QuantLinear) -> None:
     device = layer.qweight.device
     values = torch.empty(k, n, dtype=torch.uint8, device=device)
     zeros = torch.empty(layer.num_groups, n, dtype=torch.float32, device=device)
-    step = column_step(k, 32)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        intweight, group_zeros = layer.integer_columns(start, stop)
+    for start, stop, intweight, group_zeros in integer_column_chunks(layer, 32):
         values[:, start:stop] = intweight.to(torch.uint8)
         zeros[:, start:stop] = group_zeros.to(torch.float32)
     scales = layer.scales.to(torch.float32)
