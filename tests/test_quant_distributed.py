@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import socket
 import subprocess
@@ -174,3 +175,36 @@ def test_rank0_refusal_reaches_every_rank(tiny_opt: Path, tmp_path: Path) -> Non
             "empty") in results[1].stderr
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert not list(tmp_path.glob(".out*"))
+
+
+_STOP_PROBE = """
+import os, sys
+from pathlib import Path
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from gptq_tools.quant import distributed
+
+run, _ = distributed.start(torch.device("cpu"))
+AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1]))  # imports torch.distributed.nn
+distributed.broadcast_object(run, "ready", what="a probe")
+distributed.stop(run)
+print(sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to list threads")
+def test_stop_ends_gloo_threads_after_building_a_model(tiny_opt: Path) -> None:
+    # A process group kept alive past stop() leaves gloo workers running into interpreter shutdown, where
+    # one releasing a finished collective aborts the process (exit -6 instead of the command's status).
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _STOP_PROBE, str(tiny_opt)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "RANK": str(rank), "WORLD_SIZE": "2",
+                                   "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   "OMP_NUM_THREADS": "1"})
+             for rank in range(2)]
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr
+        threads = ast.literal_eval(stdout.strip().splitlines()[-1])
+        assert not [name for name in threads if "gloo" in name or "tcpstore" in name], threads

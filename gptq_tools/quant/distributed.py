@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -86,6 +87,12 @@ def start(device: torch.device) -> tuple[DistributedRun | None, torch.device]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=dist_timeout_s())
     if not dist.is_initialized():
+        # torch.distributed.nn binds group.WORLD as a default argument when first imported, and transformers
+        # imports it while building a model. Imported after init_process_group, it would keep the process
+        # group (and gloo's worker threads) alive past destroy_process_group, until interpreter shutdown,
+        # where a worker still releasing a finished collective aborts the process (SIGABRT, exit -6).
+        importlib.import_module("torch.distributed.nn")
+
         try:
             kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
             dist.init_process_group(backend, rank=env["rank"], world_size=env["world_size"], timeout=timeout,
