@@ -64,6 +64,21 @@ def compile_disabled() -> bool:
     return bool(_env_flag("GPTQ_TOOLS_NO_COMPILE"))
 
 
+def native_disabled() -> bool:
+    """Whether kernels built from C at run time are off (``GPTQ_TOOLS_NO_NATIVE=1``: auto skips them)."""
+    return bool(_env_flag("GPTQ_TOOLS_NO_NATIVE"))
+
+
+def native_cache_dir() -> Path:
+    """Where compiled kernels are kept: ``GPTQ_TOOLS_CACHE_DIR``, else ``$XDG_CACHE_HOME/gptq-tools``,
+    else ``~/.cache/gptq-tools`` (a ``native/`` folder inside)."""
+    override = os.environ.get("GPTQ_TOOLS_CACHE_DIR")
+    if override:
+        return Path(override) / "native"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gptq-tools" / "native"
+
+
 def triton_interpret() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``; correctness tests only)."""
     return bool(_env_flag("TRITON_INTERPRET"))
