@@ -200,7 +200,7 @@ def cpu_prefill(rows: list[dict], shapes: list[tuple[int, int]], repeats: int) -
         layer = random_layer(4, 128, 7168, 7168, act_order=True)
         layer.kernel = cpu_int4_avx512.NAME
         layer.select_kernel("cpu")
-        for tokens in (32, 64, 128, 160, 192, 256):  # its row-blocked matmul vs its fp32 dequantize+GEMM path
+        for tokens in (32, 64, 128, 192, 256, 512):  # its row-blocked matmul vs its fp32 dequantize+GEMM path
             flat = torch.randn(tokens, 7168)
             blocked = median_seconds(cpu_int4_avx512._gemm, library, layer, flat, repeats=repeats)
             dequant = median_seconds(cpu_int4_avx512._dequantized_gemm, library, layer, flat, repeats=repeats)

@@ -99,11 +99,13 @@ def planning_workspace(layer: QuantLinear, kernel: str, device_type: str = "cuda
 
 
 def _planning_reason(name: str, layer: QuantLinear, device: torch.device) -> str | None:
-    """Like :func:`_reason`, without asking CUDA about a device this machine may not have."""
+    """Like :func:`_reason`, without asking CUDA about a device this machine may not have (nor building a kernel)."""
     if name == cuda_int4.NAME:
         return None if layer.bits in (2, 3, 4) else "bits"
     if name == triton_gptq.NAME:
         return None if layer.bits in (2, 4, 8) and triton_gptq._triton_importable() else "unavailable"
+    if name == cpu_int4_avx512.NAME:  # planning never runs the compiler: the CPU decides
+        return cpu_int4_avx512._cpu_reason() if layer.bits in (2, 3, 4) else "bits"
     return get_kernel(name).why_not(layer, device)
 
 

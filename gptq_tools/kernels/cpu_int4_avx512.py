@@ -10,7 +10,8 @@ with AVX-512 intrinsics (``csrc/int4_avx512.c``, built once by :mod:`._native`):
   round them) and zero points in uint8, so a weight is ``(q - z) * s`` in fp32: bit for bit the
   dequantized reference's weight;
 * few tokens (decode): per group, ``sum x * (q - z)`` in fp32 FMAs, then times ``s``, four rows
-  of the input at a time over each block of weights, the output columns split across threads;
+  (eight, then four) rows of the input at a time over each block of weights, the column blocks split across
+  PyTorch's own OpenMP threads;
 * many tokens (prefill, from :data:`PREFILL_TOKENS`): a block of columns dequantized to fp32 at a time
   and multiplied by PyTorch's fp32 GEMM;
 * groups: any size that tiles every quantization group (act-order rows already sorted by
@@ -24,9 +25,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import math
 import platform
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -35,22 +36,25 @@ from ..qlinear import QuantKernel, QuantLinear, register_kernel
 from . import _native
 from ._common import group_bounds, integer_column_chunks, op_group_params, permuted_input, release_checkpoint_buffers
 
+logger = logging.getLogger(__name__)
+
 NAME = "cpu-int4-avx512"
 SOURCE = "int4_avx512.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx2", "-mfma", "-mf16c", "-std=c99")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx2", "-mfma", "-mf16c", "-std=c99", "-fopenmp")
+#: Without OpenMP (a compiler that has no -fopenmp): the same loops on one thread.
+SERIAL_FLAGS = tuple(flag for flag in FLAGS if flag != "-fopenmp")
 #: Output columns per block of the packed layout.
 BLOCK_N = 64
 #: From this many tokens per call, blocks are dequantized for the fp32 GEMM instead
-#: (``scripts/bench_kernels.py`` "avx512 prefill threshold" rows).
-PREFILL_TOKENS = 160
+#: (``scripts/bench_kernels.py``, "prefill threshold ... (avx512 matmul)" rows: they cross between 128 and 256).
+PREFILL_TOKENS = 192
 #: Weights dequantized at once on the prefill path (bounds its workspace: 4 bytes each).
-PREFILL_BLOCK_ELEMENTS = 1 << 22
+PREFILL_BLOCK_ELEMENTS = 1 << 23
 #: Smallest group (rows) the kernel takes: smaller ones would make the scales outweigh the weights.
 MIN_GROUP_ROWS = 16
-#: Below this many weights (times tokens) one thread does the whole call: handing work to a second thread costs
-#: more than it saves there, the more so in a model, where PyTorch's OpenMP workers spin between ops (OPT-1.3B
-#: decode: 125 ms a token single-threaded, 140 ms with its 2048x8192 layers split; ``make bench-kernels``).
-THREAD_MIN_ELEMENTS = 1 << 25
+#: Below this many weights (times tokens) one thread does the whole call: waking the others costs more than
+#: they save there.
+THREAD_MIN_ELEMENTS = 1 << 21
 
 
 def _cpu_reason() -> str | None:
@@ -76,10 +80,14 @@ def library() -> ctypes.CDLL | str:
 def _load() -> ctypes.CDLL | str:
     lib = _native.load(SOURCE, FLAGS)
     if isinstance(lib, str):
-        return lib
-    lib.gptq_int4_gemm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7
+        serial = _native.load(SOURCE, SERIAL_FLAGS)
+        if isinstance(serial, str):
+            return lib
+        logger.warning("cpu-int4-avx512: built without OpenMP (%s); it runs on one thread", lib)
+        lib = serial
+    lib.gptq_int4_gemm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8
     lib.gptq_int4_gemm.restype = None
-    lib.gptq_int4_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 7
+    lib.gptq_int4_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 8
     lib.gptq_int4_dequantize.restype = None
     return lib
 
@@ -156,16 +164,17 @@ def _args(layer: QuantLinear) -> tuple[int, int, int, int, int]:
             layer.avx512_scales.shape[1], int(layer.avx512_scales.dtype == torch.float32))
 
 
+def _threads(elements: int) -> int:
+    """OpenMP threads for a call over ``elements`` weights x tokens: PyTorch's count, one for small calls."""
+    return torch.get_num_threads() if elements >= THREAD_MIN_ELEMENTS else 1
+
+
 def _gemm(lib: ctypes.CDLL, layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
     packed, scales, zeros, n, scales_f32 = _args(layer)
     k, rows, m = layer.in_features, layer.avx512_group_rows, flat.shape[0]
     out = torch.empty(m, n, dtype=torch.float32)
-
-    def run(first: int, last: int) -> None:
-        lib.gptq_int4_gemm(packed, scales, zeros, flat.data_ptr(), out.data_ptr(), m, n, k, rows, first, last,
-                           scales_f32)
-
-    _split(run, n // BLOCK_N, k * n * m)
+    lib.gptq_int4_gemm(packed, scales, zeros, flat.data_ptr(), out.data_ptr(), m, n, k, rows, 0, n // BLOCK_N,
+                       scales_f32, _threads(k * n * m))
     return out
 
 
@@ -179,34 +188,10 @@ def _dequantized_gemm(lib: ctypes.CDLL, layer: QuantLinear, flat: torch.Tensor) 
         last = min(first + per_step, n // BLOCK_N)
         width = (last - first) * BLOCK_N
         weight = buffer[: k * width].view(k, width)
-
-        def run(lo: int, hi: int, first: int = first, width: int = width, weight: torch.Tensor = weight) -> None:
-            target = weight.data_ptr() + lo * BLOCK_N * weight.element_size()  # this thread's columns
-            lib.gptq_int4_dequantize(packed, scales, zeros, target, n, k, rows, first + lo, first + hi, width,
-                                     scales_f32)
-
-        _split(run, last - first, k * width)
+        lib.gptq_int4_dequantize(packed, scales, zeros, weight.data_ptr(), n, k, rows, first, last, width, scales_f32,
+                                 _threads(k * width))
         out[:, first * BLOCK_N: last * BLOCK_N] = flat @ weight
     return out
-
-
-@functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gptq-avx512")
-
-
-def _split(run, blocks: int, elements: int) -> None:  # noqa: ANN001 - run(first_block, last_block)
-    """Run ``run`` over the column blocks, split evenly across ``torch.get_num_threads()`` threads (this
-    one included); one thread for small calls. ctypes releases the GIL for the duration of each call."""
-    threads = min(torch.get_num_threads(), blocks) if elements >= THREAD_MIN_ELEMENTS else 1
-    if threads <= 1:
-        run(0, blocks)
-        return
-    bounds = [blocks * i // threads for i in range(threads + 1)]
-    futures = [_pool(threads - 1).submit(run, bounds[i], bounds[i + 1]) for i in range(1, threads)]
-    run(bounds[0], bounds[1])
-    for future in futures:
-        future.result()
 
 
 def workspace_bytes(in_features: int, out_features: int, dtype: torch.dtype) -> int:
