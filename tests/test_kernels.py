@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,27 @@ def test_native_build_failure_is_the_reason_and_auto_moves_on(fresh_native: Path
                             128, checkpoint_format="gptq", kernel="auto")
         assert layer.select_kernel("cpu") == "cpu-int4"
         assert layer.kernel_skipped["cpu-int4-avx512"] == reason
+
+
+@needs_avx512
+def test_avx512_without_openmp_runs_on_one_thread(fresh_native: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    real = shutil.which("cc") or shutil.which("gcc")
+    compiler = tmp_path / "cc-without-openmp"
+    refuse = '{ echo "unsupported option -fopenmp" >&2; exit 1; }'
+    compiler.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {refuse}; done\nexec {real} "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    with caplog.at_level("WARNING", logger="gptq_tools"):
+        assert not isinstance(cpu_int4_avx512.library(), str)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cpu-int4-avx512: built without OpenMP ({compiler} could not build int4_avx512.c: unsupported option "
+        "-fopenmp); it runs on one thread"]
+    monkeypatch.setattr(cpu_int4_avx512, "THREAD_MIN_ELEMENTS", 0)
+    tensors = random_layer_tensors(4, 32, act_order=True, checkpoint_format="gptq", sym=False)
+    layer = quant_layer(tensors, 4, 32, checkpoint_format="gptq", kernel="cpu-int4-avx512", dtype=torch.float32)
+    x = torch.randn(5, IN_FEATURES, generator=torch.Generator().manual_seed(7))
+    assert relative_error(layer(x), reference_output(tensors, x, bits=4, checkpoint_format="gptq")) <= EXACT_TOLERANCE
 
 
 def test_native_without_a_compiler_says_so(fresh_native: Path, monkeypatch: pytest.MonkeyPatch) -> None:

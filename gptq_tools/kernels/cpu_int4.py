@@ -14,8 +14,9 @@ scales and zeros. A GPTQ layer maps onto it exactly:
 The weights are repacked once at load (``_convert_weight_to_int4pack_for_cpu``) and the checkpoint buffers
 dropped: no dequantized copy is kept. The op's fp32 and fp16 paths are several times slower than an fp32
 ``nn.Linear`` on x86 (measured: ``scripts/bench_kernels.py``), so the kernel computes in bf16 for every
-input dtype: its results carry bf16 rounding (2**-9 relative) rather than fp16's; ``kernel="torch"`` is
-the exact one. The op's cost grows with every token while dequantizing a weight block costs the same for
+input dtype: its results carry bf16 rounding (2**-9 relative) rather than fp16's. Where the CPU has
+AVX-512, ``kernel="auto"`` takes :mod:`.cpu_int4_avx512` (fp32, exact) first; ``kernel="torch"`` is exact
+everywhere. The op's cost grows with every token while dequantizing a weight block costs the same for
 any count, so from :data:`PREFILL_TOKENS` tokens on (prefill) blocks are dequantized instead, with the
 op's own arithmetic (one fused loop compiled by ``torch.compile``, eager passes where it cannot compile),
 for the bf16 GEMM (AMX / AVX-512-BF16 where the CPU has them).
