@@ -4,7 +4,8 @@
 ``scales``, ``g_idx``, optional ``bias`` buffers; v1 ``"gptq"`` or v2 ``"gptq_v2"`` zero points; 2, 3, 4
 or 8 bits; any group size). Its forward pass is delegated to a *kernel* picked by name from a registry;
 the built-in kernels live in :mod:`gptq_tools.kernels` (one module each: the pure-PyTorch reference
-``"torch"``, PyTorch's CPU int4/int8 matmuls, a Triton kernel, PyTorch's CUDA int4 kernel), and
+``"torch"``, our AVX-512 int4 kernel, PyTorch's CPU int4/int8 matmuls, a Triton kernel, PyTorch's CUDA
+int4 kernel), and
 ``kernel="auto"`` picks the fastest that supports a layer on its device. Others register themselves
 with :func:`register_kernel`.
 
