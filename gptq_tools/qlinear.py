@@ -5,9 +5,8 @@
 or 8 bits; any group size). Its forward pass is delegated to a *kernel* picked by name from a registry;
 the built-in kernels live in :mod:`gptq_tools.kernels` (one module each: the pure-PyTorch reference
 ``"torch"``, our AVX-512 int4 kernel, PyTorch's CPU int4/int8 matmuls, a Triton kernel, PyTorch's CUDA
-int4 kernel), and
-``kernel="auto"`` picks the fastest that supports a layer on its device. Others register themselves
-with :func:`register_kernel`.
+int4 kernel), and ``kernel="auto"`` picks the fastest that supports a layer on its device. Others register
+themselves with :func:`register_kernel`.
 
 Act-order (``desc_act``) checkpoints have a non-monotonic ``g_idx``: input column ``i`` belongs to group
 ``g_idx[i]`` in no particular order. :meth:`QuantLinear.prepare` sorts the rows by group once at load
