@@ -66,6 +66,13 @@ def release_checkpoint_buffers(layer: QuantLinear) -> None:
     layer.scales = None
 
 
+def require_cpu_input(layer: QuantLinear, x: torch.Tensor, kernel: str) -> None:
+    """A kernel that repacked ``layer`` for the CPU refuses input on another device, saying what to do."""
+    if x.device.type != "cpu":
+        raise RuntimeError(f"{layer.name or 'QuantLinear'}: kernel {kernel!r} repacked this layer for the CPU; "
+                           f"it got input on {x.device} (load the model again for that device)")
+
+
 def permuted_input(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """``x`` as (tokens, in) with act-order columns in the sorted row order."""
     flat = x.reshape(-1, layer.in_features)

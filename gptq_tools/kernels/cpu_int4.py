@@ -32,7 +32,13 @@ import torch
 
 from .. import constants
 from ..qlinear import QuantKernel, QuantLinear, register_kernel
-from ._common import integer_column_chunks, permuted_input, release_checkpoint_buffers, uniform_group_size
+from ._common import (
+    integer_column_chunks,
+    permuted_input,
+    release_checkpoint_buffers,
+    require_cpu_input,
+    uniform_group_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +131,7 @@ def prepare(layer: QuantLinear) -> None:
 
 def forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """bf16 int4 matmul for few tokens; for many, blockwise dequantization plus GEMM (see module docs)."""
-    if x.device.type != "cpu":
-        raise RuntimeError(f"{layer.name or 'QuantLinear'}: kernel 'cpu-int4' repacked this layer for the CPU; "
-                           f"it got input on {x.device} (load the model again for that device)")
+    require_cpu_input(layer, x, NAME)
     flat = permuted_input(layer, x)  # (tokens, in)
     tokens = flat.shape[0]
     if tokens >= PREFILL_TOKENS:

@@ -34,7 +34,14 @@ import torch
 from .. import constants
 from ..qlinear import QuantKernel, QuantLinear, register_kernel
 from . import _native
-from ._common import group_bounds, integer_column_chunks, op_group_params, permuted_input, release_checkpoint_buffers
+from ._common import (
+    group_bounds,
+    integer_column_chunks,
+    op_group_params,
+    permuted_input,
+    release_checkpoint_buffers,
+    require_cpu_input,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,9 +149,7 @@ def prepare(layer: QuantLinear) -> None:
 
 def forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """fp32 ``x @ W`` from the packed weights (see the module docs for the two paths)."""
-    if x.device.type != "cpu":
-        raise RuntimeError(f"{layer.name or 'QuantLinear'}: kernel {NAME!r} packed this layer for the CPU; it got "
-                           f"input on {x.device} (load the model again for that device)")
+    require_cpu_input(layer, x, NAME)
     lib = library()
     if isinstance(lib, str):
         raise RuntimeError(f"{layer.name or 'QuantLinear'}: kernel {NAME!r} is unavailable: {lib}")

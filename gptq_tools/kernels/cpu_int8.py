@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..qlinear import QuantKernel, QuantLinear, register_kernel
-from ._common import integer_column_chunks, permuted_input, release_checkpoint_buffers
+from ._common import integer_column_chunks, permuted_input, release_checkpoint_buffers, require_cpu_input
 
 NAME = "cpu-int8"
 
@@ -51,9 +51,7 @@ def prepare(layer: QuantLinear) -> None:
 
 def forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """``s * (x @ (q - 128)) + sum(x) * (128 - z) * s`` (+ bias)."""
-    if x.device.type != "cpu":
-        raise RuntimeError(f"{layer.name or 'QuantLinear'}: kernel 'cpu-int8' repacked this layer for the CPU; "
-                           f"it got input on {x.device} (load the model again for that device)")
+    require_cpu_input(layer, x, NAME)
     flat = permuted_input(layer, x)
     product = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), layer.int8_weight, layer.int8_unit_scales)
     out = product.to(torch.float32) * layer.int8_scales
