@@ -206,7 +206,19 @@ def test_avx512_keeps_scales_fp16_would_round_in_fp32() -> None:
     layer.prepare()
     x = torch.randn(3, IN_FEATURES, generator=torch.Generator().manual_seed(5))
     error = relative_error(layer(x), reference_output(tensors, x, bits=4, checkpoint_format="gptq"))
-    assert layer.avx512_scales.dtype == torch.float32 and error <= EXACT_TOLERANCE
+    assert layer.avx512_scales.dtype == torch.int32 and error <= EXACT_TOLERANCE  # fp32 bits
+
+
+@needs_avx512
+def test_avx512_survives_module_dtype_casts() -> None:
+    """``model.to(dtype)`` recasts float buffers; the kernel holds its scales as bits, so nothing changes."""
+    tensors = random_layer_tensors(4, 32, act_order=True, checkpoint_format="gptq", sym=False)
+    layer = quant_layer(tensors, 4, 32, checkpoint_format="gptq", kernel="cpu-int4-avx512", bias=False,
+                        dtype=torch.float32)
+    x = torch.randn(2, IN_FEATURES, generator=torch.Generator().manual_seed(8))
+    before = layer(x)
+    layer.to(torch.bfloat16)
+    assert torch.equal(layer(x), before)
 
 
 @needs_avx512

@@ -142,7 +142,9 @@ def prepare(layer: QuantLinear) -> None:
         zeros[:, start:stop] = (group_zeros + offset).to(torch.uint8)
     release_checkpoint_buffers(layer)
     layer.register_buffer("avx512_packed", packed, persistent=False)
-    layer.register_buffer("avx512_scales", scales, persistent=False)
+    # held as their bits (int16 / int32), so that ``model.to(dtype)`` cannot recast them under the kernel
+    layer.register_buffer("avx512_scales", scales.view(torch.int16 if exact_in_fp16 else torch.int32),
+                          persistent=False)
     layer.register_buffer("avx512_zeros", zeros, persistent=False)
     layer.avx512_group_rows = rows
 
@@ -166,7 +168,7 @@ def forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 def _args(layer: QuantLinear) -> tuple[int, int, int, int, int]:
     return (layer.avx512_packed.data_ptr(), layer.avx512_scales.data_ptr(), layer.avx512_zeros.data_ptr(),
-            layer.avx512_scales.shape[1], int(layer.avx512_scales.dtype == torch.float32))
+            layer.avx512_scales.shape[1], int(layer.avx512_scales.dtype == torch.int32))
 
 
 def _threads(elements: int) -> int:
