@@ -77,4 +77,4 @@ def _build(compiler: str, source: Path, flags: tuple[str, ...], library: Path) -
 
 
 class _BuildFailed(Exception):
-    pass
+    """The compiler refused the source (raised inside ``atomic_path`` so that nothing is published)."""

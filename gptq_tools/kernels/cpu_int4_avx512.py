@@ -152,7 +152,7 @@ def prepare(layer: QuantLinear) -> None:
 def forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """fp32 ``x @ W`` from the packed weights (see the module docs for the two paths)."""
     require_cpu_input(layer, x, NAME)
-    lib = library()
+    lib = _load()  # built when the layer was chosen (library()); cached, so no checks on this hot path
     if isinstance(lib, str):
         raise RuntimeError(f"{layer.name or 'QuantLinear'}: kernel {NAME!r} is unavailable: {lib}")
     flat = permuted_input(layer, x).to(torch.float32).contiguous()  # (tokens, in)
