@@ -3,8 +3,8 @@
 Every kernel registers itself through :func:`gptq_tools.qlinear.register_kernel`:
 
 * ``torch`` (:mod:`.reference`): dequantize a block per call and multiply; runs anywhere, the reference;
-* ``cpu-int4-avx512`` (:mod:`.cpu_int4_avx512`): our AVX-512 int4 kernel for 2/3/4-bit layers, exact in fp32
-  (built from C at first use);
+* ``cpu-int4-avx512``, ``cpu-int4-avx2``, ``cpu-int4-portable`` (:mod:`.cpu_int4_native`): our int4 kernel
+  for 2/3/4-bit layers, exact in fp32, three builds of one C source (built at first use) for what the CPU has;
 * ``cpu-int4`` (:mod:`.cpu_int4`): PyTorch's CPU int4 matmul for 2/3/4-bit layers (bf16);
 * ``cpu-int8`` (:mod:`.cpu_int8`): PyTorch's per-channel int8 matmul for ungrouped 8-bit layers;
 * ``unpacked`` (:mod:`.unpacked`): 8-bit values held as uint8, for the 8-bit layers the others refuse;
@@ -25,12 +25,12 @@ import torch
 
 from ..errors import UsageError
 from ..qlinear import AUTO_KERNEL, QuantLinear, get_kernel
-from . import cpu_int4, cpu_int4_avx512, cpu_int8, cuda_int4, reference, triton_gptq, unpacked
+from . import cpu_int4, cpu_int4_native, cpu_int8, cuda_int4, reference, triton_gptq, unpacked
 
 #: Kernels ``"auto"`` tries, fastest first, per device type (the CPU order is measured by
 #: ``scripts/bench_kernels.py``; on CUDA the Triton kernel keeps fp16 activations, tinygemm needs bf16).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cpu": (cpu_int4_avx512.NAME, cpu_int4.NAME, cpu_int8.NAME, unpacked.NAME, reference.NAME),
+    "cpu": (*cpu_int4_native.NAMES, cpu_int4.NAME, cpu_int8.NAME, unpacked.NAME, reference.NAME),
     "cuda": (triton_gptq.NAME, cuda_int4.NAME, reference.NAME),
 }
 
@@ -104,8 +104,8 @@ def _planning_reason(name: str, layer: QuantLinear, device: torch.device) -> str
         return None if layer.bits in (2, 3, 4) else "bits"
     if name == triton_gptq.NAME:
         return None if layer.bits in (2, 4, 8) and triton_gptq._triton_importable() else "unavailable"
-    if name == cpu_int4_avx512.NAME:  # planning never runs the compiler: the CPU decides
-        return cpu_int4_avx512._cpu_reason() if layer.bits in (2, 3, 4) else "bits"
+    if name in cpu_int4_native.BY_NAME:  # planning never runs the compiler: the CPU decides
+        return cpu_int4_native.BY_NAME[name].cpu_reason() if layer.bits in (2, 3, 4) else "bits"
     return get_kernel(name).why_not(layer, device)
 
 

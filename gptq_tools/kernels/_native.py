@@ -1,6 +1,6 @@
 """Build a C file of this package into a shared library once, keep it in the cache, load it with ctypes.
 
-A kernel whose loops no library ships (:mod:`.cpu_int4_avx512`) is written in C with intrinsics, compiled
+A kernel whose loops no library ships (:mod:`.cpu_int4_native`) is written in C, compiled
 on first use by the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) and cached under
 :func:`gptq_tools.constants.native_cache_dir`, named by a hash of the source, the compiler and its flags:
 a changed source or compiler builds a new file, and a build is published by an atomic rename, so
@@ -30,6 +30,16 @@ SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 BUILD_TIMEOUT_S = 120
 
 
+NO_COMPILER = "no C compiler found (install gcc or clang, e.g. apt-get install gcc, or set CC)"
+
+
+@functools.cache
+def _warn_no_compiler() -> None:
+    """Once per process: the native kernels are off, and what would turn them on."""
+    logger.warning("gptq-tools' native CPU kernels are off: %s; 4-bit layers run PyTorch's slower bf16 int4 op",
+                   NO_COMPILER)
+
+
 def _compiler() -> str | None:
     named = os.environ.get("CC")
     if named:
@@ -47,7 +57,8 @@ def load(source: str, flags: tuple[str, ...]) -> ctypes.CDLL | str:
         return f"its C source is missing ({path}: {exc.strerror}); reinstall gptq-tools"
     compiler = _compiler()
     if compiler is None:
-        return "no C compiler found (install gcc or clang, or set CC)"
+        _warn_no_compiler()
+        return NO_COMPILER
     key = hashlib.sha256(b"\0".join([text, compiler.encode(), " ".join(flags).encode()])).hexdigest()[:16]
     library = constants.native_cache_dir() / f"{path.stem}-{key}.so"
     if not library.is_file():

@@ -11,11 +11,11 @@ scales and zeros. A GPTQ layer maps onto it exactly:
 * act-order: :meth:`QuantLinear.prepare` already sorted the rows (each group is one contiguous run),
   so the input is permuted once per call and the sorted weight is packed.
 
-The weights are repacked once at load (``_convert_weight_to_int4pack_for_cpu``) and the checkpoint buffers
-dropped: no dequantized copy is kept. The op's fp32 and fp16 paths are several times slower than an fp32
+The weights are repacked once at load (``_convert_weight_to_int4pack_for_cpu``, whose layout depends on the
+CPU PyTorch dispatches to: :func:`packed_layout` finds it by probing) and the checkpoint buffers dropped: no dequantized copy is kept. The op's fp32 and fp16 paths are several times slower than an fp32
 ``nn.Linear`` on x86 (measured: ``scripts/bench_kernels.py``), so the kernel computes in bf16 for every
-input dtype: its results carry bf16 rounding (2**-9 relative) rather than fp16's. Where the CPU has
-AVX-512, ``kernel="auto"`` takes :mod:`.cpu_int4_avx512` (fp32, exact) first; ``kernel="torch"`` is exact
+input dtype: its results carry bf16 rounding (2**-9 relative) rather than fp16's. Where a C compiler
+exists, ``kernel="auto"`` takes :mod:`.cpu_int4_native` (fp32, exact) first; ``kernel="torch"`` is exact
 everywhere. The op's cost grows with every token while dequantizing a weight block costs the same for
 any count, so from :data:`PREFILL_TOKENS` tokens on (prefill) blocks are dequantized instead, with the
 op's own arithmetic (one fused loop compiled by ``torch.compile``, eager passes where it cannot compile),
@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 NAME = "cpu-int4"
 #: Group sizes ``_weight_int4pack_mm_for_cpu`` accepts.
 OP_GROUP_SIZES = (32, 64, 128, 256)
-#: Output columns per block of the packed layout.
+#: Output columns packed per chunk (a multiple of every layout's block; the padding of the packed weight).
 BLOCK_N = 64
 #: From this many tokens per call inputs go to the bf16 dequantize-and-GEMM path instead
 #: of the int4 op (``scripts/bench_kernels.py``, "prefill threshold" rows, 7168x7168, 2 threads: the op
@@ -60,31 +61,46 @@ def _op_available() -> bool:
         torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
 
+class Layout(NamedTuple):
+    """How a PyTorch build lays out packed nibbles: blocks of ``block`` output columns, ``(blocks, K, block / 2)``
+    bytes; ``split``: the low nibble of byte ``d`` is column ``d``, the high one ``d + block / 2``; else
+    (pairs) columns ``2d`` and ``2d + 1``."""
+
+    block: int
+    split: bool
+
+
+#: The layouts PyTorch's CPU int4 packing is known to use: AVX-512 (64 columns, split), AVX2 (32, split),
+#: the default build (32, pairs); the probe tries every one of these shapes rather than assuming the CPU.
+KNOWN_LAYOUTS = tuple(Layout(block, split) for block in (64, 32, 16) for split in (True, False))
+
+
 @functools.cache
-def packed_layout() -> str | None:
-    """How this PyTorch build lays out packed nibbles, found by packing a probe: ``"split"`` (low nibble
-    column ``d``, high ``d + 32`` of each 64-column block), ``"pairs"`` (``2d``, ``2d + 1``), or None."""
+def packed_layout() -> Layout | None:
+    """How this PyTorch build (and the CPU capability it dispatches to) packs int4 weights, found by packing
+    a probe and reading it back in each of :data:`KNOWN_LAYOUTS`; None when none fits."""
     if not _op_available():
         return None
     probe = torch.randint(0, 16, (2 * BLOCK_N, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 2)
     halves = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe[:BLOCK_N].contiguous(), 2),
                         torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe[BLOCK_N:].contiguous(), 2)])
-    if not torch.equal(packed, halves):  # column blocks must pack independently (we pack in chunks)
+    if not torch.equal(packed, halves):  # 64-column chunks must pack independently (we pack in chunks)
         return None
-    for layout in ("split", "pairs"):
-        if torch.equal(_unpack_blocks(packed.view(2, 64, BLOCK_N // 2), layout).transpose(1, 2).reshape(
-                2 * BLOCK_N, 64).to(torch.int32), probe):
+    for layout in KNOWN_LAYOUTS:
+        blocks = packed.view(2 * BLOCK_N // layout.block, 64, layout.block // 2)
+        if torch.equal(_unpack_blocks(blocks, layout).transpose(1, 2).reshape(2 * BLOCK_N, 64).to(torch.int32),
+                       probe):
             return layout
     return None
 
 
-def _unpack_blocks(blocks: torch.Tensor, layout: str) -> torch.Tensor:
-    """Packed bytes (blocks, K, 32) to 4-bit values (blocks, K, 64) in column order (uint8)."""
+def _unpack_blocks(blocks: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Packed bytes (blocks, K, block / 2) to 4-bit values (blocks, K, block) in column order (uint8)."""
     low, high = blocks & 15, blocks >> 4
-    if layout == "split":
+    if layout.split:
         return torch.cat([low, high], dim=-1)
-    return torch.stack([low, high], dim=-1).reshape(*blocks.shape[:-1], BLOCK_N)
+    return torch.stack([low, high], dim=-1).reshape(*blocks.shape[:-1], layout.block)
 
 
 def unsupported(layer: QuantLinear, device: torch.device) -> str | None:
@@ -145,11 +161,11 @@ def forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
-def _nibble_slots(layout: str) -> tuple[slice, slice]:
-    """Where the low and the high nibbles of a block's 32 bytes land among its 64 columns."""
-    if layout == "split":
-        return slice(0, BLOCK_N // 2), slice(BLOCK_N // 2, BLOCK_N)
-    return slice(0, BLOCK_N, 2), slice(1, BLOCK_N, 2)
+def _nibble_slots(layout: Layout) -> tuple[slice, slice]:
+    """Where the low and the high nibbles of a block's bytes land among its columns."""
+    if layout.split:
+        return slice(0, layout.block // 2), slice(layout.block // 2, layout.block)
+    return slice(0, layout.block, 2), slice(1, layout.block, 2)
 
 
 def _dequantized_gemm(layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
@@ -165,17 +181,18 @@ def _dequantized_gemm(layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
     if dequantize is None:
         return _eager_dequantized_gemm(layer, flat)
     k = layer.in_features
-    blocks = layer.int4_packed.view(-1, k, BLOCK_N // 2)  # (N / 64, K, 32)
-    per_step = max(1, PREFILL_BLOCK_ELEMENTS // (k * BLOCK_N))
-    split = packed_layout() == "split"
-    out = torch.empty(flat.shape[0], blocks.shape[0] * BLOCK_N, dtype=torch.float32)
+    layout = packed_layout()
+    block = layout.block
+    blocks = layer.int4_packed.view(-1, k, block // 2)  # (N / block, K, block / 2)
+    per_step = max(1, PREFILL_BLOCK_ELEMENTS // (k * block))
+    out = torch.empty(flat.shape[0], blocks.shape[0] * block, dtype=torch.float32)
     for first in range(0, blocks.shape[0], per_step):
         last = min(first + per_step, blocks.shape[0])
-        cols = slice(first * BLOCK_N, last * BLOCK_N)
+        cols = slice(first * block, last * block)
         params = layer.int4_scales_and_zeros[:, cols].to(torch.float32)  # (groups, columns, 2)
         try:
-            packed = blocks[first:last].transpose(0, 1).contiguous()  # (K, b, 32): a plain loop to compile
-            weight = dequantize(packed, params[..., 0].contiguous(), params[..., 1].contiguous(), split)
+            packed = blocks[first:last].transpose(0, 1).contiguous()  # (K, b, block / 2): a plain loop to compile
+            weight = dequantize(packed, params[..., 0].contiguous(), params[..., 1].contiguous(), layout.split)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: run eager from now on
             _give_up_compiling(exc)
             return _eager_dequantized_gemm(layer, flat)
@@ -184,14 +201,14 @@ def _dequantized_gemm(layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
 
 
 def _dequantize_blocks(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, split: bool) -> torch.Tensor:
-    """Packed bytes (K, b, 32) to the bf16 (K, b * 64) weight ``(q - 8) * scale + zero``, in fp32 and
-    rounded once; ``scales``/``zeros`` are fp32 (groups, b * 64)."""
-    k, count, _ = packed.shape
+    """Packed bytes (K, b, block / 2) to the bf16 (K, b * block) weight ``(q - 8) * scale + zero``, in fp32 and
+    rounded once; ``scales``/``zeros`` are fp32 (groups, b * block)."""
+    k, count, half = packed.shape
     groups = scales.shape[0]
     low = (packed & 15).to(torch.float32)
     high = (packed >> 4).to(torch.float32)
     values = torch.cat([low, high], dim=-1) if split else torch.stack([low, high], dim=-1).flatten(-2)
-    width = count * BLOCK_N
+    width = count * 2 * half
     weight = (values.reshape(groups, k // groups, width) - 8.0) * scales[:, None, :] + zeros[:, None, :]
     return weight.to(torch.bfloat16).reshape(k, width)
 
@@ -227,26 +244,28 @@ def _eager_dequantized_gemm(layer: QuantLinear, flat: torch.Tensor) -> torch.Ten
     (tokens, columns) results are written interleaved.
     """
     k = layer.in_features
-    blocks = layer.int4_packed.view(-1, k, BLOCK_N // 2)  # (N / 64, K, 32)
-    per_step = max(1, PREFILL_BLOCK_ELEMENTS // (k * BLOCK_N // 2))
+    layout = packed_layout()
+    block = layout.block
+    blocks = layer.int4_packed.view(-1, k, block // 2)  # (N / block, K, block / 2)
+    per_step = max(1, PREFILL_BLOCK_ELEMENTS // (k * block // 2))
     groups = layer.int4_scales_and_zeros.shape[0]
-    slots = _nibble_slots(packed_layout())
-    out = torch.empty(flat.shape[0], blocks.shape[0], BLOCK_N, dtype=torch.float32)
+    slots = _nibble_slots(layout)
+    out = torch.empty(flat.shape[0], blocks.shape[0], block, dtype=torch.float32)
     for first in range(0, blocks.shape[0], per_step):
         last = min(first + per_step, blocks.shape[0])
-        count, cols = last - first, slice(first * BLOCK_N, last * BLOCK_N)
+        count, cols = last - first, slice(first * block, last * block)
         params = layer.int4_scales_and_zeros[:, cols]  # (groups, columns, 2) bf16
-        scales = params[..., 0].reshape(groups, 1, count, BLOCK_N)
-        shift = params[..., 1].reshape(groups, 1, count, BLOCK_N)
-        packed = blocks[first:last].transpose(0, 1).contiguous()  # (K, b, 32) uint8
+        scales = params[..., 0].reshape(groups, 1, count, block)
+        shift = params[..., 1].reshape(groups, 1, count, block)
+        packed = blocks[first:last].transpose(0, 1).contiguous()  # (K, b, block / 2) uint8
         # the high nibble minus 8 is the arithmetic shift of the byte with its top bit flipped
         halves = ((packed & 15).view(torch.int8).sub_(8), (packed ^ 0x80).view(torch.int8) >> 4)
-        width = count * BLOCK_N // 2
+        width = count * block // 2
         for slot, nibbles in zip(slots, halves):  # contiguous (groups, 1, width) parameters: a long inner loop
             half_scales = scales[..., slot].reshape(groups, 1, width)
             half_shift = shift[..., slot].reshape(groups, 1, width)
             weight = torch.addcmul(half_shift, nibbles.view(groups, k // groups, width), half_scales)
-            out[:, first:last, slot] = (flat @ weight.view(k, width)).view(-1, count, BLOCK_N // 2)
+            out[:, first:last, slot] = (flat @ weight.view(k, width)).view(-1, count, block // 2)
     return out.view(flat.shape[0], -1)[:, : layer.out_features]
 
 
