@@ -44,7 +44,7 @@ def test_wheel_lists_every_preset(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
     assert {f"gptq_tools/configs/presets/{name}" for name in PRESETS} <= names
-    assert "gptq_tools/kernels/csrc/int4_avx512.c" in names  # cpu-int4-avx512 builds from it at first use
+    assert "gptq_tools/kernels/csrc/int4_gemm.c" in names  # the native kernel's builds come from it at first use
 
 
 def test_fresh_venv_from_the_wheel_plans_bloomz(wheel: Path, tmp_path: Path) -> None:
@@ -67,10 +67,10 @@ def test_fresh_venv_from_the_wheel_plans_bloomz(wheel: Path, tmp_path: Path) -> 
     assert lines[0] == "preset bloomz-176b-gptq: 87.16 GiB of weights, headroom for batch 1 x 2048 tokens"
     assert lines[2].split()[:2] == ["0", "60.00"] and "37 layers (0-36)" in lines[2]
     assert lines[-1] == "fits"
-    # the installed package builds its AVX-512 kernel from the C source it carries (where this CPU can run it)
-    from gptq_tools.kernels import cpu_int4_avx512
+    # the installed package builds its native kernel from the C source it carries (the portable build: any CPU)
+    from gptq_tools.kernels import cpu_int4_native
 
-    if cpu_int4_avx512._cpu_reason() is None and not isinstance(cpu_int4_avx512.library(), str):
-        probe = "from gptq_tools.kernels import cpu_int4_avx512 as k; print(k.library())"
+    if not isinstance(cpu_int4_native.PORTABLE.library(), str):
+        probe = "from gptq_tools.kernels import cpu_int4_native as k; print(k.PORTABLE.library())"
         built = run([python, "-c", probe], cwd=tmp_path, env={**env, "GPTQ_TOOLS_CACHE_DIR": str(tmp_path / "c")})
         assert built.stdout.startswith("<CDLL") and str(tmp_path / "c") in built.stdout

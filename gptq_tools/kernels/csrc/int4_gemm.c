@@ -27,17 +27,17 @@
 #define L 16
 #define ROWS_MAX 4 /* 4 rows x 4 vectors: 16 accumulators of 32 registers */
 #define ONE_ROW_J 8
-const char gptq_int4_build[] = "avx512";
+const char *const gptq_int4_build = "avx512";
 #elif defined(__AVX2__)
 #define L 8
 #define ROWS_MAX 3 /* 3 rows x 4 vectors: 12 accumulators and 4 weights of 16 registers */
 #define ONE_ROW_J 4
-const char gptq_int4_build[] = "avx2";
+const char *const gptq_int4_build = "avx2";
 #else
 #define L 4
 #define ROWS_MAX 2
 #define ONE_ROW_J 4
-const char gptq_int4_build[] = "portable";
+const char *const gptq_int4_build = "portable";
 #endif
 
 const int32_t gptq_int4_lanes = L;
