@@ -1,6 +1,6 @@
 """gptq-tools: take very large GPTQ models from the Hub to GPUs, and make new GPTQ checkpoints.
 
-The public API is importable from here (``gptq_tools.join_parts``, ``gptq_tools.verify``, ...); modules
+The public API is importable from here (``gptq_tools.join_parts``, ``gptq_tools.verify_files``, ...); modules
 are imported on first use so that ``import gptq_tools`` stays cheap (no torch import for file work).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from .constants import __version__
 
 #: public name -> module that defines it
 _EXPORTS: dict[str, str] = {
@@ -23,34 +23,36 @@ _EXPORTS: dict[str, str] = {
     "RepoNotFoundError": "errors", "RevisionNotFoundError": "errors", "HubAuthError": "errors",
     # foundation
     "parse_size": "units", "format_size": "units",
-    "read_header": "safetensors_format",
-    "load_preset": "presets", "list_presets": "presets",
-    "get_arch": "architectures",
-    "pack_qweight": "packing", "pack_qzeros": "packing", "dequantize": "packing",
+    "read_header": "files.safetensors_format",
+    "load_preset": "checkpoint.presets", "list_presets": "checkpoint.presets",
+    "get_arch": "checkpoint.architectures",
+    "pack_qweight": "checkpoint.packing", "pack_qzeros": "checkpoint.packing", "dequantize": "checkpoint.packing",
     "set_progress": "progress",
     # files: join, verify, split, reshard, inspect
-    "join_parts": "join", "JoinResult": "join",
-    "verify_files": "verify", "verify_parts": "verify", "FileCheck": "verify",
-    "check_manifests": "verify", "hash_files": "verify", "verify_remote": "verify_remote",
-    "split_file": "split", "reshard_file": "split",
-    "find_part_set": "parts", "MultiPartReader": "parts",
-    "parse_manifest": "manifest", "write_manifest": "manifest",
-    "validate_checkpoint": "checkpoint",
-    "inspect_path": "inspect_path",
+    "join_parts": "files.join", "JoinResult": "files.join",
+    "verify_files": "files.verify", "verify_parts": "files.verify", "FileCheck": "files.verify",
+    "check_manifests": "files.verify", "hash_files": "files.verify", "verify_remote": "hub.verify_remote",
+    "split_file": "files.split", "reshard_file": "files.split",
+    "find_part_set": "files.parts", "MultiPartReader": "files.parts",
+    "parse_manifest": "files.manifest", "write_manifest": "files.manifest",
+    "validate_checkpoint": "checkpoint.validate",
+    "inspect_path": "checkpoint.inspect",
     # hub download
     "download": "hub", "plan_download": "hub", "resolve_repo": "hub", "DownloadResult": "hub",
     "DownloadPlan": "hub", "TransferOptions": "hub",
     # plan / load / generate
-    "plan_placement": "plan", "parse_max_memory": "plan", "parse_gpus": "plan", "PlanOptions": "plan",
-    "Placement": "plan", "load_quantized": "load", "QuantLinear": "qlinear", "register_kernel": "qlinear",
-    "available_kernels": "qlinear", "generate": "generate", "generate_text": "generate",
-    "load_tokenizer": "generate", "Sampling": "generate", "load_for_generation": "generate",
-    "generate_each": "generate", "parse_model_spec": "presets", "resolve_model": "presets",
+    "plan_placement": "runtime.plan", "parse_max_memory": "runtime.plan", "parse_gpus": "runtime.plan",
+    "PlanOptions": "runtime.plan", "Placement": "runtime.plan", "load_quantized": "runtime.load",
+    "QuantLinear": "runtime.qlinear", "register_kernel": "runtime.qlinear",
+    "available_kernels": "runtime.qlinear", "generate": "runtime.generate", "generate_text": "runtime.generate",
+    "load_tokenizer": "runtime.generate", "Sampling": "runtime.generate", "load_for_generation": "runtime.generate",
+    "generate_each": "runtime.generate", "parse_model_spec": "checkpoint.presets",
+    "resolve_model": "checkpoint.presets",
     # quantizer
     "QuantizeConfig": "quant.config", "quantize_model": "quant.driver", "QuantizeSummary": "quant.driver",
     "LinearReport": "quant.driver", "gptq_quantize": "quant.gptq", "rtn_quantize": "quant.rtn",
     "HessianAccumulator": "quant.gptq", "load_calibration": "quant.calibration",
-    "build_tiny_model": "tiny", "load_for_eval": "quant.evaluate", "folder_perplexity": "quant.evaluate",
+    "build_tiny_model": "checkpoint.tiny", "load_for_eval": "quant.evaluate", "folder_perplexity": "quant.evaluate",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

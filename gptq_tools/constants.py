@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+#: The package's version (``gptq_tools.__version__``; setup.cfg's ``version`` says the same).
+__version__ = "0.1.0"
+
 #: Default chunk size for streaming file I/O and hashing (16 MiB: large enough for hashlib to release
 #: the GIL and for the kernel to read ahead, small enough to keep two buffers in flight cheaply).
 IO_CHUNK_BYTES = 16 * 1024 * 1024
@@ -36,7 +39,7 @@ def progress_disabled() -> bool:
 def configs_dir() -> Path | None:
     """``GPTQ_TOOLS_CONFIGS``: a folder whose ``presets/`` replaces the presets shipped in the package.
 
-    None when it is not set (see :func:`gptq_tools.presets.presets_dir`).
+    None when it is not set (see :func:`gptq_tools.checkpoint.presets.presets_dir`).
     """
     override = os.environ.get("GPTQ_TOOLS_CONFIGS")
     return Path(override) if override else None
@@ -46,7 +49,7 @@ def kill_at_step() -> int | None:
     """Test hook: ``GPTQ_TOOLS_KILL_AT_STEP=N`` SIGKILLs the process right after its N-th publishing step.
 
     Publishing steps are the renames, unlinks and tree removals that change what is at a final name
-    (see :func:`gptq_tools.fileio.publish_step`). Kill-at-each-step tests use it to prove that a rerun
+    (see :func:`gptq_tools.files.fileio.publish_step`). Kill-at-each-step tests use it to prove that a rerun
     repairs a run killed at any of them.
     """
     value = os.environ.get("GPTQ_TOOLS_KILL_AT_STEP", "").strip()

@@ -8,7 +8,8 @@ and the median of several repetitions:
    14336x57344 (in x out); goal >= 3x faster, and an effective bandwidth (the bytes the kernel holds, read once
    per token) of at least 50% of this machine's read bandwidth (a 512 MiB sum, same threads). Every other
    4-bit CPU kernel follows (each native build, ``cpu-int4``); one this CPU cannot run is a row with its reason
-   (``ATEN_CPU_CAPABILITY=avx2`` makes an AVX-512 machine pick and measure the AVX2 build). The resident bytes of each repacked layer are compared
+   (``ATEN_CPU_CAPABILITY=avx2`` makes an AVX-512 machine pick and measure the AVX2 build). The resident
+   bytes of each repacked layer are compared
    with its checkpoint bytes (goal <= 1.1x), and its error on fp32 input with the error of rounding the fp32
    reference to fp16 ("err ... x fp16 rounding"; below 1: within fp16 rounding). ``cpu-int4`` (PyTorch's bf16
    op) gets the same rows where auto took another kernel. Also: the reference ``torch`` kernel, and the
@@ -46,8 +47,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402  (after the path insert, like the other scripts)
 
-from gptq_tools.packing import pack_qzeros  # noqa: E402
-from gptq_tools.qlinear import QuantLinear  # noqa: E402
+from gptq_tools.checkpoint.packing import pack_qzeros  # noqa: E402
+from gptq_tools.runtime.qlinear import QuantLinear  # noqa: E402
 
 THREADS = 2
 OUT = REPO_ROOT / "bench-out" / "kernels"
@@ -164,7 +165,7 @@ def resident_weight_bytes(layer: QuantLinear) -> int:
 def cpu_decode(rows: list[dict], shapes: list[tuple[int, int]], repeats: int, bandwidth: float) -> None:
     """``kernel="auto"`` (the goal), then every other CPU 4-bit kernel for comparison: each build of the native
     kernel and ``cpu-int4`` (PyTorch's bf16 op); a kernel this CPU cannot run is a row with its reason."""
-    from gptq_tools.kernels import cpu_int4_native
+    from gptq_tools.runtime.kernels import cpu_int4_native
 
     for in_features, out_features in shapes:
         for group_size in (128, -1):
@@ -175,7 +176,7 @@ def cpu_decode(rows: list[dict], shapes: list[tuple[int, int]], repeats: int, ba
             case = f"4bit g{group_size} act {in_features}x{out_features}"
             taken: set[str] = set()
             for requested in ("auto", *cpu_int4_native.NAMES, "cpu-int4"):
-                layer = random_layer(4, group_size, in_features, out_features, act_order=True)  # same seed: same weights
+                layer = random_layer(4, group_size, in_features, out_features, act_order=True)  # same weights
                 layer.kernel = requested
                 kernel, reason = try_select(layer)
                 if reason is not None:
@@ -218,7 +219,7 @@ def cpu_fallbacks(rows: list[dict], repeats: int) -> None:
 
 
 def cpu_prefill(rows: list[dict], shapes: list[tuple[int, int]], repeats: int) -> None:
-    from gptq_tools.kernels import cpu_int4, cpu_int4_native
+    from gptq_tools.runtime.kernels import cpu_int4, cpu_int4_native
 
     layer = random_layer(4, 128, 7168, 7168, act_order=True)
     layer.kernel = "cpu-int4"
@@ -317,11 +318,11 @@ def gpu_section(rows: list[dict], shapes: list[tuple[int, int]], repeats: int) -
 # ------------------------------------------------------------------------------------- end to end
 def write_checkpoint(folder: Path) -> Path:
     """The synthetic OPT-1.3B-shaped checkpoint, with a small trained tokenizer (written once)."""
-    from gptq_tools.fileio import atomic_output
-    from gptq_tools.model_files import QuantizeSettings
-    from gptq_tools.plan import build_meta_model, config_from_dict, tied_names
-    from gptq_tools.safetensors_format import build_header
-    from gptq_tools.tiny import tiny_corpus, train_tokenizer
+    from gptq_tools.checkpoint.model_files import QuantizeSettings
+    from gptq_tools.checkpoint.tiny import tiny_corpus, train_tokenizer
+    from gptq_tools.files.fileio import atomic_output
+    from gptq_tools.files.safetensors_format import build_header
+    from gptq_tools.runtime.plan import build_meta_model, config_from_dict, tied_names
 
     weights = folder / "gptq_model-4bit-128g.safetensors"
     if weights.is_file():
@@ -387,8 +388,8 @@ def run_generate(folder: Path, kernel: str, new_tokens: int) -> tuple[list[int],
 
 def fp32_child(folder: str, new_tokens: int) -> None:
     """transformers, fp32, the dequantized weights: greedy text and tokens/s as JSON (a fresh process)."""
-    from gptq_tools.generate import load_tokenizer
-    from gptq_tools.load import load_quantized
+    from gptq_tools.runtime.generate import load_tokenizer
+    from gptq_tools.runtime.load import load_quantized
 
     torch.set_num_threads(THREADS)
     model = load_quantized(folder, dtype=torch.float32, kernel="torch", verify_hash=False)
@@ -416,8 +417,8 @@ def agreement_child(folder: str, reference_ids: str) -> None:
     """Teacher-forced on the reference kernel's greedy tokens: at each step, does ``kernel="auto"`` pick the same
     token, and where not, how far apart were the reference's top two logits (a near-tie) against the largest
     logit difference between the two kernels there. JSON, one entry per step."""
-    from gptq_tools.generate import load_tokenizer
-    from gptq_tools.load import load_quantized
+    from gptq_tools.runtime.generate import load_tokenizer
+    from gptq_tools.runtime.load import load_quantized
 
     torch.set_num_threads(THREADS)
     forced = [int(i) for i in reference_ids.split(",")]
@@ -440,8 +441,8 @@ def agreement_child(folder: str, reference_ids: str) -> None:
 
 def memory_child(folder: str) -> None:
     """Resident bytes of the quantized linears after an auto load vs their checkpoint bytes, as JSON."""
-    from gptq_tools.load import load_quantized
-    from gptq_tools.model_files import find_checkpoint_files
+    from gptq_tools.checkpoint.model_files import find_checkpoint_files
+    from gptq_tools.runtime.load import load_quantized
 
     before = rss_parts()
     model = load_quantized(folder, dtype=torch.float32, verify_hash=False)

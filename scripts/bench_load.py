@@ -41,10 +41,10 @@ def write_checkpoint(folder: Path) -> Path:
     """The synthetic checkpoint (written once; reused when complete)."""
     import torch
 
-    from gptq_tools.fileio import atomic_output
-    from gptq_tools.model_files import QuantizeSettings
-    from gptq_tools.plan import build_meta_model, config_from_dict, tied_names
-    from gptq_tools.safetensors_format import build_header
+    from gptq_tools.checkpoint.model_files import QuantizeSettings
+    from gptq_tools.files.fileio import atomic_output
+    from gptq_tools.files.safetensors_format import build_header
+    from gptq_tools.runtime.plan import build_meta_model, config_from_dict, tied_names
 
     weights = folder / "gptq_model-4bit-128g.safetensors"
     if weights.is_file():
@@ -93,9 +93,9 @@ def child(folder: str) -> None:
     """Load in this process and print the numbers as JSON (run in a fresh interpreter)."""
     import torch
 
-    from gptq_tools.load import load_quantized
-    from gptq_tools.model_files import find_checkpoint_files
-    from gptq_tools.qlinear import QuantLinear
+    from gptq_tools.checkpoint.model_files import find_checkpoint_files
+    from gptq_tools.runtime.load import load_quantized
+    from gptq_tools.runtime.qlinear import QuantLinear
 
     started = time.perf_counter()
     from transformers import OPTForCausalLM  # noqa: F401 - import the model code before timing the load

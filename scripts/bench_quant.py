@@ -32,11 +32,11 @@ from safetensors.torch import save_file
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from gptq_tools.checkpoint.tiny import TinySpec, build_tiny_model  # noqa: E402
 from gptq_tools.quant.calibration import load_calibration  # noqa: E402 - after the path set-up
 from gptq_tools.quant.config import QuantizeConfig  # noqa: E402
 from gptq_tools.quant.driver import quantize_model  # noqa: E402
 from gptq_tools.quant.evaluate import compare_to_reference, load_for_eval, log_probs  # noqa: E402
-from gptq_tools.tiny import TinySpec, build_tiny_model  # noqa: E402
 
 DEFAULT_GPTQMODEL = Path(os.environ.get("GPTQMODEL_PYTHON", REPO_ROOT / ".venv-gptqmodel" / "bin" / "python"))
 # Trained 4x longer than the demo's model: an undertrained model (perplexity ~257) barely reacts to 4-bit

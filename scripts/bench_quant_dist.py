@@ -67,7 +67,7 @@ def _trained_model(arch: str, root: Path, steps: int) -> Path:
     import bench_quant
     from bench_quant import BENCH_SPEC
 
-    from gptq_tools.tiny import build_tiny_model
+    from gptq_tools.checkpoint.tiny import build_tiny_model
 
     if steps == BENCH_SPEC.steps:
         return bench_quant._model(arch, root)

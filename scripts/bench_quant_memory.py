@@ -50,8 +50,8 @@ def build_model(folder: Path, *, layers: int, hidden: int, vocab: int = 2048, ns
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from gptq_tools.fileio import atomic_output
-    from gptq_tools.safetensors_format import build_header
+    from gptq_tools.files.fileio import atomic_output
+    from gptq_tools.files.safetensors_format import build_header
 
     if (folder / "calib.safetensors").is_file():
         return folder

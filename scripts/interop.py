@@ -169,7 +169,7 @@ def _thebloke_config(folder: Path) -> None:
 def our_logits(folder: Path, dtype: str = "float32") -> Any:
     import torch
 
-    from gptq_tools.load import load_quantized
+    from gptq_tools.runtime.load import load_quantized
 
     model = load_quantized(folder, dtype=getattr(torch, dtype), device_map="cpu", verify_hash=False)
     with torch.no_grad():

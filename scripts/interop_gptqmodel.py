@@ -82,7 +82,7 @@ def gptqmodel_logits(folder: Path, ids: Any) -> Any:
 def ours_logits(folder: Path, ids: Any, dtype: Any) -> Any:
     import torch
 
-    from gptq_tools.load import load_quantized
+    from gptq_tools.runtime.load import load_quantized
 
     model = load_quantized(folder, dtype=dtype)
     with torch.no_grad():

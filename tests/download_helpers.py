@@ -19,7 +19,7 @@ def blob(size: int, seed: int) -> bytes:
 
 def safetensors_blob(size: int, seed: int) -> bytes:
     """A valid safetensors file of about ``size`` bytes: one uint8 tensor of random bytes."""
-    from gptq_tools.safetensors_format import build_header
+    from gptq_tools.files.safetensors_format import build_header
 
     header, _ = build_header([("weight", "U8", (size,))])
     return header + blob(size, seed)

@@ -80,8 +80,8 @@ def write_fake_gptq_checkpoint(folder: Path, *, bits: int = 4, group_size: int =
     mattering: used to test validation, not inference."""
     import torch
 
-    from gptq_tools.architectures import get_arch
-    from gptq_tools.packing import pack_qweight, pack_qzeros
+    from gptq_tools.checkpoint.architectures import get_arch
+    from gptq_tools.checkpoint.packing import pack_qweight, pack_qzeros
 
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)

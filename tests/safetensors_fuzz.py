@@ -6,7 +6,7 @@ offsets, entries as arrays, extra fields holding NaN, huge numbers, lone surroga
 then byte-level ones (flipped, inserted or deleted header bytes, a wrong length prefix, truncation,
 trailing bytes). :func:`classify` runs both readers on it and says whether they agree.
 
-Shared by ``tests/test_safetensors_fuzz.py`` (a few thousand cases, fixed seed) and
+Shared by ``tests/test_files_safetensors_fuzz.py`` (a few thousand cases, fixed seed) and
 ``scripts/fuzz_safetensors.py`` (``make fuzz``, 100,000+ cases).
 """
 
@@ -24,7 +24,7 @@ import safetensors
 from hypothesis import strategies as st
 
 from gptq_tools.errors import GptqToolsError
-from gptq_tools.safetensors_format import DTYPE_BITS, read_header
+from gptq_tools.files.safetensors_format import DTYPE_BITS, read_header
 
 #: Per-case bounds on our validator (the headers are at most a few hundred KB): CPU seconds (so that a
 #: loaded, shared machine does not count against it) and peak Python memory, tracemalloc included.

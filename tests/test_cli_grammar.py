@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from gptq_tools.checkpoint.presets import list_presets, parse_model_spec, resolve_model
 from gptq_tools.cli import main
 from gptq_tools.errors import GptqToolsError, NotAFileError, NotAFolderError, PathNotFoundError, UsageError
-from gptq_tools.paths import looks_like_path, require_file, require_folder
-from gptq_tools.presets import list_presets, parse_model_spec, resolve_model
+from gptq_tools.files.paths import looks_like_path, require_file, require_folder
 
 PRESET = "bloomz-176b-gptq"
 

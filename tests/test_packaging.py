@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PRESETS = sorted(p.name for p in (REPO_ROOT / "gptq_tools" / "configs" / "presets").glob("*.json"))
+#: The presets' source of truth: the top-level configs/presets/ (the wheel carries them inside the package).
+PRESETS = sorted(p.name for p in (REPO_ROOT / "configs" / "presets").glob("*.json"))
 
 
 def run(args: list[str | Path], *, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -28,10 +29,10 @@ def run(args: list[str | Path], *, cwd: Path, env: dict[str, str] | None = None)
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wheel built from a copy of the checkout (the build writes build/ and *.egg-info beside the sources)."""
     source = tmp_path_factory.mktemp("source")
-    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+    for name in ("setup.cfg", "setup.py", "pyproject.toml", "README.md"):
         shutil.copy2(REPO_ROOT / name, source / name)
-    shutil.copytree(REPO_ROOT / "gptq_tools", source / "gptq_tools",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for folder in ("gptq_tools", "configs"):
+        shutil.copytree(REPO_ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     out = tmp_path_factory.mktemp("wheel")
     run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", out, "."],
         cwd=source)
@@ -40,11 +41,11 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_wheel_lists_every_preset(wheel: Path) -> None:
-    assert len(PRESETS) >= 2
+    assert len(PRESETS) >= 2 and not (REPO_ROOT / "gptq_tools" / "configs").exists()  # one copy: configs/
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
     assert {f"gptq_tools/configs/presets/{name}" for name in PRESETS} <= names
-    assert "gptq_tools/kernels/csrc/int4_gemm.c" in names  # the native kernel's builds come from it at first use
+    assert "gptq_tools/runtime/kernels/csrc/int4_gemm.c" in names  # the native kernel's builds come from it at first use
 
 
 def test_fresh_venv_from_the_wheel_plans_bloomz(wheel: Path, tmp_path: Path) -> None:
@@ -68,9 +69,9 @@ def test_fresh_venv_from_the_wheel_plans_bloomz(wheel: Path, tmp_path: Path) -> 
     assert lines[2].split()[:2] == ["0", "60.00"] and "37 layers (0-36)" in lines[2]
     assert lines[-1] == "fits"
     # the installed package builds its native kernel from the C source it carries (the portable build: any CPU)
-    from gptq_tools.kernels import cpu_int4_native
+    from gptq_tools.runtime.kernels import cpu_int4_native
 
     if not isinstance(cpu_int4_native.PORTABLE.library(), str):
-        probe = "from gptq_tools.kernels import cpu_int4_native as k; print(k.PORTABLE.library())"
+        probe = "from gptq_tools.runtime.kernels import cpu_int4_native as k; print(k.PORTABLE.library())"
         built = run([python, "-c", probe], cwd=tmp_path, env={**env, "GPTQ_TOOLS_CACHE_DIR": str(tmp_path / "c")})
         assert built.stdout.startswith("<CDLL") and str(tmp_path / "c") in built.stdout

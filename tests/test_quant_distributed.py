@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptq_tools.checkpoint.tiny import TinySpec, build_tiny_model
 from gptq_tools.quant import driver as driver_module
 from gptq_tools.quant.config import QuantizeConfig
 from gptq_tools.quant.distributed import assign_owners, share
 from gptq_tools.quant.driver import quantize_model
-from gptq_tools.tiny import TinySpec, build_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPEC = TinySpec(hidden=64, layers=2, heads=2, vocab_size=512, seqlen=64, batch=8, steps=40)

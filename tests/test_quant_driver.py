@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from gptq_tools.checkpoint.tiny import TinySpec, build_tiny_model
 from gptq_tools.cli import main as cli_main
 from gptq_tools.errors import (
     CalibrationError,
@@ -29,7 +30,6 @@ from gptq_tools.quant.config import QuantizeConfig
 from gptq_tools.quant.driver import quantize_model
 from gptq_tools.quant.evaluate import folder_perplexity
 from gptq_tools.quant.gptq import CholeskyFailure
-from gptq_tools.tiny import TinySpec, build_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPEC = TinySpec(hidden=64, layers=2, heads=2, vocab_size=512, seqlen=64, batch=8, steps=40)
@@ -84,7 +84,7 @@ def test_checkpoint_format_and_quality(tiny_models: dict[str, Path], tmp_path: P
     assert set(sums) == {p.name for p in out.iterdir()} - {"SHA256SUMS"}
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # staging folder renamed away
     # the project's own structural validator and checksum verifier accept the checkpoint
-    from gptq_tools.checkpoint import validate_checkpoint
+    from gptq_tools.checkpoint.validate import validate_checkpoint
 
     report = validate_checkpoint(out)
     assert len(report.modules) == len(summary.linears)
@@ -109,7 +109,7 @@ def test_single_file_sharding_and_asym_v2(tiny_models: dict[str, Path], tmp_path
     shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
     assert len(shards) > 2 and shards[0].endswith(f"-of-{len(shards):05d}.safetensors")
     assert json.loads((sharded / "quantize_config.json").read_text())["checkpoint_format"] == "gptq_v2"
-    from gptq_tools.checkpoint import validate_checkpoint
+    from gptq_tools.checkpoint.validate import validate_checkpoint
 
     validate_checkpoint(single)
     validate_checkpoint(sharded)
@@ -314,7 +314,7 @@ def _random_model(family: str, folder: Path) -> Path:
 def test_other_families_from_the_table(tmp_path: Path, family: str) -> None:
     from safetensors.torch import save_file
 
-    from gptq_tools.architectures import get_arch
+    from gptq_tools.checkpoint.architectures import get_arch
     from gptq_tools.quant.evaluate import load_for_eval
 
     model = _random_model(family, tmp_path / "model")
@@ -374,8 +374,8 @@ def test_resume_after_crash_while_publishing(tiny_models: dict[str, Path], tmp_p
 
 @pytest.mark.parametrize("arch", ["opt", "bloom"])
 def test_project_loader_reads_our_checkpoint(tiny_models: dict[str, Path], tmp_path: Path, arch: str) -> None:
-    from gptq_tools.load import load_quantized
     from gptq_tools.quant.evaluate import load_for_eval
+    from gptq_tools.runtime.load import load_quantized
 
     model = tiny_models[arch]
     out = tmp_path / "out"

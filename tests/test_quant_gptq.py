@@ -7,14 +7,14 @@ import itertools
 import pytest
 import torch
 
-from gptq_tools.errors import QuantizationError, UsageError
-from gptq_tools.packing import (
+from gptq_tools.checkpoint.packing import (
     dequantize,
     pack_qweight,
     pack_qzeros,
     unpack_qzeros,
     unpack_rows,
 )
+from gptq_tools.errors import QuantizationError, UsageError
 from gptq_tools.quant.config import QuantizeConfig
 from gptq_tools.quant.gptq import (
     CholeskyFailure,

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptq_tools.checkpoint.tiny import TinySpec, build_tiny_model
 from gptq_tools.quant.config import QuantizeConfig
 from gptq_tools.quant.driver import quantize_model
 from gptq_tools.quant.evaluate import load_for_eval
-from gptq_tools.tiny import TinySpec, build_tiny_model
 
 GPTQMODEL_PYTHON = Path(os.environ.get("GPTQMODEL_PYTHON",
                                        Path(__file__).resolve().parents[1] / ".venv-gptqmodel" / "bin" / "python"))

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from gptq_tools.checkpoint.presets import load_preset
 from gptq_tools.cli import main as cli_main
 from gptq_tools.constants import vllm_python
-from gptq_tools.plan import ModelLayout, PlanOptions, load_layout
-from gptq_tools.presets import load_preset
-from gptq_tools.serving_plan import (
+from gptq_tools.runtime.plan import ModelLayout, PlanOptions, load_layout
+from gptq_tools.serving.plan import (
     ServingOptions,
     ServingPlan,
     _linear_shapes,

@@ -9,7 +9,7 @@ from accelerate.utils.modeling import convert_file_size_to_int, get_max_memory
 
 from gptq_tools.cli import main
 from gptq_tools.errors import UsageError
-from gptq_tools.plan import parse_gpus, parse_max_memory
+from gptq_tools.runtime.plan import parse_gpus, parse_max_memory
 from gptq_tools.units import parse_size
 
 #: Every form a user might type; accelerate decides what each means (or that it is refused).

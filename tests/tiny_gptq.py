@@ -1,7 +1,7 @@
 """Builds tiny GPTQ checkpoints for the loader tests, independent of the quantizer.
 
 A random-init OPT or BLOOM from a small transformers config; every target linear (from the
-architecture table) is quantized by round-to-nearest, packed with ``gptq_tools.packing`` and written as
+architecture table) is quantized by round-to-nearest, packed with ``gptq_tools.checkpoint.packing`` and written as
 AutoGPTQ does (v1 ``gptq`` or v2 ``gptq_v2`` zero points, act-order with a random ``g_idx``, with or
 without ``lm_head.weight``), as one file, shards with an index, or split parts. The float reference
 state dict (same fp16 tensors, quantized linears dequantized) comes back with it.
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gptq_tools.architectures import get_arch
-from gptq_tools.packing import dequantize, pack_qweight, pack_qzeros
-from gptq_tools.qlinear import QuantLinear
+from gptq_tools.checkpoint.architectures import get_arch
+from gptq_tools.checkpoint.packing import dequantize, pack_qweight, pack_qzeros
+from gptq_tools.runtime.qlinear import QuantLinear
 
 
 def random_quant_tensors(bits: int, group_size: int, *, in_features: int, out_features: int, act_order: bool,

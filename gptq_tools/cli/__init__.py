@@ -1,4 +1,5 @@
-"""The ``gptq-tools`` command line: parses arguments and calls the library, nothing more.
+"""The ``gptq-tools`` command line (imports every stage below it): parses arguments and calls the library,
+nothing more.
 
 Each command module registers its sub-commands with ``register(subparsers)`` and sets ``func`` to a
 function taking the parsed arguments and returning the exit status. Known errors become one line on
@@ -13,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
+from ..constants import __version__
 from ..errors import GptqToolsError
 from ..progress import set_progress
 
@@ -21,6 +22,7 @@ from ..progress import set_progress
 COMMAND_MODULES: tuple[str, ...] = (
     "gptq_tools.cli.download",
     "gptq_tools.cli.files",
+    "gptq_tools.cli.verify",
     "gptq_tools.cli.quantize",
     "gptq_tools.cli.plan",
     "gptq_tools.cli.generate",

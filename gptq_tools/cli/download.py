@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def _default_local_dir(repo: str, revision: str | None) -> Path:
-    from ..presets import parse_model_spec
+    from ..checkpoint.presets import parse_model_spec
 
     return parse_model_spec(repo, revision=revision).local_dir()
 

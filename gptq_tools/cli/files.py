@@ -1,14 +1,12 @@
-"""``join``, ``verify``, ``split``, ``reshard`` and ``inspect``: argument parsing and printing only.
+"""``join``, ``split``, ``reshard`` and ``inspect``: argument parsing and printing only.
 
-``verify`` lives in :mod:`gptq_tools.cli.verify`; its ``--structure`` and ``--parts`` print through
-:func:`_report` here.
+``verify`` lives in :mod:`gptq_tools.cli.verify`; the reports both print are in :mod:`gptq_tools.cli.common`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,6 @@ from ..units import format_size
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _register_join(subparsers)
-    _register_verify(subparsers)
     _register_split(subparsers)
     _register_inspect(subparsers)
 
@@ -43,7 +40,7 @@ def _register_join(subparsers: argparse._SubParsersAction) -> None:  # type: ign
 
 
 def _join(args: argparse.Namespace) -> int:
-    from ..join import join_parts
+    from ..files.join import join_parts
 
     started = time.monotonic()
     parts: Any = args.parts[0] if len(args.parts) == 1 else args.parts
@@ -76,87 +73,6 @@ def _join(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_verify(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from .verify import register as register_verify
-
-    register_verify(subparsers)
-
-
-def _structure_check(path: Path) -> Any:
-    from ..checkpoint import validate_checkpoint
-    from ..errors import GptqToolsError
-    from ..parts import parse_part_name
-    from ..verify import FileCheck
-
-    try:
-        if path.is_dir():
-            report = validate_checkpoint(path)
-            detail = f"GPTQ checkpoint, {len(report.modules)} quantized modules, bits={report.quantize_config['bits']}"
-        elif parse_part_name(path.name) is not None:
-            from ..parts import check_safetensors_parts, find_part_set
-
-            part_set = find_part_set(path)
-            check_safetensors_parts(part_set)
-            detail = f"safetensors from {len(part_set.parts)} parts"
-        else:
-            from ..safetensors_format import read_header
-
-            header = read_header(path)
-            detail = f"safetensors, {len(header.tensors)} tensors"
-    except (GptqToolsError, OSError) as exc:
-        message = str(exc)
-        prefix = f"{path}: "
-        return FileCheck(str(path), str(path), None, None, "FAILED",
-                         message[len(prefix):] if message.startswith(prefix) else message)
-    return FileCheck(str(path), str(path), None, None, "OK", detail)
-
-
-def _structure_report(results: list[Any], *, as_json: bool) -> int:
-    """Print ``verify --structure`` results: a structure check computes no checksum, so none is blamed."""
-    if as_json:
-        return _report(results, as_json=True, check_type=type(results[0]))
-    failed = 0
-    for result in results:
-        if result.status == "OK":
-            print(f"{result.name}: OK ({result.detail})")
-        else:
-            failed += 1
-            print(f"{result.name}: FAILED")
-            print(f"gptq-tools: {result.name}: {result.detail}", file=sys.stderr)
-    if failed:
-        print(f"gptq-tools: WARNING: {failed} of {len(results)} failed the structure check", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def _report(results: list[Any], *, as_json: bool, check_type: type) -> int:
-    failed = [r for r in results if r.status in ("FAILED", "MISSING")]
-    if as_json:
-        print(json.dumps({"ok": not failed, "failed": len(failed), "results": [r.to_dict() for r in results]},
-                         indent=2))
-        return 1 if failed else 0
-    for result in results:
-        if result.status == "UNVERIFIED":
-            print(f"{result.actual}  {result.name}")
-            print(f"gptq-tools: {result.name}: NOT verified: no expected hash (pass --sha256 or -c SHA256SUMS)",
-                  file=sys.stderr)
-        elif result.status == "MISSING":
-            print(f"{result.name}: FAILED open or read")
-            print(f"gptq-tools: {result.name}: {result.detail}", file=sys.stderr)
-        elif result.detail and result.status == "FAILED":
-            print(f"{result.name}: FAILED")
-            print(f"gptq-tools: {result.name}: {result.detail}", file=sys.stderr)
-        else:
-            print(f"{result.name}: {result.status}" + (f" ({result.detail})" if result.detail else ""))
-    mismatched = sum(1 for r in failed if r.status == "FAILED")
-    unreadable = len(failed) - mismatched
-    if mismatched:
-        noun = "checksum" if mismatched == 1 else "checksums"
-        print(f"gptq-tools: WARNING: {mismatched} computed {noun} did NOT match", file=sys.stderr)
-    if unreadable:
-        print(f"gptq-tools: WARNING: {unreadable} listed file(s) could not be read", file=sys.stderr)
-    return 1 if failed else 0
-
-
 def _register_split(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
         "split", help="split a file into byte parts plus a SHA256SUMS manifest (for publishing)",
@@ -181,7 +97,7 @@ def _register_split(subparsers: argparse._SubParsersAction) -> None:  # type: ig
 
 
 def _split(args: argparse.Namespace) -> int:
-    from ..split import split_file
+    from ..files.split import split_file
 
     result = split_file(args.file, max_size=args.max_size, output_dir=args.output_dir, force=args.force)
     if args.json:
@@ -201,7 +117,7 @@ def _split(args: argparse.Namespace) -> int:
 
 
 def _reshard(args: argparse.Namespace) -> int:
-    from ..split import reshard_file
+    from ..files.split import reshard_file
 
     result = reshard_file(args.file, args.output_dir or args.file.parent, max_shard_size=args.max_shard_size,
                           force=args.force)
@@ -232,9 +148,9 @@ def _register_inspect(subparsers: argparse._SubParsersAction) -> None:  # type: 
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from ..inspect_path import inspect_path
-    from ..paths import looks_like_path
-    from ..presets import resolve_model
+    from ..checkpoint.inspect import inspect_path
+    from ..checkpoint.presets import resolve_model
+    from ..files.paths import looks_like_path
 
     path = Path(args.path)
     if not path.exists() and not looks_like_path(args.path):  # a model name: its download folder

@@ -13,9 +13,8 @@ from ..errors import UsageError
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    import torch
 
-    from ..generate import GenerationResult, Sampling
+    from ..runtime.generate import GenerationResult, Sampling
 
 EPILOG = """example (BLOOMZ, prompt format from its model card):
   gptq-tools generate ./bloomz-176B-GPTQ --max-memory 0=60GiB,1=79GiB \\
@@ -23,22 +22,8 @@ EPILOG = """example (BLOOMZ, prompt format from its model card):
 Translation:" --max-new-tokens 16
 """
 
-_DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float32": "float32", "fp32": "float32"}
-
-
-def parse_dtype(text: str) -> torch.dtype:
-    """``"float16"`` / ``"bfloat16"`` / ``"float32"`` (and short forms) to a torch dtype."""
-    import torch
-
-    try:
-        return getattr(torch, _DTYPES[text.lower()])
-    except KeyError:
-        raise UsageError(f"--dtype {text!r} is not supported; use float16, bfloat16 or float32") from None
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from .plan import add_placement_arguments
+    from .common import add_placement_arguments
 
     parser = subparsers.add_parser(
         "generate", help="load a GPTQ model (across GPUs/CPU/disk) and generate text for a prompt",
@@ -73,8 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def sampling_from_args(args: argparse.Namespace) -> Sampling:
-    """The :class:`~gptq_tools.generate.Sampling` the options ask for (checked)."""
-    from ..generate import Sampling
+    """The :class:`~gptq_tools.runtime.generate.Sampling` the options ask for (checked)."""
+    from ..runtime.generate import Sampling
 
     knobs = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     given = {name: value for name, value in knobs.items() if value is not None}
@@ -96,8 +81,8 @@ def _report(result: GenerationResult) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from ..generate import generate_each, generate_text, load_for_generation
-    from .plan import caps_from_args
+    from ..runtime.generate import generate_each, generate_text, load_for_generation
+    from .common import caps_from_args, parse_dtype
 
     sampling = sampling_from_args(args)
     if not args.interactive and not args.prompt:

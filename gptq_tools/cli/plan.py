@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 from ..units import format_size, parse_size
-from .generate import parse_dtype
+from .common import add_placement_arguments, caps_from_args, options_from_args
 
 if TYPE_CHECKING:  # the planner imports torch: only when a command runs, not to build the CLI
-    from ..plan import Placement, PlanOptions
+    from ..runtime.plan import Placement
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,44 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_plan)
 
 
-def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``plan`` and ``generate``."""
-    parser.add_argument("--max-memory", help="caps per device: 0=60GiB,1=79GiB,cpu=64GiB (sizes as accelerate reads "
-                        "them: GiB = 2^30, GB = 10^9, a lowercase b means bits, a bare number is bytes)")
-    parser.add_argument("--gpus", help="GPU sizes instead of --max-memory: 2x80GB, 3x48GiB or 80GiB,48GiB")
-    parser.add_argument("--batch-size", type=int, default=1, help="batch size to reserve headroom for (default 1)")
-    parser.add_argument("--seq-len", type=int, default=2048,
-                        help="prompt + new tokens to reserve headroom for (default 2048)")
-    parser.add_argument("--dtype", default="float16", help="float16 (default), bfloat16 or float32")
-    parser.add_argument("--cuda-context", default="1GiB", help="memory the CUDA context takes per GPU (default 1GiB)")
-    parser.add_argument("--offload-folder", help="allow modules that fit nowhere else on disk, in this folder")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow model code shipped with the checkpoint (off by default)")
-
-
-def options_from_args(args: argparse.Namespace) -> PlanOptions:
-    from ..plan import PlanOptions
-
-    if args.batch_size < 1 or args.seq_len < 1:
-        raise UsageError("--batch-size and --seq-len must be positive")
-    return PlanOptions(dtype=parse_dtype(args.dtype), batch_size=args.batch_size, seq_len=args.seq_len,
-                       cuda_context_bytes=parse_size(args.cuda_context, what="--cuda-context"),
-                       allow_disk=args.offload_folder is not None)
-
-
-def caps_from_args(args: argparse.Namespace, *, required: bool) -> dict[int | str, int] | None:
-    """The per-device caps of ``--max-memory`` or ``--gpus`` (None when neither is given and not ``required``)."""
-    from ..plan import parse_gpus, parse_max_memory
-
-    if (args.max_memory and args.gpus) or (required and not args.max_memory and not args.gpus):
-        raise UsageError("give exactly one of --max-memory (0=60GiB,1=79GiB) or --gpus (2x80GB)")
-    if not args.max_memory and not args.gpus:
-        return None
-    return parse_max_memory(args.max_memory) if args.max_memory else parse_gpus(args.gpus)
-
-
 def run_plan(args: argparse.Namespace) -> int:
-    from ..plan import load_layout, place_layout
+    from ..runtime.plan import load_layout, place_layout
 
     if args.engine == "vllm":
         return _run_vllm_plan(args)
@@ -91,7 +55,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def _run_vllm_plan(args: argparse.Namespace) -> int:
-    from ..serving_plan import ServingOptions, format_serving_plan, plan_serving
+    from ..serving.plan import ServingOptions, format_serving_plan, plan_serving
 
     if not args.gpus or args.max_memory:
         raise UsageError("--engine vllm takes --gpus (8x80GB: the GPUs of one node), not --max-memory")

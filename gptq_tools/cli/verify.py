@@ -1,4 +1,5 @@
-"""``gptq-tools verify``: argument parsing and sha256sum-exact printing only (the work is in :mod:`gptq_tools.verify`).
+"""``gptq-tools verify``: argument parsing and sha256sum-exact printing only (the work is in
+:mod:`gptq_tools.files.verify`).
 
 Output follows GNU coreutils ``sha256sum`` byte for byte where the two overlap: ``NAME: OK`` /
 ``NAME: FAILED`` / ``NAME: FAILED open or read`` on stdout, the system's reason and the summary
@@ -15,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..manifest import IMPROPER, MalformedLine, escape_name
-from ..quoting import quote_name
+from ..files.manifest import IMPROPER, MalformedLine, escape_name
+from ..files.quoting import quote_name
 
 _PREFIX = b"gptq-tools: "
 _CHECK_OPTIONS = ("ignore_missing", "strict")
@@ -165,15 +166,15 @@ def _print_json(payload: dict[str, Any], results: list[Any]) -> None:
 def _junit(path: Path | None, suites: list[tuple[str, tuple[Any, ...]]]) -> None:
     if path is None:
         return
-    from ..junit import JunitSuite, write_junit
+    from ..files.junit import JunitSuite, write_junit
 
     write_junit(path, [JunitSuite(name, cases) for name, cases in suites])
 
 
 # -- modes -------------------------------------------------------------------------------------------------
 def _manifests(args: argparse.Namespace) -> int:
-    from ..junit import cases_from_checks
-    from ..verify import check_manifests
+    from ..files.junit import cases_from_checks
+    from ..files.verify import check_manifests
 
     reports = check_manifests(args.files or ["-"], ignore_missing=args.ignore_missing, workers=args.workers)
     for report in reports:
@@ -194,8 +195,8 @@ def _manifests(args: argparse.Namespace) -> int:
 
 def _listed_files(args: argparse.Namespace) -> int:
     """``--sha256 HEX FILE`` or ``--manifest M [FILE...]``: check, printed like ``sha256sum -c``."""
-    from ..junit import cases_from_checks
-    from ..verify import verify_files
+    from ..files.junit import cases_from_checks
+    from ..files.verify import verify_files
 
     if args.check and args.manifest is not None:
         from ..errors import UsageError
@@ -214,8 +215,8 @@ def _listed_files(args: argparse.Namespace) -> int:
 
 def _hashes(args: argparse.Namespace) -> int:
     """``verify FILE...`` with nothing to compare with: ``HASH  FILE`` lines, as ``sha256sum FILE...``."""
-    from ..junit import cases_from_checks
-    from ..verify import hash_files
+    from ..files.junit import cases_from_checks
+    from ..files.verify import hash_files
 
     results = hash_files(args.files, workers=args.workers)
     for result in results:
@@ -232,8 +233,8 @@ def _hashes(args: argparse.Namespace) -> int:
 
 
 def _remote(args: argparse.Namespace) -> int:
-    from ..junit import cases_from_checks
-    from ..verify_remote import verify_remote
+    from ..files.junit import cases_from_checks
+    from ..hub.verify_remote import verify_remote
 
     report = verify_remote(args.remote, revision=args.revision, manifest=args.manifest, token=args.token)
     if not args.json and args.mode != "status":
@@ -254,7 +255,7 @@ def _remote(args: argparse.Namespace) -> int:
         _print_json({"ok": ok, **payload}, list(report.results))
     cases = cases_from_checks(report.results, report.malformed, strict=args.strict, source=report.source)
     if args.strict:
-        from ..junit import JunitCase
+        from ..files.junit import JunitCase
 
         cases += tuple(JunitCase(path, "failure", "not listed in the manifest") for path in report.uncovered)
     _junit(args.junit, [(f"{report.repo_id}@{report.commit}", cases)])
@@ -263,15 +264,15 @@ def _remote(args: argparse.Namespace) -> int:
 
 def _structure_or_parts(args: argparse.Namespace) -> int:
     from ..errors import UsageError
-    from ..junit import cases_from_checks
-    from ..verify import FileCheck, verify_parts
-    from .files import _report, _structure_check, _structure_report
+    from ..files.junit import cases_from_checks
+    from ..files.verify import FileCheck, verify_parts
+    from .common import report_checks, structure_check, structure_report
 
     if args.structure:
-        results = [_structure_check(Path(path)) for path in args.files]
+        results = [structure_check(Path(path)) for path in args.files]
         if not results:
             raise UsageError("--structure needs at least one file or folder")
-        status = _structure_report(results, as_json=args.json)
+        status = structure_report(results, as_json=args.json)
         _junit(args.junit, [("structure", cases_from_checks(results))])
         return status
     else:
@@ -279,6 +280,6 @@ def _structure_or_parts(args: argparse.Namespace) -> int:
         manifest = args.manifest if args.manifest is not None else (
             args.files[0] if args.check and len(args.files) == 1 else None)
         results = [verify_parts(parts, sha256=args.sha256, manifest=manifest, part_hashes=args.part_hashes)]
-    status = _report(results, as_json=args.json, check_type=FileCheck)
+    status = report_checks(results, as_json=args.json, check_type=FileCheck)
     _junit(args.junit, [("parts", cases_from_checks(results))])
     return status

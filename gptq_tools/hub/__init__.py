@@ -1,4 +1,5 @@
-"""Branch-aware Hub download: verified, resumable, parallel, split parts joined on arrival."""
+"""Branch-aware Hub download (imports checkpoint, files and ground): verified, resumable, parallel, split
+parts joined on arrival, and ``verify --remote``."""
 
 from __future__ import annotations
 

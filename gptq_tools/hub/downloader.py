@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HubError, UsageError
-from ..fileio import unlink
+from ..files.fileio import unlink
 from ..progress import byte_bar
 from .plan import (
     MANIFEST_NAMES,
@@ -219,7 +219,7 @@ def _check_can_start(plan: DownloadPlan, todo: list[PlannedFile], *, check_space
 def _headers(token: str | bool | None) -> dict[str, str]:
     from huggingface_hub.utils import build_hf_headers
 
-    from .. import __version__
+    from ..constants import __version__
 
     return build_hf_headers(token=token, library_name="gptq-tools", library_version=__version__)
 
@@ -262,7 +262,7 @@ class _Joiner:
 
     def _join(self, join: PlannedJoin) -> JoinedFile:
         try:
-            from ..join import join_parts
+            from ..files.join import join_parts
         except ImportError:
             raise HubError(f"{join.output}: this build of gptq-tools has no join module; the parts are downloaded "
                            f"and verified, join them with a newer gptq-tools or rerun with --no-join") from None

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InsufficientSpaceError, OutputExistsError, UsageError
-from ..fileio import sha256_file
-from ..names import check_no_clashes, validate_relative_name
-from ..parts import parse_part_name
-from ..pipeline import WholeHasher, file_segments, run_pipeline
+from ..files.names import check_no_clashes, validate_relative_name
+from ..files.parts import parse_part_name
+from ..files.pipeline import WholeHasher, file_segments, run_pipeline, sha256_file
 from ..units import format_size
 from .remote import RemoteFile, ResolvedRepo
 from .state import LocalState
@@ -263,7 +262,7 @@ def _join_done(join: PlannedJoin, state: LocalState) -> bool:
 
 def manifest_hash(join: PlannedJoin, local_dir: Path, files: list[RemoteFile] | tuple[RemoteFile, ...]) -> str | None:
     """The SHA256 that the repository's ``SHA256SUMS`` (already downloaded into ``local_dir``) gives ``join``."""
-    from ..manifest import parse_manifest
+    from ..files.manifest import parse_manifest
 
     name = next((f.path for f in files if f.path in MANIFEST_NAMES), None)
     if name is None or not (local_dir / name).is_file():

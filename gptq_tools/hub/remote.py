@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from ..checkpoint.presets import Preset, parse_model_spec
 from ..errors import (
     GptqToolsError,
     HubAuthError,
@@ -23,9 +24,8 @@ from ..errors import (
     RevisionNotFoundError,
     UnsafeNameError,
 )
-from ..fileio import TEMP_PREFIX
-from ..names import check_no_clashes, validate_relative_name
-from ..presets import Preset, parse_model_spec
+from ..files.fileio import TEMP_PREFIX
+from ..files.names import check_no_clashes, validate_relative_name
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..constants import IO_CHUNK_BYTES
-from ..fileio import fsync_dir, replace, rmtree, unlink, write_bytes_atomic
-from ..pipeline import CallbackConsumer, Consumer, Segment, WholeHasher, run_pipeline
+from ..files.fileio import fsync_dir, replace, rmtree, unlink, write_bytes_atomic
+from ..files.pipeline import CallbackConsumer, Consumer, Segment, WholeHasher, run_pipeline
 
 logger = logging.getLogger(__name__)
 

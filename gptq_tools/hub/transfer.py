@@ -10,7 +10,7 @@ requests, at most ``window`` bytes ahead of the first byte not yet written. Arri
 to ``incomplete/<hash>-<path id>.incomplete`` strictly in file order and fed to the hasher as they are
 written (no second read); out-of-order chunks wait in memory. The file on disk is therefore always a
 clean prefix, which is what a re-run resumes from after re-hashing it. Only when all bytes are there and
-the digest matches the Hub's does the file take its final name (:func:`gptq_tools.fileio.replace`). A
+the digest matches the Hub's does the file take its final name (:func:`gptq_tools.files.fileio.replace`). A
 wrong digest is fetched once more from scratch, then reported with both hashes. A server that sends
 more or fewer bytes than the listing says, or redirects in a loop, is an error at once.
 """
@@ -33,7 +33,7 @@ from ..errors import (
     HubError,
     IncompleteDownloadError,
 )
-from ..fileio import fsync_dir, raise_if_no_space, replace, unlink
+from ..files.fileio import fsync_dir, raise_if_no_space, replace, unlink
 from .http import MAX_REDIRECTS, make_client
 from .state import feed_file, start_hasher
 

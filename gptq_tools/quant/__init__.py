@@ -1,4 +1,5 @@
-"""GPTQ quantization: the solver, the streaming driver and the AutoGPTQ checkpoint writer.
+"""GPTQ quantization (imports checkpoint, files and ground): the solver, the streaming driver and the
+AutoGPTQ checkpoint writer.
 
 Modules:
     config: :class:`QuantizeConfig`, the frozen settings (bits, group size, act-order, ...).

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .. import __version__
+from ..checkpoint.packing import CHECKPOINT_FORMATS, SUPPORTED_BITS
+from ..constants import __version__
 from ..errors import UsageError
-from ..packing import CHECKPOINT_FORMATS, SUPPORTED_BITS
 
 #: Group sizes vLLM's GPTQ kernels (Marlin, and its CPU path) take.
 VLLM_GROUP_SIZES = (-1, 32, 64, 128)

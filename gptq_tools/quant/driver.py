@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
+from ..checkpoint.packing import pack_qweight, pack_qzeros
 from ..errors import CalibrationError, DistributedError, GptqToolsError, QuantizationError, UsageError
-from ..fileio import check_free_space, rmtree, unlink
-from ..packing import pack_qweight, pack_qzeros
+from ..files.fileio import check_free_space, rmtree, unlink
 from ..progress import tqdm
 from ..units import parse_size
 from . import distributed

@@ -1,7 +1,7 @@
 """Perplexity of a model folder, fp16 or GPTQ (dequantized on load): the quality benchmark's yardstick.
 
 A GPTQ folder is read through its own checkpoint tensors (``qweight``/``qzeros``/``scales``/``g_idx``
-are dequantized with :func:`gptq_tools.packing.dequantize`), so the number measures exactly what the
+are dequantized with :func:`gptq_tools.checkpoint.packing.dequantize`), so the number measures exactly what the
 checkpoint stores, whoever wrote it.
 """
 
@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.packing import dequantize
 from ..errors import CheckpointError, UsageError
-from ..packing import dequantize
 
 QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:
     """The weight files of a folder (fp16 model or GPTQ checkpoint), found as the loader finds them."""
-    from ..model_files import find_checkpoint_files
+    from ..checkpoint.model_files import find_checkpoint_files
 
     found = find_checkpoint_files(folder)
     if any(wf.is_parts for wf in found.files):

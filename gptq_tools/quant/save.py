@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from ..errors import InsufficientSpaceError, OutputExistsError, QuantizationError
-from ..fileio import atomic_path, fsync_dir, raise_if_no_space, replace, rmtree, sha256_file, write_bytes_atomic
-from ..safetensors_format import build_header
-from ..split import plan_shards, shard_names
+from ..files.fileio import atomic_path, fsync_dir, raise_if_no_space, replace, rmtree, write_bytes_atomic
+from ..files.pipeline import sha256_file
+from ..files.safetensors_format import build_header
+from ..files.split import plan_shards, shard_names
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def copy_tokenizer(source: Path, folder: Path) -> list[str]:
 
 def write_checksums(folder: Path) -> Path:
     """``SHA256SUMS`` (sha256sum format) over every file in ``folder`` except itself, sorted by name."""
-    from ..manifest import write_manifest
+    from ..files.manifest import write_manifest
 
     entries = {path.name: sha256_file(path) for path in sorted(folder.iterdir())
                if path.is_file() and path.name != MANIFEST_NAME}
@@ -189,7 +190,7 @@ def publish(staging: Path, output: Path) -> None:
 def finished_checkpoint(output: Path) -> tuple[str, ...] | None:
     """The file names of ``output`` when it is a complete checkpoint: its ``SHA256SUMS`` lists every other
     file and every file matches. None otherwise (missing, empty, unlisted or damaged files)."""
-    from ..manifest import parse_manifest
+    from ..files.manifest import parse_manifest
 
     if not (output / MANIFEST_NAME).is_file():
         return None

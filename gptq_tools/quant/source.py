@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from ..architectures import ArchSpec, get_arch
-from ..config_check import validate_model_config
+from ..checkpoint.architectures import ArchSpec, get_arch
+from ..checkpoint.config_check import validate_model_config
+from ..checkpoint.model_files import read_json
 from ..errors import CheckpointError, QuantizationError
-from ..model_files import read_json
 
 logger = logging.getLogger(__name__)
 
