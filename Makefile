@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo fuzz bench bench-join bench-download bench-load bench-quant bench-kernels bench-quant-memory bench-quant-dist venv-gptqmodel venv-vllm interop lint clean
+.PHONY: install test test-slow demo fuzz bench bench-join bench-download bench-load bench-quant bench-kernels bench-quant-memory bench-quant-dist bench-cpu-peers gpu-check venv-gptqmodel venv-vllm venv-llamacpp interop lint clean
 
 install: $(STAMP)
 
@@ -84,6 +84,27 @@ venv-vllm:
 	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	.venv-vllm/bin/python -m pip install -q --no-deps -e .
 	.venv-vllm/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+
+# llama.cpp, our CPU peer, as llama-cpp-python built from source (about an hour on 2 cores), with the gguf
+# converter from its sdist (vendor/llama.cpp/convert_hf_to_gguf.py) and what that needs (torch pinned).
+LLAMACPP_PYTHON ?= .venv-llamacpp/bin/python
+venv-llamacpp:
+	test -x .venv-llamacpp/bin/python || $(PYTHON) -m venv .venv-llamacpp
+	.venv-llamacpp/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
+	.venv-llamacpp/bin/python -m pip install -q -c constraints.txt "llama-cpp-python==0.3.36" transformers sentencepiece protobuf numpy
+	.venv-llamacpp/bin/python -m pip download -q --no-deps --no-binary :all: -d .venv-llamacpp/sdist "llama-cpp-python==0.3.36"
+	cd .venv-llamacpp/sdist && tar xzf llama_cpp_python-0.3.36.tar.gz
+	.venv-llamacpp/bin/python -m pip install -q -c constraints.txt .venv-llamacpp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py
+	.venv-llamacpp/bin/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
+
+# gptq-tools against its CPU peers on a 1B LLaMA-shaped model it quantizes itself: decode and prefill tokens/s
+# for gptq-tools (auto kernel), transformers fp32, and llama.cpp Q4_0 / Q4_K_M (when make venv-llamacpp ran).
+bench-cpu-peers: $(STAMP)
+	$(PY) scripts/bench_cpu_peers.py $(if $(wildcard $(LLAMACPP_PYTHON)),--llamacpp $(LLAMACPP_PYTHON),)
+
+# On a machine with a CUDA GPU: every gpu-marked test and the GPU rows of the kernel benchmark, one summary.
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py
 
 # The interop matrix (transformers, GPTQModel, vLLM; each skipped when its venv is missing).
 interop: $(STAMP)

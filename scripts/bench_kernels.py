@@ -296,10 +296,11 @@ def gpu_section(rows: list[dict], shapes: list[tuple[int, int]], repeats: int) -
             for kernel in ("triton", "cuda-int4"):
                 candidate = random_layer(4, group_size, in_features, out_features, act_order=True, device="cuda")
                 candidate.kernel = kernel
-                try:
-                    candidate.select_kernel("cuda")
-                except ValueError as exc:
-                    print(f"GPU {kernel} {in_features}x{out_features}: {exc}", flush=True)
+                _, reason = try_select(candidate, "cuda")
+                if reason is not None:
+                    rows.append({"section": "gpu", "case": f"4bit g{group_size} act {in_features}x{out_features}",
+                                 "kernel": kernel, "unsupported": reason})
+                    print_row(rows[-1])
                     continue
                 for batch in GPU_BATCHES:
                     x = torch.randn(batch, in_features, dtype=torch.float16, device="cuda")
@@ -558,6 +559,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="OPT-30B 7168x7168 only, no end-to-end run")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per case (median; default 5)")
+    parser.add_argument("--gpu-only", action="store_true", help="only the GPU rows (make gpu-check)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -572,13 +574,14 @@ def main() -> int:
     decode_shapes = DECODE_SHAPES[:1] if args.quick else DECODE_SHAPES
     prefill_shapes = PREFILL_SHAPES[:1] if args.quick else PREFILL_SHAPES
     print(f"torch {torch.__version__}, {THREADS} threads, CPU {results['cpu']}; medians of {args.repeats}", flush=True)
-    results["read_bandwidth_gb_s"] = bandwidth = read_bandwidth(THREADS)
-    print(f"read bandwidth ({THREADS} threads, 512 MiB sum): {bandwidth:.1f} GB/s", flush=True)
-    cpu_decode(rows, decode_shapes, args.repeats, bandwidth)
-    cpu_fallbacks(rows, args.repeats)
-    cpu_prefill(rows, prefill_shapes, max(3, args.repeats // 2))
+    if not args.gpu_only:
+        results["read_bandwidth_gb_s"] = bandwidth = read_bandwidth(THREADS)
+        print(f"read bandwidth ({THREADS} threads, 512 MiB sum): {bandwidth:.1f} GB/s", flush=True)
+        cpu_decode(rows, decode_shapes, args.repeats, bandwidth)
+        cpu_fallbacks(rows, args.repeats)
+        cpu_prefill(rows, prefill_shapes, max(3, args.repeats // 2))
     gpu_section(rows, decode_shapes, args.repeats * 4)
-    if not args.quick:
+    if not args.quick and not args.gpu_only:
         end_to_end(rows, results)
     results["rows"] = rows
     failures = missed(rows)
