@@ -93,13 +93,13 @@ INLINE float half_to_float(uint16_t h) {
 INLINE vf load_scales(const void *scales, int64_t index, int scales_f32) {
     if (scales_f32) return load_floats((const float *)scales + index);
     const uint16_t *h = (const uint16_t *)scales + index;
-    vf out;
+    vf out = {0};
     for (int l = 0; l < L; l++) out[l] = half_to_float(h[l]);
     return out;
 }
 
 INLINE vi load_zeros(const uint8_t *zeros) {
-    vi out;
+    vi out = {0};
     for (int l = 0; l < L; l++) out[l] = zeros[l];
     return out;
 }
