@@ -15,7 +15,8 @@
    Also the machine's read bandwidth (2 threads, a 512 MiB sum) and each peer's weight bytes read per token,
    so decode can be read as a share of the bandwidth ceiling.
 
-Every peer runs with ``--threads`` threads (default 2). Not in CI (minutes, and the llama.cpp build is an hour).
+Every peer runs with ``--threads`` threads (default 2), idle OpenMP workers sleeping (``OMP_WAIT_POLICY=PASSIVE``,
+as the gptq-tools CLI sets it). Not in CI (minutes, and the llama.cpp build is an hour).
 Writes ``bench-out/cpu-peers/results.json``; prints the table and the ratios the issue asks for.
 """
 
@@ -187,7 +188,8 @@ print(json.dumps({"prefill_tok_s": n_prefill / prefill, "decode_tok_s": n_new / 
 
 def run_child(args: list[str], python: str = sys.executable) -> dict:
     done = subprocess.run([python, *args], capture_output=True, text=True, cwd=REPO_ROOT, check=False,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "GPTQ_TOOLS_DISABLE_PROGRESS": "1"})
+                          env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONPATH": str(REPO_ROOT),
+                               "GPTQ_TOOLS_DISABLE_PROGRESS": "1"})
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:300]}
     return json.loads(done.stdout.strip().splitlines()[-1])
