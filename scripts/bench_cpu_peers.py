@@ -49,7 +49,8 @@ def build_fp16(folder: Path, vocab: int) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(vocab_size=vocab, max_position_embeddings=2048, rms_norm_eps=1e-5, torch_dtype="float16",
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **SHAPE)
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                         architectures=["LlamaForCausalLM"], **SHAPE)
     config.save_pretrained(folder)
     generator = torch.Generator().manual_seed(0)
     save_file({"input_ids": torch.randint(3, vocab, (16, 256), generator=generator)},
@@ -95,7 +96,7 @@ def quantize(fp16: Path, out: Path, method: str, threads: int) -> Path:
 
 def gguf_files(fp16: Path, llamacpp_python: str, vocab: int) -> dict[str, Path]:
     """Q4_0 and Q4_K_M GGUF files of the fp16 weights (converted once, cached beside them)."""
-    converter = Path(llamacpp_python).resolve().parent.parent / "sdist" / "llama_cpp_python-0.3.36" / "vendor" / \
+    converter = Path(os.path.abspath(llamacpp_python)).parent.parent / "sdist" / "llama_cpp_python-0.3.36" / "vendor" / \
         "llama.cpp" / "convert_hf_to_gguf.py"
     if not (fp16 / "tokenizer.model").is_file():  # llama.cpp's converter needs a tokenizer; ours needs none
         subprocess.run([llamacpp_python, "-c", TOKENIZER, str(fp16), str(vocab), str(REPO_ROOT)], check=True)
