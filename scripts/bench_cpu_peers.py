@@ -96,8 +96,8 @@ def quantize(fp16: Path, out: Path, method: str, threads: int) -> Path:
 
 def gguf_files(fp16: Path, llamacpp_python: str, vocab: int) -> dict[str, Path]:
     """Q4_0 and Q4_K_M GGUF files of the fp16 weights (converted once, cached beside them)."""
-    converter = Path(os.path.abspath(llamacpp_python)).parent.parent / "sdist" / "llama_cpp_python-0.3.36" / "vendor" / \
-        "llama.cpp" / "convert_hf_to_gguf.py"
+    sdist = Path(os.path.abspath(llamacpp_python)).parent.parent / "sdist" / "llama_cpp_python-0.3.36"
+    converter = sdist / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
     if not (fp16 / "tokenizer.model").is_file():  # llama.cpp's converter needs a tokenizer; ours needs none
         subprocess.run([llamacpp_python, "-c", TOKENIZER, str(fp16), str(vocab), str(REPO_ROOT)], check=True)
         (fp16 / "tokenizer_config.json").write_text(json.dumps(
