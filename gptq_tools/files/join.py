@@ -173,7 +173,9 @@ def join_parts(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
         finished = _finished_join(part_set, final, expected, delete_parts)
         if finished is not None:
             return finished
-    check_output_free(final, force=force)
+    check_output_free(final, force=force, why="" if expected.covers(part_set) else (
+        " and, with no expected hash, cannot be told from a good join (pass --sha256 HEX or --manifest "
+        "SHA256SUMS to check it and keep it)"))
     if final.name.endswith(".safetensors"):
         check_safetensors_parts(part_set)
     with atomic_path(final, force=force) as temp:

@@ -105,6 +105,9 @@ def load_calibration(path: str | Path, tokenizer: Any, *, nsamples: int, seqlen:
         CalibrationError: missing, empty, unreadable, unknown format, or fewer than ``seqlen`` tokens.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CalibrationError(f"{path} is a folder; give one calibration file in it (.txt, .jsonl, .safetensors "
+                               f"or .pt), e.g. {path}/train.txt")
     if not path.is_file():
         raise CalibrationError(f"{path}: calibration file not found")
     suffix = path.suffix.lower()
