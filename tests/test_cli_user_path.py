@@ -181,3 +181,22 @@ def test_caps_without_a_unit_warn(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--gpus: cap(s) below 1 MiB (0=80 B, 1=80 B): a bare number is bytes; write the unit" in err
     main(["plan", "bloomz-176b-gptq", "--gpus", "2x80GB"])
     assert "below 1 MiB" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- verify: one meaning of ok
+def test_unverified_is_not_ok_in_any_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = random_model_file(tmp_path / "model.safetensors")
+    parts = split_bytes(model, tmp_path / "parts", model.stat().st_size // 2 + 1)
+    assert main(["verify", "--parts", str(parts[0].parent), "--json"]) == 1  # nothing to compare with
+    report = json.loads(capsys.readouterr().out)
+    assert (report["ok"], report["failed"], report["results"][0]["status"]) == (False, 1, "UNVERIFIED")
+    assert main(["verify", "--parts", str(parts[0].parent)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == f"{sha256(model)}  model.safetensors\n"
+    assert "NOT verified: no expected hash" in captured.err and "1 file(s) could not be verified" in captured.err
+    assert main(["verify", "--parts", str(parts[0].parent), "--sha256", sha256(model), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    # sha256sum FILE: only hashes were asked for; they are HASHED, not "verified"
+    assert main(["verify", str(model), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["ok"], report["results"][0]["status"]) == (True, "HASHED")

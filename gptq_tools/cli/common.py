@@ -128,8 +128,13 @@ def structure_report(results: list[Any], *, as_json: bool) -> int:
     return 1 if failed else 0
 
 
+#: Statuses that fail a check, in every mode of ``verify`` (exit status 1, ``"ok": false``): a check that found no
+#: expected hash (UNVERIFIED) proves nothing, so it is not OK.
+NOT_OK = ("FAILED", "MISSING", "UNVERIFIED")
+
+
 def report_checks(results: list[Any], *, as_json: bool, check_type: type) -> int:
-    failed = [r for r in results if r.status in ("FAILED", "MISSING")]
+    failed = [r for r in results if r.status in NOT_OK]
     if as_json:
         print(json.dumps({"ok": not failed, "failed": len(failed), "results": [r.to_dict() for r in results]},
                          indent=2))
@@ -148,7 +153,10 @@ def report_checks(results: list[Any], *, as_json: bool, check_type: type) -> int
         else:
             print(f"{result.name}: {result.status}" + (f" ({result.detail})" if result.detail else ""))
     mismatched = sum(1 for r in failed if r.status == "FAILED")
-    unreadable = len(failed) - mismatched
+    unverified = sum(1 for r in failed if r.status == "UNVERIFIED")
+    unreadable = len(failed) - mismatched - unverified
+    if unverified:
+        print(f"gptq-tools: WARNING: {unverified} file(s) could not be verified (no expected hash)", file=sys.stderr)
     if mismatched:
         noun = "checksum" if mismatched == 1 else "checksums"
         print(f"gptq-tools: WARNING: {mismatched} computed {noun} did NOT match", file=sys.stderr)

@@ -15,7 +15,7 @@ import stat
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -45,8 +45,9 @@ class FileCheck:
     """The outcome for one file.
 
     ``status`` is ``OK``, ``FAILED`` (hash differs), ``MISSING`` (could not be opened or read: sha256sum's
-    "FAILED open or read"), ``SKIPPED`` (absent, with ``ignore_missing``) or ``UNVERIFIED`` (hashed, nothing
-    to compare with). ``detail`` says why for anything but OK (for MISSING, the system's reason);
+    "FAILED open or read"), ``SKIPPED`` (absent, with ``ignore_missing``), ``UNVERIFIED`` (a check was asked
+    for but no expected hash was found: never OK, in every mode) or ``HASHED`` (``sha256sum FILE``: only the
+    hash was asked for). ``detail`` says why for anything but OK (for MISSING, the system's reason);
     ``note`` is advice worth a line on stderr (a Git LFS pointer where the data should be).
     """
 
@@ -169,11 +170,12 @@ def _entry_job(name: str, folder: Path, expected: str, line: int | None) -> _Job
 
 def hash_files(files: Sequence[str | os.PathLike[str]], *, workers: int | None = None,
                progress: bool | None = None) -> list[FileCheck]:
-    """``sha256sum FILE...``: the SHA256 of each file (``-`` is standard input), status ``UNVERIFIED``.
+    """``sha256sum FILE...``: the SHA256 of each file (``-`` is standard input), status ``HASHED``.
 
     A file that cannot be read gets status ``MISSING`` with the system's reason in ``detail``.
     """
-    return _run_jobs([_Job(str(f), Path(f), None) for f in files], workers=workers, progress=progress)
+    results = _run_jobs([_Job(str(f), Path(f), None) for f in files], workers=workers, progress=progress)
+    return [replace(r, status="HASHED", detail="") if r.status == "UNVERIFIED" else r for r in results]
 
 
 def verify_files(files: Sequence[str | os.PathLike[str]] = (), *, sha256: str | None = None,
