@@ -22,7 +22,7 @@ from typing import BinaryIO
 from ..constants import IO_CHUNK_BYTES
 from ..errors import ManifestError, UsageError
 from ..progress import byte_bar
-from .join import expected_hashes, resolve_part_set
+from .join import check_parts_structure, expected_hashes, resolve_part_set
 from .manifest import (
     STDIN_NAME,
     MalformedLine,
@@ -31,7 +31,6 @@ from .manifest import (
     read_manifest_bytes,
     unsafe_name_reason,
 )
-from .parts import check_safetensors_parts
 from .pipeline import CallbackConsumer, Consumer, Segment, SegmentHasher, WholeHasher, run_pipeline, sha256_file
 from .safetensors_format import LFS_POINTER_PREFIX
 
@@ -316,7 +315,7 @@ def verify_parts(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike[str
     part_set = resolve_part_set(parts)
     expected = expected_hashes(part_set, expected_sha256=sha256, manifest=manifest)
     if part_set.output_name.endswith(".safetensors"):
-        check_safetensors_parts(part_set)
+        check_parts_structure(part_set, expected, output=part_set.output_name)
     whole = WholeHasher()
     consumers: list[Consumer] = [whole]
     per_part = SegmentHasher(len(part_set.parts)) if (part_hashes or expected.parts) else None
