@@ -200,3 +200,21 @@ def test_unverified_is_not_ok_in_any_mode(tmp_path: Path, capsys: pytest.Capture
     assert main(["verify", str(model), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["ok"], report["results"][0]["status"]) == (True, "HASHED")
+
+
+def test_smallest_change_is_exact_for_a_tiny_model(tmp_path: Path) -> None:
+    """A 1 MiB model used to be told to add 64 MiB: the bisection now runs over bytes."""
+    from gptq_tools.runtime.plan import PlanOptions, load_layout, place_layout
+    from gptq_tools.units import parse_size
+
+    from .tiny_gptq import build_tiny_checkpoint
+
+    folder = build_tiny_checkpoint(tmp_path / "tiny").folder
+    options = PlanOptions(batch_size=1, seq_len=16, cuda_context_bytes=0)
+    layout, _ = load_layout(folder, options=options)
+    placement = place_layout(layout, {0: layout.total_weight_bytes // 2}, options)
+    assert not placement.fits
+    exact = int(placement.suggestion.split("; ")[1].split(" bytes exactly")[0])
+    printed = parse_size(placement.suggestion.split("raise GPU 0 to ")[1].split(" ")[0])
+    assert place_layout(layout, {0: exact}, options).fits and not place_layout(layout, {0: exact - 1}, options).fits
+    assert 0 <= printed - exact < 0.01 * 2**20 and exact < layout.total_weight_bytes + 64 * 2**20

@@ -34,7 +34,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..runtime.plan import GiB, ModelLayout, PlanOptions, load_layout, parse_gpus
-from ..units import format_size
+from ..units import format_size, size_arg_at_least
 
 #: vLLM pads the vocabulary to a multiple of this before splitting it across TP ranks.
 VOCAB_PADDING = 64
@@ -458,14 +458,31 @@ def _smallest_fix(layout: ModelLayout, linears: dict[str, tuple[int, int]], size
                                                 kv_heads):
             fixes.append(f"{nodes} nodes of --gpus {more}x{_size_arg(gpu_bytes)}")
             break
-    for extra_gib in range(1, 1025):
-        bigger = gpu_bytes + extra_gib * GiB
-        if _choose(layout, linears, sizes, per_node, nodes, bigger, options, length, kv_heads):
-            fixes.append(f"GPUs of {format_size(bigger)} (--gpus {per_node}x{_size_arg(bigger)})")
-            break
+    bigger = _smallest_gpu(layout, linears, sizes, per_node, nodes, gpu_bytes, options, length, kv_heads)
+    if bigger is not None:
+        fixes.append(f"GPUs of {size_arg_at_least(bigger)} (--gpus {per_node}x{size_arg_at_least(bigger)}; "
+                     f"{bigger} bytes exactly)")
     if not fixes:
         return "nothing close fits; plan with more nodes (--nodes)"
     return "smallest change that fits: " + " or ".join(fixes)
+
+
+def _smallest_gpu(layout: ModelLayout, linears: dict[str, tuple[int, int]], sizes: _Sizes, per_node: int,
+                  nodes: int, gpu_bytes: int, options: ServingOptions, length: int, kv_heads: int) -> int | None:
+    """The smallest GPU size (to the byte) on which some split fits, up to 1 TiB more than now; None if none."""
+    def fits(size: int) -> bool:
+        return _choose(layout, linears, sizes, per_node, nodes, size, options, length, kv_heads) is not None
+
+    low, high = gpu_bytes + 1, gpu_bytes + 1024 * GiB
+    if not fits(high):
+        return None
+    while low < high:
+        middle = (low + high) // 2
+        if fits(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def _size_arg(size: int) -> str:
