@@ -32,6 +32,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gptq_tools.cli.quantize",
     "gptq_tools.cli.plan",
     "gptq_tools.cli.generate",
+    "gptq_tools.cli.eval",
     "gptq_tools.cli.presets",
 )
 
