@@ -64,7 +64,7 @@ def main() -> int:
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
     step("1. build a tiny model (OPT architecture, trained on offline text)")
-    model = build_tiny_model(OUT / "tiny-opt")
+    build_tiny_model(OUT / "tiny-opt")
     step("2. quantize it like the seed's main branch: GPTQ 4-bit, act-order, no grouping, one file (and RTN)")
     quantize_args = ("--calibration", "tiny-opt/train.txt", "--bits", "4", "--group-size", "-1", "--seqlen", "128",
                      "--single-file")
