@@ -82,13 +82,19 @@ def examples(page: Path) -> list[Example]:
         for offset, text in enumerate(block.body):
             if text.startswith("$ "):
                 if command is not None:
-                    found.append(Example(page, command[0], command[1], tuple(expected)))
+                    found.append(_example(page, command, expected))
                 command, expected = (block.line + offset + 1, text[2:]), []
             elif command is not None:
                 expected.append(text)
         if command is not None:
-            found.append(Example(page, command[0], command[1], tuple(expected)))
+            found.append(_example(page, command, expected))
     return found
+
+
+def _example(page: Path, command: tuple[int, str], expected: list[str]) -> Example:
+    while expected and not expected[-1].strip():  # a blank line between two commands separates them
+        expected.pop()
+    return Example(page, command[0], command[1], tuple(expected))
 
 
 def matches(expected: tuple[str, ...], actual: list[str]) -> bool:
@@ -158,6 +164,12 @@ def test_matching_rules() -> None:
     assert not matches(("a <time> s",), ["a 1.5 s", "extra"])
     assert not matches(("exact",), ["exactly"])
     assert matches(("<anything>",), ["some words"]) and not matches(("<anything>",), [""])
+
+
+def test_blank_lines_separate_commands(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("text\n\n```console\n$ a\none\n\n$ b\n```\n\n<!-- illustrative -->\n```console\n$ c\n```\n")
+    assert [(e.command, e.expected) for e in examples(page)] == [("a", ("one",)), ("b", ())]
 
 
 def test_the_documented_hub_command_starts_the_test_hub(tmp_path: Path) -> None:
