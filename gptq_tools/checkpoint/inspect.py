@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import GptqToolsError
 from ..files.parts import MultiPartReader, find_part_set, parse_part_name
-from ..files.safetensors_format import SafetensorsHeader, read_header, read_header_from
+from ..files.safetensors_format import SafetensorsHeader, open_regular_file, read_header, read_header_from
 
 
 def inspect_path(path: str | os.PathLike[str], *, list_tensors: bool = False) -> dict[str, Any]:
@@ -45,9 +45,9 @@ def sniff_non_safetensors(path: Path) -> str | None:
     """What ``path`` is when it clearly is not safetensors (``"JSON"``, ``"a zip archive (a PyTorch .bin/.pt)"``,
     ...), from its first bytes; None when it may be safetensors (the full check then names any problem)."""
     try:
-        with open(path, "rb") as handle:
+        with open_regular_file(path) as handle:  # a FIFO or a device is refused without being read
             head = handle.read(4096)
-    except OSError:
+    except (OSError, GptqToolsError):
         return None  # the safetensors reader reports why it cannot be read
     if head.startswith(b"version https://git-lfs"):
         return None  # the reader names Git LFS pointers itself
