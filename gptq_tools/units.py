@@ -94,3 +94,17 @@ def format_size(num_bytes: int | float, *, binary: bool = True) -> str:
             return f"{int(value)} B" if suffix == "B" else f"{value:.2f} {suffix}"
         value /= base
     raise AssertionError("unreachable")
+
+
+def size_arg_at_least(num_bytes: int) -> str:
+    """``num_bytes`` as a size word for the command line (``56.26GiB``, or a bare byte count under 1 KiB), rounded
+    *up* to the two decimals :func:`format_size` shows, so that :func:`parse_size` reads it back as no less than
+    ``num_bytes``: a cap that is sure to be enough."""
+    number, _, suffix = format_size(num_bytes).partition(" ")
+    if suffix == "B":
+        return str(num_bytes)
+    unit = 1024 ** (["KiB", "MiB", "GiB", "TiB", "PiB"].index(suffix) + 1)
+    hundredths = math.ceil(num_bytes * 100 / unit)
+    while parse_size(f"{hundredths / 100:.2f}{suffix}") < num_bytes:  # float rounding in the read-back
+        hundredths += 1
+    return f"{hundredths / 100:.2f}{suffix}"

@@ -67,3 +67,11 @@ def populate(server: HubServer) -> SeedData:
         "group_size_128g": {"gptq_model-4bit-128g.safetensors": bloom_128g,
                             "quantize_config.json": b'{"bits": 4, "group_size": 128}'}})
     return SeedData(model_main, model_dev, parts, whole, parts, bloom_128g)
+
+
+def populate_docs(server: HubServer) -> SeedData:
+    """:func:`populate`, plus ``org/nosums`` (TheBloke's layout: parts and small files, no ``SHA256SUMS``): the
+    repositories the documentation's examples download (``python -m tests.hub_server`` serves them)."""
+    seed = populate(server)
+    server.add_repo("org/nosums", {"main": {**seed.split_parts, "config.json": b'{"model_type": "opt"}'}})
+    return seed

@@ -152,7 +152,8 @@ class _QuietServer(ThreadingHTTPServer):
 class HubServer:
     """A fake Hub in a thread. Use as a context manager; ``endpoint`` is the base URL."""
 
-    def __init__(self, *, page_size: int = 1000, redirect_lfs: bool = False) -> None:
+    def __init__(self, *, page_size: int = 1000, redirect_lfs: bool = False, port: int = 0) -> None:
+        self.port = port  # 0: an ephemeral port
         self.redirect_lfs = redirect_lfs  # LFS files answer 302 to a "CDN" host (localhost), as the Hub does
         self.repos: dict[str, Repo] = {}
         self.faults: list[Fault] = []
@@ -218,7 +219,7 @@ class HubServer:
 
     def start(self) -> Self:
         handler = type("Handler", (_Handler,), {"hub": self})
-        httpd = _QuietServer(("127.0.0.1", 0), handler)
+        httpd = _QuietServer(("127.0.0.1", self.port), handler)
         httpd.daemon_threads = True
         httpd.request_queue_size = 128
         self._httpd = httpd
@@ -549,3 +550,30 @@ class _Handler(BaseHTTPRequestHandler):
                 if sent == 0:
                     raise ConnectionResetError("client went away")
                 offset += sent
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.hub_server [--port 8765]``: serve the test repositories (miniature copies of the seed
+    repositories, see :func:`tests.download_helpers.populate`) until interrupted; the first line printed is the
+    ``export HF_ENDPOINT=...`` to paste into the shell that runs gptq-tools (the documentation's examples)."""
+    import argparse
+    import time
+
+    from .download_helpers import populate_docs
+
+    parser = argparse.ArgumentParser(prog="python -m tests.hub_server", description=main.__doc__)
+    parser.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free port)")
+    args = parser.parse_args(argv)
+    with HubServer(port=args.port) as server:
+        populate_docs(server)
+        print(f"export HF_ENDPOINT={server.endpoint}", flush=True)
+        print(f"serving {', '.join(sorted(server.repos))}; Ctrl-C stops", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -98,3 +98,27 @@ def test_consumer_workflow(hub: tuple[HubServer, SeedData], tmp_path: Path) -> N
     second = run_step(steps["verify"], env, tmp_path, server)
     assert second.returncode == 1 and second.stdout == "gptq_model-4bit--1g.safetensors: FAILED\n"
     assert junit_counts(tmp_path / env["REPORT"]) == ("1", "1")
+
+
+def test_consumer_workflow_on_a_repository_without_sha256sums(hub: tuple[HubServer, SeedData], tmp_path: Path) -> None:
+    """TheBloke's layout: parts and small files, no SHA256SUMS; download writes one from what it verified."""
+    server, seed = hub
+    server.add_repo("org/nosums", {"main": {**seed.split_parts, "config.json": b'{"model_type": "opt"}'}})
+    env, steps = workflow("consumer.yml")
+    env = {**env, "REPO": "org/nosums", "MODEL_DIR": "models/nosums"}
+    download = run_step(steps["download"], env, tmp_path, server)
+    assert download.returncode == 0, download.stderr
+    folder = tmp_path / "models" / "nosums"
+    joined = "gptq_model-4bit--1g.safetensors"
+    listed = dict(reversed(line.split("  ", 1)) for line in (folder / "SHA256SUMS").read_text().splitlines())
+    assert listed == {**{name: sha256(data) for name, data in seed.split_parts.items()},
+                      "config.json": sha256(b'{"model_type": "opt"}'), joined: sha256(seed.split_whole)}
+    verify = run_step(steps["verify"], env, tmp_path, server)
+    assert verify.returncode == 0, verify.stderr
+    assert sorted(verify.stdout.splitlines()) == sorted(f"{name}: OK" for name in listed)
+    assert junit_counts(tmp_path / env["REPORT"]) == (str(len(listed)), "0")
+    with open(folder / joined, "r+b") as handle:
+        handle.seek(500)
+        handle.write(b"\x00" if handle.read(1) != b"\x00" else b"\x01")
+    damaged = run_step(steps["verify"], env, tmp_path, server)
+    assert damaged.returncode == 1 and f"{joined}: FAILED" in damaged.stdout

@@ -148,7 +148,9 @@ def test_output_exists_needs_force(model_parts: tuple[Path, list[Path]]) -> None
     source, parts = model_parts
     existing = parts[0].parent / "model.safetensors"
     existing.write_bytes(b"keep me")
-    with pytest.raises(OutputExistsError, match="already exists; pass --force"):
+    with pytest.raises(OutputExistsError, match=r"already exists and, with no expected hash, cannot be told from a "
+                                                r"good join \(pass --sha256 HEX or --manifest SHA256SUMS to check it "
+                                                r"and keep it\); pass --force to overwrite it"):
         join_parts(parts[0].parent)
     assert existing.read_bytes() == b"keep me"
     join_parts(parts[0].parent, force=True, expected_sha256=sha256(source))

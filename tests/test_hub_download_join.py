@@ -116,7 +116,8 @@ def test_sha256_option_and_delete_parts(hub: tuple[HubServer, SeedData], tmp_pat
     result = download("bloomz-176b-gptq", local_dir=tmp_path, endpoint=server.endpoint, options=opts(),
                       sha256=[f"{STEM}.safetensors={sha256(seed.split_whole)}"], delete_parts=True)
     assert result.joined[0].verified and result.joined[0].expected_from == "--sha256"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", f"{STEM}.safetensors", "quantize_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", "SHA256SUMS", f"{STEM}.safetensors",
+                                                          "quantize_config.json"]  # the repository ships no sums
     again = download("bloomz-176b-gptq", local_dir=tmp_path, endpoint=server.endpoint, options=opts(),
                      sha256=[sha256(seed.split_whole)])
     assert again.downloaded == () and len(recorder.calls) == 1  # parts gone, joined file verified: nothing to do

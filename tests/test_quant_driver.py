@@ -349,8 +349,9 @@ def test_cli_options_reach_the_checkpoint(tiny_models: dict[str, Path], tmp_path
     assert "layer  linears  err " in capsys.readouterr().out
     code = cli_main(["quantize", str(model), "-o", str(out), "--calibration", str(model / "train.txt")])
     assert code == 1
-    expected = f"gptq-tools: error: {out}: output folder is not empty; choose another or empty it"
-    assert capsys.readouterr().err.strip() == expected
+    expected = (f"gptq-tools: error: {out}: already holds a quantized checkpoint (quantize_config.json, SHA256SUMS); "
+                f"--resume keeps it when every file matches SHA256SUMS (nothing is redone)")
+    assert capsys.readouterr().err.strip().startswith(expected)
 
 
 def test_resume_after_crash_while_publishing(tiny_models: dict[str, Path], tmp_path: Path,
@@ -423,7 +424,7 @@ def test_resume_after_a_kill_while_removing_the_work_folder(tiny_models: dict[st
     assert capsys.readouterr().out.startswith(f"already quantized: {tmp_path / 'out'} is complete")
     (tmp_path / "out" / "config.json").write_text("{}")  # damaged: not a finished job any more
     assert cli_main(argv) == 1
-    assert "output folder is not empty" in capsys.readouterr().err
+    assert "if --resume refuses too, a file does not match (`gptq-tools verify -c" in capsys.readouterr().err
 
 
 def test_staging_without_a_committed_layer_does_not_block_the_next_run(tiny_models: dict[str, Path],

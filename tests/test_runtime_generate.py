@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -172,9 +173,16 @@ def test_cli_interactive_by_preset_name(tiny_preset: Path, loaded: tuple[torch.n
     monkeypatch.setattr("sys.stdin", io.StringIO("w1 w5 w9\n\n   \nw2 w3\r\n"))
     assert main(["generate", "tiny", "--interactive", "--max-new-tokens", "5", "--dtype", "float32",
                  "--max-memory", "cpu=1GiB"]) == 0
-    captured = capsys.readouterr()
-    assert captured.out == "".join(text + "\n" for text in expected)
+    captured = capsys.readouterr()  # each answer after its prompt, then a line that ends it
+    assert captured.out == "".join(f"> {prompt}\n{text}\n--- end of answer ---\n"
+                                   for prompt, text in zip(("w1 w5 w9", "w2 w3"), expected))
     assert captured.err.count("5 tokens in") == 2 and "> " not in captured.err  # no cue when stdin is a pipe
+    monkeypatch.setattr("sys.stdin", io.StringIO("w1 w5 w9\n\nw2 w3\n"))
+    assert main(["generate", "tiny", "--interactive", "--json", "--max-new-tokens", "5", "--dtype", "float32",
+                 "--max-memory", "cpu=1GiB"]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(a["prompt"], a["text"], a["new_tokens"]) for a in answers] == [("w1 w5 w9", expected[0], 5),
+                                                                            ("w2 w3", expected[1], 5)]
 
 
 def test_cli_generate_takes_gpus(tiny_preset: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,6 +23,7 @@ from gptq_tools.runtime.plan import (
     place_layout,
     plan_placement,
 )
+from gptq_tools.units import parse_size
 
 from .tiny_gptq import build_tiny_checkpoint
 
@@ -113,9 +114,12 @@ def test_bloomz_refused_on_two_40gib_gpus_with_smallest_fix(bloomz: ModelLayout)
     assert "the model does not fit" in placement.reason and "starting with transformer.h." in placement.reason
     assert "smallest change that fits: raise GPU 1 to" in placement.suggestion
     assert "or offload to the CPU with cpu=" in placement.suggestion
-    raised = float(placement.suggestion.split("raise GPU 1 to ")[1].split(" GiB")[0])
-    assert place_layout(bloomz, {0: 40 * GiB, 1: int(raised * GiB) + 2**20}, PlanOptions()).fits
-    assert not place_layout(bloomz, {0: 40 * GiB, 1: int((raised - 0.2) * GiB)}, PlanOptions()).fits
+    raised = parse_size(placement.suggestion.split("raise GPU 1 to ")[1].split(" ")[0])
+    exact = int(placement.suggestion.split("; ")[1].split(" bytes exactly")[0])  # to the byte, not 64 MiB steps
+    assert place_layout(bloomz, {0: 40 * GiB, 1: raised}, PlanOptions()).fits
+    assert place_layout(bloomz, {0: 40 * GiB, 1: exact}, PlanOptions()).fits
+    assert not place_layout(bloomz, {0: 40 * GiB, 1: exact - 1}, PlanOptions()).fits
+    assert 0 <= raised - exact < 0.01 * GiB
 
 
 def test_longer_sequences_need_more_headroom(bloomz: ModelLayout) -> None:

@@ -12,7 +12,7 @@ import pytest
 from gptq_tools.checkpoint.presets import load_preset
 from gptq_tools.cli import main as cli_main
 from gptq_tools.constants import vllm_python
-from gptq_tools.runtime.plan import ModelLayout, PlanOptions, load_layout
+from gptq_tools.runtime.plan import GiB, ModelLayout, PlanOptions, load_layout
 from gptq_tools.serving.plan import (
     ServingOptions,
     ServingPlan,
@@ -21,6 +21,7 @@ from gptq_tools.serving.plan import (
     pp_partition,
     tp_problem,
 )
+from gptq_tools.units import parse_size
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GPU_SETS = [("2x80GB", 1), ("3x48GB", 1), ("8x24GB", 1), ("4x24GB", 2)]
@@ -108,10 +109,13 @@ def test_refusal_names_the_smallest_change(layouts: dict) -> None:
     assert not plan.fits
     assert plan.reason.startswith("no tensor/pipeline split fits 1 x 2 GPUs of 37.25 GiB: TP 2 x PP 1: stage 0 needs")
     # 3 cards cannot be TP 3 (112 heads): TP 1 x PP 3 needs 39.7 GiB a card, so 4 cards (TP 4), or bigger ones
-    assert plan.suggestion == ("smallest change that fits: --gpus 4x37.25GiB or GPUs of 56.25 GiB "
-                               "(--gpus 2x56.25GiB)")
-    assert _plan(layouts, "bloomz-176b-gptq", "2x56.25GiB").fits
-    assert not _plan(layouts, "bloomz-176b-gptq", "2x55.25GiB").fits
+    assert plan.suggestion.startswith("smallest change that fits: --gpus 4x37.25GiB or GPUs of ")
+    exact = int(plan.suggestion.split("; ")[-1].split(" bytes exactly")[0])  # to the byte, not in 1 GiB steps
+    printed = plan.suggestion.split("(--gpus 2x")[1].split(";")[0]
+    assert _plan(layouts, "bloomz-176b-gptq", f"2x{exact}").fits and _plan(layouts, "bloomz-176b-gptq",
+                                                                           f"2x{printed}").fits
+    assert not _plan(layouts, "bloomz-176b-gptq", f"2x{exact - 1}").fits
+    assert parse_size(printed) - exact < 0.01 * GiB  # rounded up to the printed precision, no further
     short = _plan(layouts, "opt-iml-30b", "1x24GB", max_model_len=2048, max_num_seqs=4)
     assert not short.fits  # the weights fit one card; four sequences' KV cache of 2048 tokens does not
     assert short.suggestion.startswith("smallest change that fits: --max-model-len 512 or --gpus 2x22.35GiB")

@@ -83,9 +83,10 @@ def load_preset(name: str) -> Preset:
         UsageError: no such preset (the message lists the known ones).
     """
     files = _preset_files()
-    path = next((p for p in files if p.name == f"{name}.json"), None)
+    wanted = name.lower()  # preset names and repository ids are matched without regard to case
+    path = next((p for p in files if p.name.lower() == f"{wanted}.json"), None)
     if path is None:
-        path = next((p for p in files if _read(p).get("repo_id") == name), None)
+        path = next((p for p in files if str(_read(p).get("repo_id", "")).lower() == wanted), None)
     if path is None:
         raise UsageError(f"unknown preset {name!r}; known presets: {', '.join(list_presets()) or 'none'} "
                          f"(in {presets_dir()})")
@@ -128,6 +129,19 @@ class ModelSpec:
         return Path(folder if self.revision == self.default_branch else f"{folder}-{self.revision}")
 
 
+#: A model page on the Hub: ``https://huggingface.co/ORG/NAME``, optionally ``/tree/BRANCH`` (or ``/blob/...``).
+_HUB_URL_RE = re.compile(r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/(?!datasets/|spaces/)"
+                         r"(?P<repo>[^/\s:]+(?:/[^/\s:]+)?)(?:/(?:tree|blob|resolve)/(?P<branch>[^/\s]+).*)?/?$")
+
+
+def strip_hub_url(text: str) -> str:
+    """``https://huggingface.co/ORG/NAME[/tree/BRANCH]`` as ``ORG/NAME[:BRANCH]``; any other text unchanged."""
+    match = _HUB_URL_RE.match(text.strip())
+    if match is None:
+        return text
+    return match["repo"] + (f":{match['branch']}" if match["branch"] else "")
+
+
 def parse_model_spec(text: str, *, revision: str | None = None) -> ModelSpec:
     """Turn ``PRESET[:BRANCH]`` or ``NAMESPACE/NAME[:BRANCH]`` (plus a separate ``--revision``/``--branch``)
     into a :class:`ModelSpec`; every command that takes a model by name goes through here.
@@ -135,6 +149,7 @@ def parse_model_spec(text: str, *, revision: str | None = None) -> ModelSpec:
     Raises:
         UsageError: the text is neither a preset nor a repository id, or ``:BRANCH`` and ``revision`` disagree.
     """
+    text = strip_hub_url(text)
     name, _, branch = text.strip().partition(":")
     if not name or text.count(":") > 1:
         raise UsageError(f"{text!r} is not a repository; write it as NAMESPACE/NAME[:BRANCH] or a preset name "
@@ -172,7 +187,7 @@ def resolve_model(source: str | os.PathLike[str], *, revision: str | None = None
         NotAFolderError: a path to a file (the checkpoint folder is needed).
         UsageError: a name that is neither a preset nor a repository id; ``:BRANCH`` disagrees with ``revision``.
     """
-    text = os.fspath(source)
+    text = strip_hub_url(os.fspath(source)) if isinstance(source, str) else os.fspath(source)
     path = Path(text).expanduser()
     if not isinstance(source, str) or path.exists() or looks_like_path(text):
         return ModelSource(require_folder(path, what="the checkpoint folder (the one holding config.json) or a "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,8 @@ if TYPE_CHECKING:  # the planner imports torch: only when a command runs, not to
 
     from ..runtime.plan import PlanOptions
 
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float32": "float32", "fp32": "float32"}
@@ -65,7 +68,18 @@ def caps_from_args(args: argparse.Namespace, *, required: bool) -> dict[int | st
         raise UsageError("give exactly one of --max-memory (0=60GiB,1=79GiB) or --gpus (2x80GB)")
     if not args.max_memory and not args.gpus:
         return None
-    return parse_max_memory(args.max_memory) if args.max_memory else parse_gpus(args.gpus)
+    caps = parse_max_memory(args.max_memory) if args.max_memory else parse_gpus(args.gpus)
+    warn_tiny_caps(caps, option="--max-memory" if args.max_memory else "--gpus")
+    return caps
+
+
+def warn_tiny_caps(caps: dict[int | str, int], *, option: str) -> None:
+    """A cap under 1 MiB is almost always a unit left out (``2x80`` is two GPUs of 80 *bytes*): say so."""
+    tiny = {key: size for key, size in caps.items() if size < 2**20}
+    if tiny:
+        shown = ", ".join(f"{key}={size} B" for key, size in tiny.items())
+        logger.warning("%s: cap(s) below 1 MiB (%s): a bare number is bytes; write the unit, e.g. 80GB or "
+                       "80GiB", option, shown)
 
 
 def structure_check(path: Path) -> Any:
@@ -114,8 +128,13 @@ def structure_report(results: list[Any], *, as_json: bool) -> int:
     return 1 if failed else 0
 
 
+#: Statuses that fail a check, in every mode of ``verify`` (exit status 1, ``"ok": false``): a check that found no
+#: expected hash (UNVERIFIED) proves nothing, so it is not OK.
+NOT_OK = ("FAILED", "MISSING", "UNVERIFIED")
+
+
 def report_checks(results: list[Any], *, as_json: bool, check_type: type) -> int:
-    failed = [r for r in results if r.status in ("FAILED", "MISSING")]
+    failed = [r for r in results if r.status in NOT_OK]
     if as_json:
         print(json.dumps({"ok": not failed, "failed": len(failed), "results": [r.to_dict() for r in results]},
                          indent=2))
@@ -134,7 +153,10 @@ def report_checks(results: list[Any], *, as_json: bool, check_type: type) -> int
         else:
             print(f"{result.name}: {result.status}" + (f" ({result.detail})" if result.detail else ""))
     mismatched = sum(1 for r in failed if r.status == "FAILED")
-    unreadable = len(failed) - mismatched
+    unverified = sum(1 for r in failed if r.status == "UNVERIFIED")
+    unreadable = len(failed) - mismatched - unverified
+    if unverified:
+        print(f"gptq-tools: WARNING: {unverified} file(s) could not be verified (no expected hash)", file=sys.stderr)
     if mismatched:
         noun = "checksum" if mismatched == 1 else "checksums"
         print(f"gptq-tools: WARNING: {mismatched} computed {noun} did NOT match", file=sys.stderr)

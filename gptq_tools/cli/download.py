@@ -101,3 +101,6 @@ def _print_result(result: object) -> None:
     for joined in data["joined"]:
         check = f"matches {joined['expected_from']}" if joined["verified"] else "no published hash to check"
         print(f"joined {joined['output']}: sha256 {joined['sha256']} ({check})")
+    if data["sha256sums"]:
+        print(f"wrote {data['sha256sums']}: the verified SHA256 of every file (the repository ships none); check "
+              f"the folder later with: gptq-tools verify -c {data['sha256sums']}")

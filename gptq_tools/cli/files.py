@@ -163,12 +163,38 @@ def _inspect(args: argparse.Namespace) -> int:
     return 1 if report["problems"] else 0
 
 
+def _print_safetensors(info: dict[str, Any], indent: str) -> None:
+    dtypes = ", ".join(f"{d} {v['tensors']} ({format_size(v['bytes'])})" for d, v in info["dtypes"].items())
+    files = f"{len(info['files'])} file(s), " if "files" in info else ""
+    gptq = f", {info['gptq_modules']} GPTQ modules" if info["gptq_modules"] else ""
+    print(f"{indent}  safetensors: {files}{info['tensors']} tensors, {_count(info['parameters'])} parameters, "
+          f"{format_size(info['data_bytes'])} of data{gptq}")
+    print(f"{indent}  dtypes: {dtypes or 'none'}")
+    for shard in info.get("files", []):
+        print(f"{indent}  file {shard['name']}  {shard['tensors']} tensors  {format_size(shard['data_bytes'])}")
+    if info.get("metadata"):
+        print(f"{indent}  metadata: {json.dumps(info['metadata'])}")
+    for tensor in info.get("tensor_list", []):
+        where = f"{tensor['file']}: " if "file" in tensor else ""
+        print(f"{indent}    {where}{tensor['name']}  {tensor['dtype']} {tensor['shape']}  @{tensor['offset']}")
+
+
+def _count(number: int) -> str:
+    """``1234567`` as ``1.23M`` (``k``, ``M``, ``B``, ``T``), exact under 1000."""
+    for scale, suffix in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "k")):
+        if number >= scale:
+            return f"{number / scale:.2f}{suffix} ({number})"
+    return str(number)
+
+
 def _print_report(report: dict[str, Any], indent: str = "") -> None:
     size = f", {format_size(report['size'])}" if "size" in report else ""
     print(f"{indent}{report['path']}: {report['kind']}{size}")
-    for key in ("model_type", "output_name"):
+    for key in ("model_type", "output_name", "format"):
         if report.get(key):
             print(f"{indent}  {key.replace('_', ' ')}: {report[key]}")
+    if report.get("architectures"):
+        print(f"{indent}  architectures: {', '.join(map(str, report['architectures']))}")
     for part in report.get("parts", []):
         print(f"{indent}  part {part['name']}  {format_size(part['size'])}")
     if "gptq" in report:
@@ -178,15 +204,13 @@ def _print_report(report: dict[str, Any], indent: str = "") -> None:
         source = f" (read from {len(weight['from_parts'])} parts)" if weight["from_parts"] else ""
         print(f"{indent}  weights: {weight['file']}, {weight['tensors']} tensors{source}")
     if "safetensors" in report:
-        info = report["safetensors"]
-        dtypes = ", ".join(f"{d} {v['tensors']} ({format_size(v['bytes'])})" for d, v in info["dtypes"].items())
-        print(f"{indent}  safetensors: {info['tensors']} tensors, {format_size(info['data_bytes'])} of data, "
-              f"{info['gptq_modules']} GPTQ modules")
-        print(f"{indent}  dtypes: {dtypes or 'none'}")
-        if info["metadata"]:
-            print(f"{indent}  metadata: {json.dumps(info['metadata'])}")
-        for tensor in info.get("tensor_list", []):
-            print(f"{indent}    {tensor['name']}  {tensor['dtype']} {tensor['shape']}  @{tensor['offset']}")
+        _print_safetensors(report["safetensors"], indent)
+    if "index" in report:
+        index = report["index"]
+        if "tensors" in index:
+            total = f", total_size {index['total_size']}" if index.get("total_size") is not None else ""
+            print(f"{indent}  index: {index['name']}, {index['tensors']} tensors in {len(index['files'])} "
+                  f"file(s){total}")
     if "part_set" in report:
         _print_report(report["part_set"], indent + "  ")
     for problem in report.get("problems", []):

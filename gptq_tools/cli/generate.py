@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     prompts.add_argument("--prompt", help="the text to continue, in the model's prompt format")
     prompts.add_argument("--interactive", action="store_true",
                          help="load once, then answer each line read from stdin (one prompt a line), streaming")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object per answer (prompt, text, new_tokens, seconds, tokens_per_second) "
+                             "instead of streaming the text; with --interactive, one line per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
     parser.add_argument("--sample", action="store_true",
                         help="sample instead of greedy decoding (implied by --temperature, --top-p or --top-k)")
@@ -96,25 +99,42 @@ def run_generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seq_len=args.seq_len, cuda_context=args.cuda_context,
         verify_hash=not args.no_verify, allow_pickle=args.allow_pickle)
     if not args.interactive:
-        _write(args.prompt)
+        if not args.json:
+            _write(args.prompt)
         result = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                               on_text=_write)
-        _write("\n")
+                               on_text=None if args.json else _write)
+        _write(_json_line(result) if args.json else "\n")
         _report(result)
         return 0
-    for result in generate_each(model, tokenizer, _stdin_prompts(), max_new_tokens=args.max_new_tokens,
-                                sampling=sampling, on_text=_write):
-        _write("\n")
+    echo = not args.json and not sys.stdin.isatty()  # piped prompts: say which answer belongs to which
+    for result in generate_each(model, tokenizer, _stdin_prompts(echo=echo), max_new_tokens=args.max_new_tokens,
+                                sampling=sampling, on_text=None if args.json else _write):
+        _write(_json_line(result) if args.json else f"\n{ANSWER_END}\n")
         _report(result)
     return 0
 
 
-def _stdin_prompts() -> Iterator[str]:
-    """Lines of stdin, with a ``> `` cue on stderr when a person is typing."""
+#: The line that ends each answer of ``generate --interactive`` in text mode (answers may hold newlines).
+ANSWER_END = "--- end of answer ---"
+
+
+def _json_line(result: GenerationResult) -> str:
+    import json
+
+    return json.dumps({"prompt": result.prompt, "text": result.text, "new_tokens": result.new_tokens,
+                       "token_ids": list(result.token_ids), "seconds": round(result.seconds, 3),
+                       "tokens_per_second": round(result.tokens_per_second, 3)}, ensure_ascii=False) + "\n"
+
+
+def _stdin_prompts(*, echo: bool = False) -> Iterator[str]:
+    """Lines of stdin, with a ``> `` cue on stderr when a person is typing; ``echo`` writes each prompt that
+    will be answered on stdout as ``> PROMPT`` first."""
     while True:
         if sys.stdin.isatty():
             print("> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
         if not line:
             return
+        if echo and line.strip():
+            _write(f"> {line.rstrip(chr(13) + chr(10))}\n")
         yield line

@@ -158,7 +158,9 @@ def _print_checks(source: str, results: Any, malformed: Any, *, mode: str | None
 
 
 def _print_json(payload: dict[str, Any], results: list[Any]) -> None:
-    failed = sum(1 for r in results if r.status in ("FAILED", "MISSING"))
+    from .common import NOT_OK
+
+    failed = sum(1 for r in results if r.status in NOT_OK)
     print(json.dumps({"ok": payload.pop("ok"), "failed": failed, "results": [r.to_dict() for r in results],
                       **payload}, indent=2))
 

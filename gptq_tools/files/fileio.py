@@ -175,10 +175,10 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def check_output_free(path: Path, *, force: bool) -> None:
-    """Refuse to overwrite ``path`` unless ``force``."""
+def check_output_free(path: Path, *, force: bool, why: str = "") -> None:
+    """Refuse to overwrite ``path`` unless ``force``; ``why`` (", and ...") says why it cannot be reused."""
     if path.exists() and not force:
-        raise OutputExistsError(f"{path}: output already exists; pass --force (force=True) to overwrite it")
+        raise OutputExistsError(f"{path}: output already exists{why}; pass --force to overwrite it")
 
 
 def check_free_space(folder: Path, needed: int, *, what: str) -> None:

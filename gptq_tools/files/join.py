@@ -173,9 +173,11 @@ def join_parts(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
         finished = _finished_join(part_set, final, expected, delete_parts)
         if finished is not None:
             return finished
-    check_output_free(final, force=force)
+    check_output_free(final, force=force, why="" if expected.covers(part_set) else (
+        " and, with no expected hash, cannot be told from a good join (pass --sha256 HEX or --manifest "
+        "SHA256SUMS to check it and keep it)"))
     if final.name.endswith(".safetensors"):
-        check_safetensors_parts(part_set)
+        check_parts_structure(part_set, expected, output=final.name)
     with atomic_path(final, force=force) as temp:
         used_method, whole, part_digests = _write_and_hash(part_set, temp, final, method, progress)
         _check_hashes(part_set, final, expected, whole, part_digests)
@@ -489,17 +491,53 @@ def _check_hashes(part_set: PartSet, final: Path, expected: ExpectedHashes, whol
         raise ChecksumMismatchError(_mismatch_message(final, expected, whole, actual_parts, bad_parts))
 
 
+def check_parts_structure(part_set: PartSet, expected: ExpectedHashes, *, output: str) -> None:
+    """The safetensors check of the parts' first bytes, with the real cause when it fails and part hashes are
+    known: a swap that moved another part to the front (only the hashes can tell which).
+
+    Raises:
+        ChecksumMismatchError: the parts hold each other's bytes (by the expected part hashes).
+        SafetensorsFormatError, PartSetError: the parts do not form a safetensors file, for another reason.
+    """
+    try:
+        check_safetensors_parts(part_set)
+    except GptqToolsError:
+        if not expected.parts or not all(p.name in expected.parts for p in part_set.parts):
+            raise
+        hasher = SegmentHasher(len(part_set.parts))
+        run_pipeline([Segment(p, 0, s) for p, s in zip(part_set.parts, part_set.sizes)], [hasher])
+        actual = dict(zip((p.name for p in part_set.parts), hasher.hexdigests()))
+        moved = misplaced_parts(expected.parts, actual)
+        if not moved:
+            raise
+        raise ChecksumMismatchError(f"{output}: {moved} (by the part SHA256s in {expected.source}); put each part's "
+                                    f"bytes back under its own name, or pass the parts in the right order. Nothing "
+                                    f"was written") from None
+
+
+def misplaced_parts(expected: dict[str, str], actual: dict[str, str]) -> str:
+    """How the parts were moved, when every wrong part holds the bytes another part should (any pair, the first
+    part too): ``"parts a and c are swapped"``, or ``"parts are out of order: a holds b, b holds c, ..."``.
+    Empty when some part's bytes belong to no part (corrupt, not misplaced)."""
+    owner = {digest: name for name, digest in expected.items()}
+    wrong = {name: owner.get(digest) for name, digest in actual.items() if expected.get(name) != digest}
+    if not wrong or any(holds is None for holds in wrong.values()):
+        return ""
+    if len(wrong) == 2:
+        first, second = sorted(wrong)
+        return f"parts {first} and {second} are swapped"
+    return "parts are out of order: " + ", ".join(f"{name} holds {holds}" for name, holds in sorted(wrong.items()))
+
+
 def _mismatch_message(final: Path, expected: ExpectedHashes, whole: str, actual_parts: dict[str, str],
                       bad_parts: list[str]) -> str:
     base = f"{final.name}: SHA256 mismatch"
     if expected.whole:
         base += f" (expected {expected.whole}, got {whole}, from {expected.source})"
     if bad_parts:
-        swapped = [(n, other) for n in bad_parts for other, digest in actual_parts.items()
-                   if other != n and digest == expected.parts[n]]
-        if swapped:
-            first, second = swapped[0]
-            return f"{base}: parts {first} and {second} are swapped; pass them in the right order. Nothing was written"
+        moved = misplaced_parts({n: expected.parts[n] for n in actual_parts if n in expected.parts}, actual_parts)
+        if moved:
+            return f"{base}: {moved}; pass them in the right order. Nothing was written"
         return (f"{base}: part(s) {', '.join(bad_parts)} do not match the manifest; download them again. "
                 f"Nothing was written")
     return (f"{base}: a part is corrupt or the parts are in the wrong order; check the order or download the "

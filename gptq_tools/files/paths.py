@@ -55,6 +55,8 @@ def require_folder(path: str | os.PathLike[str], *, what: str = "the checkpoint 
 def looks_like_path(text: str) -> bool:
     """Whether ``text`` can only be meant as a path (``/x``, ``./x``, ``~/x``, ``a/b/c``, ``x.safetensors``),
     never as a model name (``PRESET[:BRANCH]``, ``NAMESPACE/NAME[:BRANCH]``)."""
+    if "://" in text:  # a URL (https://huggingface.co/ORG/NAME) names a repository, never a local path
+        return False
     if text in (".", "..") or text.startswith(("/", "./", "../", "~", "\\")):
         return True
     return text.count("/") > 1 or Path(text).suffix.lower() in (".safetensors", ".json", ".bin", ".pt", ".pth")

@@ -15,14 +15,14 @@ import stat
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
 from ..constants import IO_CHUNK_BYTES
 from ..errors import ManifestError, UsageError
 from ..progress import byte_bar
-from .join import expected_hashes, resolve_part_set
+from .join import check_parts_structure, expected_hashes, resolve_part_set
 from .manifest import (
     STDIN_NAME,
     MalformedLine,
@@ -31,7 +31,6 @@ from .manifest import (
     read_manifest_bytes,
     unsafe_name_reason,
 )
-from .parts import check_safetensors_parts
 from .pipeline import CallbackConsumer, Consumer, Segment, SegmentHasher, WholeHasher, run_pipeline, sha256_file
 from .safetensors_format import LFS_POINTER_PREFIX
 
@@ -45,8 +44,9 @@ class FileCheck:
     """The outcome for one file.
 
     ``status`` is ``OK``, ``FAILED`` (hash differs), ``MISSING`` (could not be opened or read: sha256sum's
-    "FAILED open or read"), ``SKIPPED`` (absent, with ``ignore_missing``) or ``UNVERIFIED`` (hashed, nothing
-    to compare with). ``detail`` says why for anything but OK (for MISSING, the system's reason);
+    "FAILED open or read"), ``SKIPPED`` (absent, with ``ignore_missing``), ``UNVERIFIED`` (a check was asked
+    for but no expected hash was found: never OK, in every mode) or ``HASHED`` (``sha256sum FILE``: only the
+    hash was asked for). ``detail`` says why for anything but OK (for MISSING, the system's reason);
     ``note`` is advice worth a line on stderr (a Git LFS pointer where the data should be).
     """
 
@@ -169,11 +169,12 @@ def _entry_job(name: str, folder: Path, expected: str, line: int | None) -> _Job
 
 def hash_files(files: Sequence[str | os.PathLike[str]], *, workers: int | None = None,
                progress: bool | None = None) -> list[FileCheck]:
-    """``sha256sum FILE...``: the SHA256 of each file (``-`` is standard input), status ``UNVERIFIED``.
+    """``sha256sum FILE...``: the SHA256 of each file (``-`` is standard input), status ``HASHED``.
 
     A file that cannot be read gets status ``MISSING`` with the system's reason in ``detail``.
     """
-    return _run_jobs([_Job(str(f), Path(f), None) for f in files], workers=workers, progress=progress)
+    results = _run_jobs([_Job(str(f), Path(f), None) for f in files], workers=workers, progress=progress)
+    return [replace(r, status="HASHED", detail="") if r.status == "UNVERIFIED" else r for r in results]
 
 
 def verify_files(files: Sequence[str | os.PathLike[str]] = (), *, sha256: str | None = None,
@@ -314,7 +315,7 @@ def verify_parts(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike[str
     part_set = resolve_part_set(parts)
     expected = expected_hashes(part_set, expected_sha256=sha256, manifest=manifest)
     if part_set.output_name.endswith(".safetensors"):
-        check_safetensors_parts(part_set)
+        check_parts_structure(part_set, expected, output=part_set.output_name)
     whole = WholeHasher()
     consumers: list[Consumer] = [whole]
     per_part = SegmentHasher(len(part_set.parts)) if (part_hashes or expected.parts) else None

@@ -28,6 +28,7 @@ from .plan import (
 )
 from .remote import ResolvedRepo, listing_of, offline_repo, parse_spec, resolve_repo
 from .state import LocalState
+from .sums import write_download_sums
 from .transfer import FileTask, TransferOptions, fetch_files
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class DownloadResult:
     bytes_downloaded: int
     seconds: float
     dry_run: bool = False
+    sums: str | None = None  # the SHA256SUMS the download wrote (None: the repository ships one, or dry run)
 
     @property
     def already_complete(self) -> bool:
@@ -60,10 +62,22 @@ class DownloadResult:
         return not self.dry_run and not self.downloaded and not self.joined
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (``--json``)."""
-        return {**self.plan.to_dict(), "dry_run": self.dry_run, "already_complete": self.already_complete,
+        """JSON-ready summary (``--json``): with ``dry_run`` the plan, otherwise the folder after the work."""
+        data = self.plan.to_dict()
+        if not self.dry_run:
+            data = _after_the_work(data, self.plan.local_dir, {j.output for j in self.joined})
+        return {**data, "dry_run": self.dry_run, "already_complete": self.already_complete,
                 "downloaded": list(self.downloaded), "joined": [vars(j) for j in self.joined],
-                "bytes_downloaded": self.bytes_downloaded, "seconds": round(self.seconds, 3)}
+                "bytes_downloaded": self.bytes_downloaded, "seconds": round(self.seconds, 3), "sha256sums": self.sums}
+
+
+def _after_the_work(data: dict[str, Any], local_dir: Path, joined: set[str]) -> dict[str, Any]:
+    """The plan's statuses replaced by what the folder holds now: ``present`` (verified, all bytes) or
+    ``deleted`` (a part removed after its verified join); joins ``done``."""
+    files = [{**item, "status": "present", "have_bytes": item["size"]} if (local_dir / item["path"]).is_file()
+             else {**item, "status": "deleted", "have_bytes": 0} for item in data["files"]]
+    joins = [{**join, "done": join["done"] or join["output"] in joined} for join in data["joins"]]
+    return {**data, "files": files, "joins": joins, "download_bytes": 0, "join_bytes": 0}
 
 
 def plan_download(spec: str, *, local_dir: str | Path, revision: str | None = None,
@@ -178,8 +192,10 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
                 _delete_joined_parts(state, join, expected)
     state.save_listing(plan.repo.revision, listing_of(plan.repo))
     state.remove_incomplete()
+    sums = write_download_sums(plan, state)
     return DownloadResult(plan, tuple(f.remote.path for f in todo), tuple(joined),
-                          sum(f.remote.size - f.have_bytes for f in todo), time.monotonic() - started)
+                          sum(f.remote.size - f.have_bytes for f in todo), time.monotonic() - started,
+                          sums=None if sums is None else str(sums))
 
 
 _NO_HASH_TO_DELETE = ("--delete-parts needs a published SHA256 of {output} (give --sha256 NAME=HEX): parts are only "

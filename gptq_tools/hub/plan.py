@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InsufficientSpaceError, OutputExistsError, UsageError
+from ..errors import InsufficientSpaceError, OutputExistsError, OutputNotWritableError, UsageError
 from ..files.names import check_no_clashes, validate_relative_name
 from ..files.parts import parse_part_name
 from ..files.pipeline import WholeHasher, file_segments, run_pipeline, sha256_file
@@ -297,18 +298,32 @@ def _adopt_joined(join: PlannedJoin, state: LocalState, files: list[RemoteFile],
     return True
 
 
-def free_space(folder: Path) -> int:
-    """Free bytes on the filesystem that holds (or will hold) ``folder``."""
+def _existing_ancestor(folder: Path) -> Path:
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    return shutil.disk_usage(probe).free
+    return probe
+
+
+def free_space(folder: Path) -> int:
+    """Free bytes on the filesystem that holds (or will hold) ``folder``."""
+    return shutil.disk_usage(_existing_ancestor(folder)).free
 
 
 def check_fits(plan: DownloadPlan) -> None:
-    """Raise :class:`InsufficientSpaceError` when the download plus the joins cannot fit."""
+    """Raise :class:`InsufficientSpaceError` when the download plus the joins cannot fit.
+
+    Raises:
+        OutputNotWritableError: the folder would be on a filesystem that stores no files (``/proc``, ``/sys``:
+            zero blocks in all), where "0 B free" would misstate the problem.
+    """
     if plan.fits:
         return
+    probe = _existing_ancestor(plan.local_dir)
+    if hasattr(os, "statvfs") and os.statvfs(probe).f_blocks == 0:
+        raise OutputNotWritableError(
+            f"{plan.local_dir}: {probe} is a virtual filesystem (no storage at all, like /proc or /sys) and "
+            f"cannot hold downloaded files; choose another --local-dir")
     raise InsufficientSpaceError(
         f"{plan.local_dir}: needs {format_size(plan.download_bytes)} to download"
         f"{f' + {format_size(plan.join_bytes)} to join' if plan.join_bytes else ''} but only "

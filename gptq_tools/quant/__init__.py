@@ -10,6 +10,7 @@ Modules:
     driver: :func:`quantize_model`, layer by layer, resumable.
     save: shards, index, configs, tokenizer, SHA256SUMS, atomic publication.
     evaluate: perplexity of fp16 or GPTQ folders (dequantized from the checkpoint tensors).
+    quality: ``gptq-tools eval``: perplexity on a file and KL divergence from the fp16 model, window by window.
 
 Checkpoint format: AutoGPTQ v1 (``checkpoint_format: "gptq"``) by default. v1 stores ``zero - 1`` and
 cannot hold a zero point of 0, so asymmetric v1 quantization keeps every zero >= 1 (decided in the

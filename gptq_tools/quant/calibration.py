@@ -87,6 +87,32 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, *, calibration: str | Pa
             f"model's tokenizer")
 
 
+def read_token_ids(path: str | Path, tokenizer: Any, *, min_tokens: int = 1) -> torch.Tensor:
+    """All the tokens of a calibration or evaluation file, in order, as one int64 tensor (1-D): text (``.txt``,
+    ``.jsonl`` with a ``"text"`` field per line) through ``tokenizer``, or token ids (``.safetensors``, ``.pt``).
+
+    Raises:
+        CalibrationError: a folder, a missing, empty or unreadable file, or an unknown format.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CalibrationError(f"{path} is a folder; give one calibration file in it (.txt, .jsonl, .safetensors "
+                               f"or .pt), e.g. {path}/train.txt")
+    if not path.is_file():
+        raise CalibrationError(f"{path}: calibration file not found")
+    suffix = path.suffix.lower()
+    if suffix in TENSOR_SUFFIXES:
+        return _read_tokens(path).reshape(-1)
+    if suffix in TEXT_SUFFIXES or suffix in JSONL_SUFFIXES:
+        text = _read_jsonl(path) if suffix in JSONL_SUFFIXES else _read_text(path)
+        if not text.strip():
+            raise CalibrationError(f"{path}: calibration file is empty; give a file with at least {min_tokens} "
+                                   f"tokens of text")
+        return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    raise CalibrationError(f"{path}: unknown calibration format {path.suffix!r}; use .txt, .jsonl, "
+                           f".safetensors or .pt")
+
+
 def load_calibration(path: str | Path, tokenizer: Any, *, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """Read calibration data and return ``nsamples`` token windows of ``seqlen`` tokens.
 
@@ -105,23 +131,11 @@ def load_calibration(path: str | Path, tokenizer: Any, *, nsamples: int, seqlen:
         CalibrationError: missing, empty, unreadable, unknown format, or fewer than ``seqlen`` tokens.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CalibrationError(f"{path}: calibration file not found")
-    suffix = path.suffix.lower()
-    if suffix in TENSOR_SUFFIXES:
-        ids = _read_tokens(path)
-        if ids.dim() == 2 and ids.shape[1] == seqlen and ids.shape[0] >= nsamples:
-            return ids[:nsamples].clone()
-        ids = ids.reshape(-1)
-    elif suffix in TEXT_SUFFIXES or suffix in JSONL_SUFFIXES:
-        text = _read_jsonl(path) if suffix in JSONL_SUFFIXES else _read_text(path)
-        if not text.strip():
-            raise CalibrationError(f"{path}: calibration file is empty; give a file with at least {seqlen} "
-                                   f"tokens of text")
-        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-    else:
-        raise CalibrationError(f"{path}: unknown calibration format {path.suffix!r}; use .txt, .jsonl, "
-                               f".safetensors or .pt")
+    if path.suffix.lower() in TENSOR_SUFFIXES and path.is_file():
+        windows = _read_tokens(path)
+        if windows.dim() == 2 and windows.shape[1] == seqlen and windows.shape[0] >= nsamples:
+            return windows[:nsamples].clone()
+    ids = read_token_ids(path, tokenizer, min_tokens=seqlen)
     if ids.numel() < seqlen:
         raise CalibrationError(f"{path}: only {ids.numel()} tokens, fewer than seqlen={seqlen}; give more text "
                                f"or a smaller --seqlen")

@@ -207,7 +207,15 @@ def check_output_folder(output: Path) -> None:
     Raises:
         OutputExistsError: it is not empty (or is a file).
     """
-    if output.is_file() or (output.is_dir() and any(output.iterdir())):
+    if output.is_file():
+        raise OutputExistsError(f"{output} is a file; give a new or empty folder for the quantized checkpoint")
+    if output.is_dir() and any(output.iterdir()):
+        if (output / MANIFEST_NAME).is_file() and (output / "quantize_config.json").is_file():
+            raise OutputExistsError(f"{output}: already holds a quantized checkpoint (quantize_config.json, "
+                                    f"{MANIFEST_NAME}); --resume keeps it when every file matches {MANIFEST_NAME} "
+                                    f"(nothing is redone); if --resume refuses too, a file does not match "
+                                    f"(`gptq-tools verify -c {output}/{MANIFEST_NAME}` names it): empty the folder "
+                                    f"or choose another")
         raise OutputExistsError(f"{output}: output folder is not empty; choose another or empty it")
 
 

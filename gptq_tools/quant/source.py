@@ -40,6 +40,7 @@ class SourceModel:
         if not (folder / "config.json").is_file():
             raise CheckpointError(f"{folder}: no config.json; give a Hugging Face model folder")
         raw_config = read_json(folder / "config.json")
+        _refuse_quantized(folder, raw_config)
         validate_model_config(raw_config, source=str(folder / "config.json"))  # before sizing a model from it
         self.spec: ArchSpec = get_arch(raw_config.get("model_type"), source=str(folder))
         self.config = AutoConfig.from_pretrained(folder)
@@ -161,3 +162,12 @@ class SourceModel:
         names = [name for name in names if name not in self.head_names()]
         names.append(self.head_names()[0])
         return names
+
+
+def _refuse_quantized(folder: Path, raw_config: dict[str, Any]) -> None:
+    """GPTQ needs the fp16 weights: a checkpoint that is already quantized has none to start from."""
+    settings = raw_config.get("quantization_config")
+    if settings or (folder / "quantize_config.json").is_file():
+        method = settings.get("quant_method", "gptq") if isinstance(settings, dict) else "gptq"
+        raise CheckpointError(f"{folder}: already a quantized checkpoint ({method}: quantize_config.json or "
+                              f"quantization_config in config.json); quantize the fp16 model it came from instead")

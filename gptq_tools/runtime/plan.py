@@ -20,7 +20,6 @@ weights plus headroom never exceed them.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -41,7 +40,7 @@ from ..checkpoint.model_files import (
     settings_from_dict,
 )
 from ..errors import CheckpointError, PlacementError, UsageError
-from ..units import format_size, parse_size
+from ..units import format_size, parse_size, size_arg_at_least
 from .kernels import planning_workspace
 from .qlinear import QuantLinear, check_quant_shape
 
@@ -567,8 +566,8 @@ def _fill_with_staging(layout: ModelLayout, caps: list[tuple[DeviceKey, int | No
 
 
 def _smallest_fix(layout: ModelLayout, caps: list[tuple[DeviceKey, int | None]], options: PlanOptions) -> str:
-    """The smallest raise of the last device's cap that fits, and the CPU offload that would."""
-    step = 64 * 1024**2
+    """The smallest raise of the last device's cap that fits, and the CPU offload that would: found to the byte
+    (a bisection over bytes, not steps), then written rounded *up* so the printed cap is enough."""
     limit = layout.total_weight_bytes * 2 + 64 * GiB
 
     def fits_with(index: int, extra: int, base: list[tuple[DeviceKey, int | None]]) -> bool:
@@ -580,26 +579,27 @@ def _smallest_fix(layout: ModelLayout, caps: list[tuple[DeviceKey, int | None]],
     def search(index: int, base: list[tuple[DeviceKey, int | None]]) -> int | None:
         if not fits_with(index, limit, base):
             return None
-        low, high = 0, limit // step + 1
+        low, high = 0, limit
         while low < high:
             middle = (low + high) // 2
-            if fits_with(index, middle * step, base):
+            if fits_with(index, middle, base):
                 high = middle
             else:
                 low = middle + 1
-        return low * step
+        return low
 
     last = max((i for i, (k, _) in enumerate(caps) if isinstance(k, int)), default=len(caps) - 1)
     hints = []
     extra = search(last, caps)
     if extra is not None:
         key, cap = caps[last]
-        hints.append(f"raise {_label(key)} to {format_size((cap or 0) + extra)} (+{format_size(extra)})")
+        hints.append(f"raise {_label(key)} to {size_arg_at_least((cap or 0) + extra)} (+{format_size(extra)}; "
+                     f"{(cap or 0) + extra} bytes exactly)")
     if not any(k == "cpu" for k, _ in caps):
         with_cpu = [c for c in caps if c[0] != "disk"] + [("cpu", 0)]
         cpu_extra = search(len(with_cpu) - 1, with_cpu)
         if cpu_extra is not None:
-            hints.append(f"or offload to the CPU with cpu={math.ceil(cpu_extra / GiB)}GiB (slower)")
+            hints.append(f"or offload to the CPU with cpu={size_arg_at_least(cpu_extra)} (slower)")
     return "smallest change that fits: " + (" ".join(hints) if hints else
                                             "none found; use more or larger devices")
 

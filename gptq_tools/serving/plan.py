@@ -34,7 +34,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..runtime.plan import GiB, ModelLayout, PlanOptions, load_layout, parse_gpus
-from ..units import format_size
+from ..units import format_size, size_arg_at_least
 
 #: vLLM pads the vocabulary to a multiple of this before splitting it across TP ranks.
 VOCAB_PADDING = 64
@@ -89,6 +89,7 @@ class ServingPlan:
     kernel: str = ""
     stages: tuple[StageMemory, ...] = ()
     commands: dict[str, list[str]] = field(default_factory=dict)
+    before: tuple[str, ...] = ()  # commands to run first (download and join, quantize) so the model exists
     notes: tuple[str, ...] = ()
     reason: str = ""
     suggestion: str = ""
@@ -239,12 +240,17 @@ def plan_serving(source: str, *, gpus: str, nodes: int = 1, options: ServingOpti
         CheckpointError: the checkpoint and its config disagree.
     """
     layout, _ = load_layout(source, options=PlanOptions(), branch=branch, trust_remote_code=trust_remote_code)
-    return plan_for_layout(layout, _model_config(source, layout), gpus=gpus, nodes=nodes, options=options,
-                           model_ref=model_ref or _model_ref(source, layout))
+    target = ServingTarget(model_ref) if model_ref else serving_target(source, layout, branch=branch)
+    plan = plan_for_layout(layout, _model_config(source, layout), gpus=gpus, nodes=nodes, options=options,
+                           model_ref=target.model, revision=target.revision)
+    if not plan.fits:
+        return plan
+    return _replace(plan, before=target.before, notes=(*target.notes, *plan.notes))
 
 
 def plan_for_layout(layout: ModelLayout, model_config: dict[str, Any], *, gpus: str, nodes: int = 1,
-                    options: ServingOptions | None = None, model_ref: str) -> ServingPlan:
+                    options: ServingOptions | None = None, model_ref: str,
+                    revision: str | None = None) -> ServingPlan:
     """:func:`plan_serving` for a layout already loaded (``model_config``: its config.json as a dict)."""
     options = options or ServingOptions()
     caps = list(parse_gpus(gpus).values())
@@ -276,7 +282,8 @@ def plan_for_layout(layout: ModelLayout, model_config: dict[str, Any], *, gpus: 
     if layout.settings.desc_act:
         notes.append("act-order without groups: vLLM 0.32 treats desc_act as a no-op here (one group per "
                      "output channel), so TP splits it like any other checkpoint")
-    commands = serving_commands(ref, tp=tp, pp=pp, nodes=nodes, max_model_len=length, options=options)
+    commands = serving_commands(ref, tp=tp, pp=pp, nodes=nodes, max_model_len=length, options=options,
+                                revision=revision)
     return _replace(base, fits=True, tensor_parallel_size=tp, pipeline_parallel_size=pp, kernel=kernel,
                     stages=tuple(stages), commands=commands, notes=tuple(notes))
 
@@ -285,12 +292,74 @@ def _replace(plan: ServingPlan, **changes: Any) -> ServingPlan:
     return replace(plan, **changes)
 
 
-def _model_ref(source: str, layout: ModelLayout) -> str:
-    if layout.source.startswith("preset "):
-        from ..checkpoint.presets import load_preset
+@dataclass(frozen=True)
+class ServingTarget:
+    """What ``vllm serve`` is given for the checkpoint the plan sized, and what must happen first."""
 
-        return load_preset(source).repo_id
-    return layout.source
+    model: str  # a folder or a repository id
+    revision: str | None = None  # vllm serve --revision (a repository's non-default branch)
+    before: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+def serving_target(source: str, layout: ModelLayout, *, branch: str | None = None) -> ServingTarget:
+    """The model argument of ``vllm serve`` for the checkpoint ``layout`` describes: never another one.
+
+    A folder is served as it is, with a note when vLLM would meet split parts there (it loads every
+    ``*.safetensors`` of a folder and cannot read parts). A preset of a quantized repository is served from the
+    Hub at its branch, unless the branch holds its weights only as parts: then from the folder ``gptq-tools
+    download`` joins them into. A preset of an fp16 model was sized as the checkpoint ``quantize`` writes:
+    quantize first.
+    """
+    if not layout.source.startswith("preset "):
+        return ServingTarget(layout.source, notes=folder_notes(Path(layout.source)))
+    from ..checkpoint.presets import parse_model_spec
+
+    spec = parse_model_spec(source, revision=branch)
+    preset = spec.preset
+    if preset is None:  # pragma: no cover - load_layout only sizes presets
+        raise UsageError(f"{source!r} is not a preset")
+    name = preset.name if spec.revision == preset.default_branch else f"{preset.name}:{spec.revision}"
+    folder = f"./{spec.local_dir()}"
+    info = preset.branches.get(spec.revision, {})
+    if not info.get("quantize_config"):
+        output = f"{folder}-gptq"
+        return ServingTarget(output, before=(
+            f"gptq-tools download {name}",
+            f"gptq-tools quantize {folder} -o {output} --calibration CALIBRATION.txt"), notes=(
+            f"quantize first: {preset.repo_id} is the fp16 model ({format_size(layout.total_weight_bytes)} is the "
+            f"4-bit checkpoint `gptq-tools quantize` writes with its defaults); vllm serve {preset.repo_id} would "
+            f"serve the unquantized model this plan did not size",))
+    split = [file for file, meta in info.get("files", {}).items() if meta.get("parts")]
+    if split:
+        return ServingTarget(folder, before=(f"gptq-tools download {name} --delete-parts",), notes=(
+            f"{preset.repo_id}@{spec.revision} holds {', '.join(split)} only as split parts, which vLLM cannot "
+            f"read: download joins them (--delete-parts removes the parts once the joined file is verified, as "
+            f"vLLM would load them too)",))
+    revision = None if spec.revision == "main" else spec.revision
+    return ServingTarget(preset.repo_id, revision=revision)
+
+
+def folder_notes(folder: Path) -> tuple[str, ...]:
+    """What vLLM will see in ``folder`` when it holds split parts (alone, or beside their joined file)."""
+    from ..files.parts import parse_part_name
+
+    names = sorted(p.name for p in folder.glob("*.safetensors"))
+    parts: dict[str, list[str]] = {}
+    for name in names:
+        parsed = parse_part_name(name)
+        if parsed is not None:
+            parts.setdefault(parsed.output_name, []).append(name)
+    notes = []
+    for output, members in parts.items():
+        if output in names:
+            notes.append(f"{folder} holds {output} and also its {len(members)} split parts; vLLM loads every "
+                         f"*.safetensors in the folder, the parts too, and fails: remove the parts once "
+                         f"`gptq-tools verify` passes (or download with --delete-parts)")
+        else:
+            notes.append(f"{folder} holds {output} only as {len(members)} split parts, which vLLM cannot read: "
+                         f"join them first (gptq-tools join {folder}), then remove the parts")
+    return tuple(notes)
 
 
 def _model_config(source: str, layout: ModelLayout) -> dict[str, Any]:
@@ -389,14 +458,31 @@ def _smallest_fix(layout: ModelLayout, linears: dict[str, tuple[int, int]], size
                                                 kv_heads):
             fixes.append(f"{nodes} nodes of --gpus {more}x{_size_arg(gpu_bytes)}")
             break
-    for extra_gib in range(1, 1025):
-        bigger = gpu_bytes + extra_gib * GiB
-        if _choose(layout, linears, sizes, per_node, nodes, bigger, options, length, kv_heads):
-            fixes.append(f"GPUs of {format_size(bigger)} (--gpus {per_node}x{_size_arg(bigger)})")
-            break
+    bigger = _smallest_gpu(layout, linears, sizes, per_node, nodes, gpu_bytes, options, length, kv_heads)
+    if bigger is not None:
+        fixes.append(f"GPUs of {size_arg_at_least(bigger)} (--gpus {per_node}x{size_arg_at_least(bigger)}; "
+                     f"{bigger} bytes exactly)")
     if not fixes:
         return "nothing close fits; plan with more nodes (--nodes)"
     return "smallest change that fits: " + " or ".join(fixes)
+
+
+def _smallest_gpu(layout: ModelLayout, linears: dict[str, tuple[int, int]], sizes: _Sizes, per_node: int,
+                  nodes: int, gpu_bytes: int, options: ServingOptions, length: int, kv_heads: int) -> int | None:
+    """The smallest GPU size (to the byte) on which some split fits, up to 1 TiB more than now; None if none."""
+    def fits(size: int) -> bool:
+        return _choose(layout, linears, sizes, per_node, nodes, size, options, length, kv_heads) is not None
+
+    low, high = gpu_bytes + 1, gpu_bytes + 1024 * GiB
+    if not fits(high):
+        return None
+    while low < high:
+        middle = (low + high) // 2
+        if fits(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def _size_arg(size: int) -> str:
@@ -406,9 +492,10 @@ def _size_arg(size: int) -> str:
 
 # ---------------------------------------------------------------------------------------- commands
 def serving_commands(model: str, *, tp: int, pp: int, nodes: int, max_model_len: int,
-                     options: ServingOptions) -> dict[str, list[str]]:
+                     options: ServingOptions, revision: str | None = None) -> dict[str, list[str]]:
     """The shell lines to run: ``single_node``, or ``ray`` and ``multiprocessing`` for several nodes."""
-    serve = ["vllm", "serve", model, "--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp),
+    serve = ["vllm", "serve", model, *(["--revision", revision] if revision else []),
+             "--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp),
              "--max-model-len", str(max_model_len), "--gpu-memory-utilization", f"{options.gpu_memory_utilization:g}",
              "--max-num-seqs", str(options.max_num_seqs), "--port", str(options.port)]
     if nodes == 1:
@@ -440,6 +527,9 @@ def format_serving_plan(plan: ServingPlan) -> str:
                      f"{format_size(stage.weight_bytes):>11}  {format_size(stage.kv_cache_bytes):>11}  "
                      f"{format_size(stage.activation_bytes):>11}  {format_size(stage.context_bytes):>11}  "
                      f"{format_size(stage.total_bytes):>11}")
+    if plan.before:
+        lines.append("first:")
+        lines.extend(f"  {command}" for command in plan.before)
     titles = {"single_node": "command:", "ray": "several nodes with Ray:",
               "multiprocessing": "several nodes without Ray:"}
     for key, commands in plan.commands.items():
