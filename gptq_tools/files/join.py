@@ -30,9 +30,11 @@ from .fileio import (
     atomic_path,
     check_free_space,
     check_output_free,
+    open_nofollow,
     prefetch_range,
     raise_if_no_space,
     unlink,
+    write_all,
 )
 from .manifest import is_sha256, parse_manifest
 from .parts import PartSet, check_safetensors_parts, find_part_set, parse_part_name, part_set_from_paths
@@ -298,7 +300,7 @@ def _write_and_hash(part_set: PartSet, temp: Path, final: Path, method: str,
     """Write the joined bytes to ``temp`` and hash them; returns (method used, whole hash, part hashes).
     Errors name ``final``, the file the user asked for, not its temporary."""
     total = part_set.total_size
-    with open(temp, "r+b") as out:
+    with open(open_nofollow(temp, os.O_RDWR), "r+b") as out:
         used = "reflink" if method in ("auto", "reflink") and _try_reflink(part_set, out.fileno(), method) else None
         if used is None:
             used = "copy_file_range" if method == "auto" else method
@@ -429,14 +431,8 @@ class _RangeCopier:
             data = os.pread(source, min(length - done, COPY_FILE_RANGE_MAX), position + done)
             if not data:
                 self._shrank(segment_index, position + done, position + length)
-            view = memoryview(data)
-            try:
-                while view:
-                    written = os.pwrite(self.fd, view, dst + done)
-                    view, done = view[written:], done + written
-            except OSError as exc:
-                raise_if_no_space(exc, self.target)
-                raise
+            write_all(self.fd, data, offset=dst + done, target=self.target)  # loops over short writes
+            done += len(data)
 
     def _shrank(self, segment_index: int, at: int, wanted: int) -> None:
         raise PartSetError(f"{self.parts[segment_index]}: ended at byte {at} while {wanted} were expected; it "

@@ -30,12 +30,14 @@ from .fileio import (
     atomic_path,
     check_free_space,
     fsync_dir,
+    open_nofollow,
     raise_if_no_space,
     raise_if_not_writable,
     remove_stale_temp_dirs,
     remove_stale_temps,
     replace,
     rmtree,
+    write_all,
 )
 from .manifest import format_manifest_line, parse_manifest, write_manifest
 from .paths import require_file
@@ -127,7 +129,7 @@ def split_file(path: str | os.PathLike[str], *, max_size: int | str,
     with contextlib.ExitStack() as stack:  # renamed into place only if all were written; the manifest last
         manifest_temp = stack.enter_context(atomic_path(manifest, force=True))
         temps = [stack.enter_context(atomic_path(final, force=True)) for final in finals]
-        fds = [os.open(t, os.O_WRONLY) for t in temps]
+        fds = [open_nofollow(t, os.O_WRONLY) for t in temps]
         try:
             whole, per_part = WholeHasher(), SegmentHasher(count)
             with byte_bar(size, f"split {source.name}", enabled=progress) as bar:
@@ -200,7 +202,7 @@ def manifest_bytes(manifest: Path, entries: dict[str, str]) -> bytes:
 def write_file_durably(temp: Path, data: bytes, final: Path) -> None:
     """Write and fsync ``data`` into ``temp`` (about to become ``final``); a full disk names ``final``."""
     try:
-        with open(temp, "wb") as handle:
+        with open(open_nofollow(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -368,11 +370,7 @@ def _write_shards(work: Path, names: list[str], prefixes: list[bytes], segments:
     fds = [os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666) for t in targets]  # the umask applies
     try:
         for fd, prefix, target in zip(fds, prefixes, targets):
-            try:
-                os.write(fd, prefix)
-            except OSError as exc:
-                raise_if_no_space(exc, target)
-                raise
+            write_all(fd, prefix, target=target)  # a short write raises instead of leaving a hole
         hasher = _PrefixedHasher(prefixes)
         writer = PwriteConsumer(fds, [len(p) for p in prefixes], targets)
         total = sum(s.length for s in segments)

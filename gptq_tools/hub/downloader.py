@@ -228,7 +228,7 @@ def _task(repo: ResolvedRepo, state: LocalState, planned: PlannedFile) -> FileTa
     remote = planned.remote
     return FileTask(path=remote.path, url=repo.url(remote.path), size=remote.size, checksum=remote.checksum,
                     incomplete=state.incomplete_path(remote.path, remote.checksum),
-                    final=state.local_dir / remote.path)
+                    final=state.local_dir / remote.path, root=state.local_dir)
 
 
 class _Joiner:

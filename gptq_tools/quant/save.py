@@ -17,7 +17,15 @@ from typing import Any
 import torch
 
 from ..errors import InsufficientSpaceError, OutputExistsError, QuantizationError
-from ..files.fileio import atomic_path, fsync_dir, raise_if_no_space, replace, rmtree, write_bytes_atomic
+from ..files.fileio import (
+    atomic_path,
+    fsync_dir,
+    open_nofollow,
+    raise_if_no_space,
+    replace,
+    rmtree,
+    write_bytes_atomic,
+)
 from ..files.pipeline import sha256_file
 from ..files.safetensors_format import build_header
 from ..files.split import plan_shards, shard_names
@@ -75,7 +83,7 @@ def _save_safetensors(tensors: Mapping[str, torch.Tensor] | Sequence[TensorRef],
                 with open(temp, "rb+") as handle:
                     os.fsync(handle.fileno())
             else:
-                with open(temp, "wb") as handle:
+                with open(open_nofollow(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as handle:
                     _stream_safetensors(tensors, handle)
                     handle.flush()
                     os.fsync(handle.fileno())
