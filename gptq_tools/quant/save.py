@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ def _save_safetensors(tensors: Mapping[str, torch.Tensor] | Sequence[TensorRef],
     try:
         with atomic_path(path, force=True) as temp:
             if isinstance(tensors, Mapping):
-                save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp), metadata={"format": "pt"})
+                _save_file_mapped(save_file, tensors, temp)
                 with open(temp, "rb+") as handle:
                     os.fsync(handle.fileno())
             else:
@@ -90,6 +91,20 @@ def _save_safetensors(tensors: Mapping[str, torch.Tensor] | Sequence[TensorRef],
     except OSError as exc:
         raise_if_no_space(exc, path)
         raise
+
+
+def _save_file_mapped(save_file: Any, tensors: Mapping[str, torch.Tensor], temp: Path) -> None:
+    """``save_file`` with its I/O errors as ``OSError`` (safetensors reports a full disk as ``SafetensorError``
+    carrying only the text "os error 28"), so a full disk or a file-size limit is one line, not a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), str(exc), str(temp)) from exc
 
 
 def _stream_safetensors(refs: Sequence[TensorRef], handle: Any) -> None:
