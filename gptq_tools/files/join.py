@@ -100,7 +100,8 @@ def _check_given_order(paths: list[Path]) -> None:
 
 
 def expected_hashes(part_set: PartSet, *, expected_sha256: str | None = None,
-                    manifest: str | os.PathLike[str] | None = None, output_name: str | None = None) -> ExpectedHashes:
+                    manifest: str | os.PathLike[str] | None = None, output_name: str | None = None,
+                    expected_source: str | None = None) -> ExpectedHashes:
     """Collect the expected hashes from ``--sha256``, a manifest, or a ``SHA256SUMS`` beside the parts.
 
     Raises:
@@ -119,14 +120,15 @@ def expected_hashes(part_set: PartSet, *, expected_sha256: str | None = None,
     whole = expected_sha256.strip().lower() if expected_sha256 else entries.get(name, entries.get(part_set.output_name))
     if manifest and whole is None and not part_hashes:
         raise UsageError(f"{manifest}: names neither {name} nor any of its parts; pass --sha256 or another manifest")
-    source = "--sha256" if expected_sha256 else str(manifest_path) if manifest_path and (whole or part_hashes) else ""
+    source = ((expected_source or "--sha256") if expected_sha256
+              else str(manifest_path) if manifest_path and (whole or part_hashes) else "")
     return ExpectedHashes(whole=whole, parts=part_hashes, source=source, manifest=manifest_path)
 
 
 def join_parts(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
                output: str | os.PathLike[str] | None = None, *, expected_sha256: str | None = None,
                manifest: str | os.PathLike[str] | None = None, force: bool = False, delete_parts: bool = False,
-               method: str = "auto", progress: bool | None = None) -> JoinResult:
+               method: str = "auto", progress: bool | None = None, expected_source: str | None = None) -> JoinResult:
     """Concatenate split parts into one verified file.
 
     Args:
@@ -144,6 +146,8 @@ def join_parts(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
             benchmark found fastest, falling back to ``readwrite`` where the kernel refuses it),
             ``reflink``, ``copy_file_range`` or ``readwrite``.
         progress: show a progress bar (None: automatic).
+        expected_source: where ``expected_sha256`` comes from, for messages (default ``--sha256``; a
+            download passes ``preset NAME``).
 
     Returns:
         A :class:`JoinResult`; ``verified`` is False when no expected hash was known.
@@ -166,7 +170,8 @@ def join_parts(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
         return finished
     final = _output_path(part_set, output)
     _check_output_is_not_a_part(final, part_set)
-    expected = expected_hashes(part_set, expected_sha256=expected_sha256, manifest=manifest, output_name=final.name)
+    expected = expected_hashes(part_set, expected_sha256=expected_sha256, manifest=manifest, output_name=final.name,
+                               expected_source=expected_source)
     _check_output_is_not_the_manifest(final, expected)
     if delete_parts and not expected.covers(part_set):
         raise UsageError("--delete-parts needs an expected hash (--sha256 or a manifest): parts are only deleted "

@@ -19,6 +19,7 @@ from .plan import (
     PlannedFile,
     PlannedJoin,
     check_fits,
+    check_pinned_hashes,
     find_joins,
     free_space,
     manifest_hash,
@@ -107,7 +108,7 @@ def plan_download(spec: str, *, local_dir: str | Path, revision: str | None = No
     joins = find_joins(repo, files, sha256=hashes) if join else []
     if not join and hashes:
         raise UsageError("--sha256 checks joined files; it cannot be used with --no-join")
-    if any(j.source == "SHA256SUMS" for j in joins):
+    if joins:  # a served manifest either gives the joined hash or is checked against the pinned one
         chosen = {f.path for f in files}
         files += [f for f in repo.files if f.path in MANIFEST_NAMES and f.path not in chosen]
     planned, joins, foreign = plan_files(repo, files, joins, state, force=force)
@@ -164,6 +165,8 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
                 if group:
                     tasks = [_task(plan.repo, state, f) for f in group]
                     fetch_files(tasks, headers=headers, options=options, bar=bar, on_verified=joiner.file_verified)
+                if group is manifests:
+                    check_pinned_hashes(plan)  # before the parts: a disagreement is known before 100 GB move
     except BaseException:
         joiner.close()
         raise
@@ -275,7 +278,8 @@ class _Joiner:
         folder = self.plan.local_dir
         logger.info("%s: all %d parts verified, joining", join.output, len(join.parts))
         result = join_parts([folder / p for p in join.parts], folder / join.output, expected_sha256=expected,
-                            force=self.force or join.output in self.plan.replaced, progress=False)
+                            expected_source=source, force=self.force or join.output in self.plan.replaced,
+                            progress=False)
         self.state.mark_verified(join.output, ("sha256", result.sha256))
         if self.delete_parts:
             _delete_joined_parts(self.state, join, expected)
