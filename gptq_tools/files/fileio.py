@@ -193,10 +193,11 @@ def check_free_space(folder: Path, needed: int, *, what: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
+def atomic_path(final: str | os.PathLike[str], *, force: bool = False, mode: int | None = None) -> Iterator[Path]:
     """A fresh temporary path beside ``final`` that is renamed to ``final`` when the ``with`` block ends
     without error, and removed otherwise. The caller writes (and fsyncs) the temporary file. The
-    published file gets the mode a plain ``open()`` gives (``0o666`` less the umask: 0644 under 022).
+    published file gets the mode a plain ``open()`` gives (``0o666`` less the umask: 0644 under 022), or
+    exactly ``mode`` when given (whatever the umask).
 
     Raises:
         OutputExistsError: ``final`` exists (before or after the block) and ``force`` is False.
@@ -216,7 +217,7 @@ def atomic_path(final: str | os.PathLike[str], *, force: bool = False) -> Iterat
         if final.exists() and not force:  # appeared while we were writing
             raise OutputExistsError(f"{final}: output appeared while writing; pass --force to overwrite it")
         try:
-            os.chmod(temp, 0o666 & ~current_umask())  # the writer may have recreated it (safetensors does)
+            os.chmod(temp, mode if mode is not None else 0o666 & ~current_umask())  # the writer may have recreated it
             replace(temp, final)
         except OSError as exc:
             raise_if_not_writable(exc, final)
