@@ -384,6 +384,56 @@ def write_all(sink: int | BinaryIO, data: bytes | bytearray | memoryview, *, off
         raise
 
 
+@contextlib.contextmanager
+def work_lock(lock_path: str | os.PathLike[str], *, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold an advisory lock (``flock``) on ``lock_path`` for the ``with`` block: one run per working folder.
+
+    The lock file holds the holder's PID, for the message a second run gets. A process that dies drops
+    its lock with its descriptors, so a lock left by a killed run is simply taken over; the file is
+    removed on release (checked to be the file still at that name after locking, so a run that opened
+    a file just removed by the previous holder locks again instead of holding a lock nobody sees).
+
+    Args:
+        lock_path: the lock file (created, never followed if it is a link).
+        what: the work, for the message (``"download into /x"``).
+        wait: wait for the other run instead of refusing.
+
+    Raises:
+        OutputExistsError: another live process holds the lock (the message names its PID) and not ``wait``.
+    """
+    import fcntl
+
+    lock_path = Path(lock_path)
+    while True:
+        fd = open_nofollow(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputExistsError(f"{lock_path.parent}: another gptq-tools process (pid {holder}) is already "
+                                    f"running the {what} here; wait for it to finish, or stop it, then run "
+                                    f"again") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.path.samestat(os.fstat(fd), os.lstat(lock_path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed it between our open and our lock: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        write_all(fd, f"{os.getpid()}\n".encode(), offset=0, target=lock_path)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
+        os.close(fd)
+
+
 def write_bytes_atomic(final: str | os.PathLike[str], data: bytes, *, force: bool = True) -> None:
     """Write ``data`` to ``final`` atomically (used for small files: configs, manifests, indexes)."""
     with atomic_output(final, force=force) as handle:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HubError, UsageError
-from ..files.fileio import unlink
+from ..files.fileio import unlink, work_lock
 from ..progress import byte_bar
 from .plan import (
     MANIFEST_NAMES,
@@ -32,6 +32,9 @@ from .state import LocalState
 from .transfer import FileTask, TransferOptions, fetch_files
 
 logger = logging.getLogger(__name__)
+
+#: The lock file in the state folder: one download at a time per folder (see :func:`work_lock`).
+LOCK_NAME = "lock"
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,14 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
     plan.local_dir.mkdir(parents=True, exist_ok=True)
     state = LocalState(plan.local_dir)
     state.prepare()  # the .gitignore is there before the first partial file
+    with work_lock(state.folder / LOCK_NAME, what=f"download into {plan.local_dir}"):
+        return _transfer(plan, state, todo, options=options, token=token, force=force, delete_parts=delete_parts,
+                         started=started)
+
+
+def _transfer(plan: DownloadPlan, state: LocalState, todo: list[PlannedFile], *, options: TransferOptions,
+              token: str | bool | None, force: bool, delete_parts: bool, started: float) -> DownloadResult:
+    """Fetch, verify and join what ``plan`` needs (the caller holds the folder's lock)."""
     joiner = _Joiner(plan, state, delete_parts=delete_parts, force=force)
     manifests = [f for f in todo if f.remote.path in MANIFEST_NAMES]
     rest = [f for f in todo if f.remote.path not in MANIFEST_NAMES]
