@@ -73,7 +73,7 @@ class DownloadResult:
 def plan_download(spec: str, *, local_dir: str | Path, revision: str | None = None,
                   include: list[str] | None = None, exclude: list[str] | None = None, join: bool = True,
                   sha256: list[str] | None = None, force: bool = False, endpoint: str | None = None,
-                  token: str | bool | None = None) -> DownloadPlan:
+                  token: str | bool | None = None, timeouts: tuple[float, float] | None = None) -> DownloadPlan:
     """Resolve ``spec`` and compute what a download into ``local_dir`` would fetch and join.
 
     Args:
@@ -87,6 +87,8 @@ def plan_download(spec: str, *, local_dir: str | Path, revision: str | None = No
         force: replace local files of the same names that hold other bytes.
         endpoint: Hub URL (default ``HF_ENDPOINT``).
         token: Hub token (default: the one huggingface_hub finds).
+        timeouts: (connect, read) seconds per metadata request (default
+            :data:`gptq_tools.hub.remote.METADATA_TIMEOUTS`).
 
     Returns:
         The plan (nothing is transferred).
@@ -105,7 +107,7 @@ def plan_download(spec: str, *, local_dir: str | Path, revision: str | None = No
     if constants.is_offline_mode():
         repo = offline_repo(repo_spec, state.load_listing(repo_spec.revision), where=str(local))
     else:
-        repo = resolve_repo(repo_spec, endpoint=endpoint, token=token)
+        repo = resolve_repo(repo_spec, endpoint=endpoint, token=token, timeouts=timeouts)
     files = select_files(repo, include, exclude)
     hashes = parse_sha256_options(sha256)
     joins = find_joins(repo, files, sha256=hashes) if join else []
@@ -148,8 +150,9 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
     if max_workers < 1:
         raise UsageError(f"--max-workers must be at least 1, got {max_workers}")
     started = time.monotonic()
+    timeouts = (options.connect_timeout, options.stall_timeout) if options is not None else None
     plan = plan_download(spec, local_dir=local_dir, revision=revision, include=include, exclude=exclude, join=join,
-                         sha256=sha256, force=force, endpoint=endpoint, token=token)
+                         sha256=sha256, force=force, endpoint=endpoint, token=token, timeouts=timeouts)
     if dry_run:
         return DownloadResult(plan, (), (), 0, time.monotonic() - started, dry_run=True)
     todo = [f for f in plan.files if f.status != "present"]
