@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gptq_tools.cli import main
-from gptq_tools.errors import UnsafePathError
+from gptq_tools.errors import NotAFolderError, UnsafePathError
 from gptq_tools.hub import TransferOptions, download
 from gptq_tools.hub.state import STATE_DIR, LocalState
 from tests.download_helpers import FAST, blob
@@ -97,8 +97,20 @@ def test_linked_subfolder_in_local_dir_is_not_written_through(tmp_path: Path,
         out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
         elsewhere.mkdir()
         plant_link(out / "sub", elsewhere)
-        with pytest.raises(UnsafePathError, match="sub: is a symbolic link where gptq-tools needs a folder"):
+        with pytest.raises(NotAFolderError, match="sub: is a symbolic link, but the repository needs a folder"):
             fetch(server, out)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_linked_subfolder_planted_after_planning_is_not_written_through(tmp_path: Path) -> None:
+    """The same link planted between the plan and the publish: the folder walk refuses it."""
+    from gptq_tools.files.fileio import ensure_folder
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    plant_link(out / "sub", elsewhere)
+    with pytest.raises(UnsafePathError, match="sub: is a symbolic link where gptq-tools needs a folder"):
+        ensure_folder(out / "sub" / "deeper", root=out)
     assert list(elsewhere.iterdir()) == []
 
 

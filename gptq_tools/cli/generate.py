@@ -109,12 +109,19 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The longest prompt line ``--interactive`` reads (far beyond any model's context).
+MAX_PROMPT_CHARS = 1 << 20
+
+
 def _stdin_prompts() -> Iterator[str]:
     """Lines of stdin, with a ``> `` cue on stderr when a person is typing."""
     while True:
         if sys.stdin.isatty():
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        line = sys.stdin.readline(MAX_PROMPT_CHARS + 1)  # bounded: `< /dev/zero` is one endless line
         if not line:
             return
+        if len(line) > MAX_PROMPT_CHARS:
+            raise UsageError(f"stdin: a prompt line is longer than {MAX_PROMPT_CHARS} characters (is stdin a "
+                             f"binary file?); give one prompt per line")
         yield line

@@ -117,6 +117,7 @@ def split_file(path: str | os.PathLike[str], *, max_size: int | str,
         raise UsageError(f"{source}: {size} bytes already fits in one part of --max-size {limit}; nothing to split")
     folder = Path(output_dir) if output_dir else source.parent
     count = math.ceil(size / limit)
+    check_part_count(count, what=f"{source}: splitting {size} bytes at --max-size {limit}", force=force)
     finals = [folder / name for name in part_names(source.name, count)]
     manifest = folder / MANIFEST_NAME
     _make_folder(folder, finals[0])
@@ -145,6 +146,31 @@ def split_file(path: str | os.PathLike[str], *, max_size: int | str,
                            manifest)
     logger.info("%s: split into %d parts; SHA256 %s written to %s", source, count, whole.hexdigest(), manifest)
     return SplitResult(tuple(finals), whole.hexdigest(), digests, manifest)
+
+
+#: More parts than this is almost surely a unit mistake (a bare number is bytes): refused without --force.
+MAX_PARTS = 10_000
+
+
+def check_part_count(count: int, *, what: str, force: bool, open_at_once: bool = False) -> None:
+    """Refuse an absurd number of parts before any is created.
+
+    Raises:
+        UsageError: more than :data:`MAX_PARTS` without ``force``; or, when every part is open at once
+            (reshard), more than the open-file limit allows (forcing cannot help there).
+    """
+    if open_at_once:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        room = soft - 64 if soft != resource.RLIM_INFINITY else count
+        if count > room:
+            raise UsageError(f"{what} gives {count} shards, but this process may open only {soft} files and "
+                             f"every shard is written at once; use a larger size (e.g. 5GB), or raise the limit "
+                             f"(ulimit -n)")
+    if count > MAX_PARTS and not force:
+        raise UsageError(f"{what} gives {count} parts (more than {MAX_PARTS}); a bare number is bytes, so "
+                         f"write the size with a unit (e.g. 45GiB), or pass --force if you mean it")
 
 
 def _make_folder(folder: Path, target: Path) -> None:
@@ -275,6 +301,8 @@ def reshard_file(path: str | os.PathLike[str], output_dir: str | os.PathLike[str
     remove_stale_temp_dirs(out, "reshard")
     ordered = sorted(header.tensors.values(), key=lambda e: e.begin)
     plan = plan_shards([(e.name, e.nbytes) for e in ordered], limit)
+    check_part_count(len(plan), what=f"{source}: resharding at --max-shard-size {limit}", force=force,
+                     open_at_once=True)
     names = shard_names(len(plan))
     metadata = {"format": "pt", **header.metadata}
     prefixes, segments = [], []

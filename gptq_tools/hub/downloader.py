@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import HubError, UsageError
+from ..errors import HubError, NotAFolderError, UsageError
 from ..files.fileio import unlink, work_lock
 from ..progress import byte_bar
 from .plan import (
@@ -19,6 +19,7 @@ from .plan import (
     PlannedFile,
     PlannedJoin,
     check_fits,
+    check_local_kinds,
     check_pinned_hashes,
     find_joins,
     free_space,
@@ -102,6 +103,9 @@ def plan_download(spec: str, *, local_dir: str | Path, revision: str | None = No
 
     repo_spec = parse_spec(spec, revision=revision)
     local = Path(local_dir).expanduser().resolve()
+    if local.exists() and not local.is_dir():
+        raise NotAFolderError(f"{local}: --local-dir is an existing file, not a folder; give a folder (it is "
+                              f"created if missing)")
     state = LocalState(local)
     state.migrate()
     if constants.is_offline_mode():
@@ -109,6 +113,7 @@ def plan_download(spec: str, *, local_dir: str | Path, revision: str | None = No
     else:
         repo = resolve_repo(repo_spec, endpoint=endpoint, token=token, timeouts=timeouts)
     files = select_files(repo, include, exclude)
+    check_local_kinds(local, [f.path for f in files])
     hashes = parse_sha256_options(sha256)
     joins = find_joins(repo, files, sha256=hashes) if join else []
     if not join and hashes:

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ChecksumMismatchError, InsufficientSpaceError, OutputExistsError, UsageError
+from ..errors import (
+    ChecksumMismatchError,
+    InsufficientSpaceError,
+    NotAFileError,
+    NotAFolderError,
+    OutputExistsError,
+    UsageError,
+)
 from ..files.names import check_no_clashes, validate_relative_name
 from ..files.parts import parse_part_name
 from ..files.pipeline import WholeHasher, file_segments, run_pipeline, sha256_file
@@ -221,6 +229,27 @@ def check_pinned_hashes(plan: DownloadPlan) -> None:
                 f"{plan.repo.repo_id}@{plan.repo.revision} lists {served}; a pinned hash is never overridden by the "
                 f"repository. Nothing was joined: check which is right (report it to the preset or repository "
                 f"owner), or pass --sha256 NAME=HEX with the hash you trust")
+
+
+def check_local_kinds(local_dir: Path, paths: list[str]) -> None:
+    """Refuse, before anything moves, a folder where the repository has a file, or a file (or link) where
+    it needs a folder: the rename at the end would fail after the whole download.
+
+    Raises:
+        NotAFileError: a folder sits at a file's name.
+        NotAFolderError: a file or a link sits at the name of a folder a file goes into.
+    """
+    for path in paths:
+        target = local_dir / path
+        if target.is_dir() and not target.is_symlink():
+            raise NotAFileError(f"{target}: is a folder, but the repository has a file {path!r} there; move the "
+                                f"folder away or choose another --local-dir")
+        for parent in list(Path(path).parents)[:-1]:
+            folder = local_dir / parent
+            if os.path.lexists(folder) and (folder.is_symlink() or not folder.is_dir()):
+                kind = "a symbolic link" if folder.is_symlink() else "a file"
+                raise NotAFolderError(f"{folder}: is {kind}, but the repository needs a folder there for {path!r}; "
+                                      f"move it away or choose another --local-dir")
 
 
 def parse_sha256_options(values: list[str] | None) -> dict[str, str]:

@@ -298,9 +298,19 @@ def _checked_file(path: object, size: object, git_oid: object, sha256: object, l
     return RemoteFile(path=name, size=size, git_oid=git_oid, sha256=sha256)
 
 
+def without_credentials(url: str) -> str:
+    """``url`` without a ``user:password@`` part (an ``HF_ENDPOINT`` may carry one; it is never saved)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def listing_of(repo: ResolvedRepo) -> dict[str, object]:
     """``repo`` as JSON-ready data (saved after a download, so an offline re-run knows the files)."""
-    return {"repo_id": repo.repo_id, "commit": repo.commit, "endpoint": repo.endpoint,
+    return {"repo_id": repo.repo_id, "commit": repo.commit, "endpoint": without_credentials(repo.endpoint),
             "files": [{"path": f.path, "size": f.size, "git_oid": f.git_oid, "sha256": f.sha256} for f in repo.files]}
 
 

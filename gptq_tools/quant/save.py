@@ -230,6 +230,10 @@ def check_output_folder(output: Path) -> None:
     Raises:
         OutputExistsError: it is not empty (or is a file).
     """
+    if output.is_symlink():
+        raise OutputExistsError(f"{output}: is a symbolic link; the finished checkpoint is published by renaming a "
+                                f"folder onto this name, which a link cannot take. Give the real folder (its "
+                                f"target) or a new name")
     if output.is_file() or (output.is_dir() and any(output.iterdir())):
         raise OutputExistsError(f"{output}: output folder is not empty; choose another or empty it")
 
