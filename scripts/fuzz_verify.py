@@ -37,20 +37,26 @@ def main() -> int:
     counts: collections.Counter[str] = collections.Counter()
     shown = 0
     started = time.monotonic()
+    interrupted = False
     with tempfile.TemporaryDirectory(prefix="fuzz-verify-") as folder:
         build_corpus(Path(folder))
-        for number, case in enumerate(cases(seed, args.cases), start=1):
-            outcome, detail = compare(case, Path(folder))
-            counts[outcome] += 1
-            if outcome != AGREE and shown < args.show:
-                shown += 1
-                print(f"case {number}: {outcome}, options {case.options}, manifest {case.manifest!r}\n  {detail!r}")
-            if number % 10_000 == 0:
-                print(f"{number} cases, {time.monotonic() - started:.0f}s", file=sys.stderr)
+        try:
+            for number, case in enumerate(cases(seed, args.cases), start=1):
+                outcome, detail = compare(case, Path(folder))
+                counts[outcome] += 1
+                if outcome != AGREE and shown < args.show:
+                    shown += 1
+                    print(f"case {number}: {outcome}, options {case.options}, manifest {case.manifest!r}\n"
+                          f"  {detail!r}", flush=True)
+                if number % 10_000 == 0:
+                    print(f"{number} cases, {sum(counts.values()) - counts[AGREE]} findings, "
+                          f"{time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
+        except KeyboardInterrupt:  # Ctrl-C: still report what was compared
+            interrupted = True
     compared = sum(counts.values())
-    print(f"seed {seed}: {compared} manifests compared, {counts[AGREE]} agreed, {counts['disagree']} disagreed, "
-          f"{counts['crash']} crashed ({time.monotonic() - started:.0f}s)")
-    return 0 if counts[AGREE] == compared else 1
+    print(f"seed {seed}: {compared} manifests compared{' (interrupted)' if interrupted else ''}, {counts[AGREE]} "
+          f"agreed, {counts['disagree']} disagreed, {counts['crash']} crashed ({time.monotonic() - started:.0f}s)")
+    return 0 if counts[AGREE] == compared and not interrupted else 1
 
 
 if __name__ == "__main__":
