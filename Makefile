@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo fuzz bench bench-join bench-download bench-load bench-quant bench-kernels bench-quant-memory bench-quant-dist bench-cpu-peers gpu-check venv-gptqmodel venv-vllm venv-llamacpp interop lint clean
+.PHONY: install test test-slow demo fuzz fuzz-verify bench bench-join bench-download bench-load bench-quant bench-kernels bench-quant-memory bench-quant-dist bench-cpu-peers gpu-check venv-gptqmodel venv-vllm venv-llamacpp interop lint clean
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ demo: $(STAMP)
 FUZZ_CASES ?= 100000
 fuzz: $(STAMP)
 	$(PY) scripts/fuzz_safetensors.py --cases $(FUZZ_CASES)
+
+# Differential fuzzing of verify -c against the machine's sha256sum -c, 100,000+ generated manifests
+# (the test suite runs 3,000 with a fixed seed). FUZZ_CASES=N to change the count, FUZZ_SEED=N to replay.
+fuzz-verify: $(STAMP)
+	$(PY) scripts/fuzz_verify.py --cases $(FUZZ_CASES) $(if $(FUZZ_SEED),--seed $(FUZZ_SEED))
 
 bench: bench-join bench-download bench-load bench-quant bench-kernels
 

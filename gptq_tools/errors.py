@@ -119,3 +119,7 @@ class UnsafeNameError(GptqToolsError, ValueError):
 
 class DistributedError(GptqToolsError, RuntimeError):
     """A distributed quantization run lost a rank (died, hung, or stopped with an error)."""
+
+
+class UnsafePathError(GptqToolsError, OSError):
+    """A path the tool writes through holds a symlink or something else than expected (planted, or left over)."""

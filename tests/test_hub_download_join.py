@@ -35,7 +35,8 @@ class JoinRecorder:
 
     def __call__(self, parts: list[Path], output: Path | None = None, *, expected_sha256: str | None = None,
                  manifest: Path | None = None, force: bool = False, delete_parts: bool = False,
-                 method: str = "auto", progress: bool | None = None) -> types.SimpleNamespace:
+                 method: str = "auto", progress: bool | None = None,
+                 expected_source: str | None = None) -> types.SimpleNamespace:
         self.calls.append({"parts": [Path(p) for p in parts], "output": Path(output), "expected": expected_sha256,
                            "force": force, "delete_parts": delete_parts})
         self.seen_while_joining.append({p.name for p in Path(output).parent.iterdir()})

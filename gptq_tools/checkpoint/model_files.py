@@ -215,10 +215,29 @@ def _looks_like_part(name: str) -> bool:
     return parse_part_name(name) is not None
 
 
-def _sharded(folder: Path, index_path: Path) -> CheckpointFiles:
-    weight_map = read_json(index_path).get("weight_map")
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index: tensor name -> shard file name.
+
+    Shard names come from outside (the index is downloaded with the weights), so each goes through the
+    same validator as Hub file names: no ``..``, no absolute path, no control character, text only.
+
+    Raises:
+        CheckpointError: no ``weight_map``, or a tensor name that is not text.
+        UnsafeNameError: a shard name would leave the folder (the message quotes it).
+    """
+    from ..files.names import validate_relative_name
+
+    data = read_json(index_path)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: no weight_map; the index is damaged")
+    for tensor, shard in weight_map.items():
+        validate_relative_name(shard, what=f"{index_path}: tensor {tensor!r} is mapped to shard")
+    return weight_map
+
+
+def _sharded(folder: Path, index_path: Path) -> CheckpointFiles:
+    weight_map = read_weight_map(index_path)
     names = sorted(set(weight_map.values()))
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:

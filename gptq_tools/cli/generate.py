@@ -126,15 +126,22 @@ def _json_line(result: GenerationResult) -> str:
                        "tokens_per_second": round(result.tokens_per_second, 3)}, ensure_ascii=False) + "\n"
 
 
+#: The longest prompt line ``--interactive`` reads (far beyond any model's context).
+MAX_PROMPT_CHARS = 1 << 20
+
+
 def _stdin_prompts(*, echo: bool = False) -> Iterator[str]:
     """Lines of stdin, with a ``> `` cue on stderr when a person is typing; ``echo`` writes each prompt that
     will be answered on stdout as ``> PROMPT`` first."""
     while True:
         if sys.stdin.isatty():
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        line = sys.stdin.readline(MAX_PROMPT_CHARS + 1)  # bounded: `< /dev/zero` is one endless line
         if not line:
             return
+        if len(line) > MAX_PROMPT_CHARS:
+            raise UsageError(f"stdin: a prompt line is longer than {MAX_PROMPT_CHARS} characters (is stdin a "
+                             f"binary file?); give one prompt per line")
         if echo and line.strip():
             _write(f"> {line.rstrip(chr(13) + chr(10))}\n")
         yield line

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..constants import kill_at_step, step_log_path
-from ..errors import InsufficientSpaceError, OutputExistsError, OutputNotWritableError
+from ..errors import InsufficientSpaceError, OutputExistsError, OutputNotWritableError, UnsafePathError
 
 logger = logging.getLogger(__name__)
 
@@ -193,10 +193,11 @@ def check_free_space(folder: Path, needed: int, *, what: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
+def atomic_path(final: str | os.PathLike[str], *, force: bool = False, mode: int | None = None) -> Iterator[Path]:
     """A fresh temporary path beside ``final`` that is renamed to ``final`` when the ``with`` block ends
     without error, and removed otherwise. The caller writes (and fsyncs) the temporary file. The
-    published file gets the mode a plain ``open()`` gives (``0o666`` less the umask: 0644 under 022).
+    published file gets the mode a plain ``open()`` gives (``0o666`` less the umask: 0644 under 022), or
+    exactly ``mode`` when given (whatever the umask).
 
     Raises:
         OutputExistsError: ``final`` exists (before or after the block) and ``force`` is False.
@@ -216,7 +217,7 @@ def atomic_path(final: str | os.PathLike[str], *, force: bool = False) -> Iterat
         if final.exists() and not force:  # appeared while we were writing
             raise OutputExistsError(f"{final}: output appeared while writing; pass --force to overwrite it")
         try:
-            os.chmod(temp, 0o666 & ~current_umask())  # the writer may have recreated it (safetensors does)
+            os.chmod(temp, mode if mode is not None else 0o666 & ~current_umask())  # the writer may have recreated it
             replace(temp, final)
         except OSError as exc:
             raise_if_not_writable(exc, final)
@@ -235,7 +236,8 @@ def atomic_output(final: str | os.PathLike[str], *, force: bool = False, mode: s
         OutputExistsError: ``final`` exists and ``force`` is False.
         InsufficientSpaceError: the disk filled up while writing.
     """
-    with atomic_path(final, force=force) as temp, open(temp, mode) as handle:
+    with atomic_path(final, force=force) as temp, \
+            os.fdopen(open_nofollow(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), mode) as handle:
         try:
             yield handle
             handle.flush()
@@ -245,6 +247,193 @@ def atomic_output(final: str | os.PathLike[str], *, force: bool = False, mode: s
             raise
 
 
+def open_nofollow(path: str | os.PathLike[str], flags: int = os.O_RDONLY, mode: int = 0o666, *,
+                  root: str | os.PathLike[str] | None = None, make_parents: bool = False) -> int:
+    """Open ``path`` without following a symlink at its last component, nor at any folder below ``root``.
+
+    The one way the project opens a file inside a folder it does not own alone (a ``--local-dir``, an
+    output folder, a download's state folder): a symlink planted at a computable name (a partial
+    download, a temporary) would otherwise make a write land on the link's target outside the folder.
+    With ``root``, every folder from ``root`` (which may itself be a link: the user chose it) down to
+    ``path``'s folder is opened with ``O_NOFOLLOW | O_DIRECTORY`` relative to the one above it, so a
+    folder swapped for a link between the check and the open cannot redirect the file either.
+
+    Args:
+        path: the file; must lie under ``root`` when ``root`` is given.
+        flags: ``os.O_*`` flags (``O_NOFOLLOW`` and ``O_CLOEXEC`` are added).
+        mode: permission bits for a created file (the umask applies).
+        root: the folder the user chose; folders below it are checked (None: only the last component).
+        make_parents: create missing folders below ``root`` (mode 0777 less the umask).
+
+    Returns:
+        A file descriptor the caller closes.
+
+    Raises:
+        UnsafePathError: ``path`` or a folder below ``root`` is a symlink or not a folder.
+        FileNotFoundError, PermissionError, ...: as ``os.open``.
+    """
+    path = Path(os.path.abspath(path))
+    flags |= os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    folder_fd = _open_folder_chain(path, root, make_parents=make_parents)
+    try:
+        try:
+            return os.open(path.name if folder_fd is not None else path, flags, mode, dir_fd=folder_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafePathError(f"{path}: is a symbolic link where gptq-tools keeps a file of its own; it was "
+                                      f"not followed. Remove the link (its target is untouched) and run "
+                                      f"again") from None
+            raise
+    finally:
+        if folder_fd is not None:
+            os.close(folder_fd)
+
+
+def _open_folder_chain(path: Path, root: str | os.PathLike[str] | None, *, make_parents: bool) -> int | None:
+    """A descriptor of ``path``'s folder reached from ``root`` one real folder at a time (None without root)."""
+    if root is None:
+        return None
+    base = Path(os.path.abspath(root))
+    try:
+        steps = path.parent.relative_to(base).parts
+    except ValueError:
+        raise UnsafePathError(f"{path}: lies outside {base}; refusing to write there") from None
+    folder_flags = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+    if make_parents:
+        base.mkdir(parents=True, exist_ok=True)
+    current = os.open(base, folder_flags)
+    here = base
+    try:
+        for step in steps:
+            here = here / step
+            if make_parents:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(step, 0o777, dir_fd=current)
+            try:
+                following = os.open(step, folder_flags | os.O_NOFOLLOW, dir_fd=current)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    what = "a symbolic link" if os.path.islink(here) else "not a folder"
+                    raise UnsafePathError(f"{here}: is {what} where gptq-tools needs a folder of its own; it was not "
+                                          f"followed. Move it away and run again") from None
+                raise
+            os.close(current)
+            current = following
+    except BaseException:
+        os.close(current)
+        raise
+    return current
+
+
+def ensure_folder(folder: str | os.PathLike[str], *, root: str | os.PathLike[str]) -> Path:
+    """Create ``folder`` (and its parents below ``root``), each checked to be a real folder, not a link.
+
+    Raises:
+        UnsafePathError: a folder below ``root`` is a symbolic link or a file.
+    """
+    os.close(_open_folder_chain(Path(os.path.abspath(folder)) / "_", root, make_parents=True))  # type: ignore[arg-type]
+    return Path(folder)
+
+
+def lstat_regular(path: str | os.PathLike[str]) -> os.stat_result | None:
+    """``os.lstat`` of a regular file; None when absent. A link or anything else is not trusted as a file.
+
+    Raises:
+        UnsafePathError: something other than a regular file sits at ``path``.
+    """
+    import stat as stat_module
+
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat_module.S_ISREG(info.st_mode):
+        kind = "a symbolic link" if stat_module.S_ISLNK(info.st_mode) else "not a regular file"
+        raise UnsafePathError(f"{path}: is {kind} where gptq-tools keeps a file of its own; it was not followed. "
+                              f"Remove it (a link's target is untouched) and run again")
+    return info
+
+
+def write_all(sink: int | BinaryIO, data: bytes | bytearray | memoryview, *, offset: int | None = None,
+              target: str | os.PathLike[str] | None = None) -> None:
+    """Write every byte of ``data`` to ``sink`` (a descriptor, or an unbuffered file's ``write``), looping
+    over short writes; with ``offset`` (descriptors only) through ``pwrite``.
+
+    A write that returns 0 bytes, or fails (full disk, quota, file-size limit), raises: a short count is
+    never taken for success, so a truncated file never passes as complete.
+
+    Raises:
+        InsufficientSpaceError: the disk, a quota or a file-size limit stopped the write (names ``target``).
+        OSError: any other failure.
+    """
+    view = memoryview(data).cast("B")
+    name = Path(target) if target is not None else Path(f"<fd {sink}>")
+    try:
+        while view:
+            if isinstance(sink, int):
+                written = os.write(sink, view) if offset is None else os.pwrite(sink, view, offset)
+            else:
+                written = sink.write(view)
+            if not written:  # 0, or None from a non-blocking file: nothing moved, and nothing will
+                raise OSError(errno.ENOSPC, "a write stored no byte", os.fspath(name))
+            view = view[written:]
+            if offset is not None:
+                offset += written
+    except OSError as exc:
+        raise_if_no_space(exc, name)
+        raise
+
+
+@contextlib.contextmanager
+def work_lock(lock_path: str | os.PathLike[str], *, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold an advisory lock (``flock``) on ``lock_path`` for the ``with`` block: one run per working folder.
+
+    The lock file holds the holder's PID, for the message a second run gets. A process that dies drops
+    its lock with its descriptors, so a lock left by a killed run is simply taken over; the file is
+    removed on release (checked to be the file still at that name after locking, so a run that opened
+    a file just removed by the previous holder locks again instead of holding a lock nobody sees).
+
+    Args:
+        lock_path: the lock file (created, never followed if it is a link).
+        what: the work, for the message (``"download into /x"``).
+        wait: wait for the other run instead of refusing.
+
+    Raises:
+        OutputExistsError: another live process holds the lock (the message names its PID) and not ``wait``.
+    """
+    import fcntl
+
+    lock_path = Path(lock_path)
+    while True:
+        fd = open_nofollow(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputExistsError(f"{lock_path.parent}: another gptq-tools process (pid {holder}) is already "
+                                    f"running the {what} here; wait for it to finish, or stop it, then run "
+                                    f"again") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.path.samestat(os.fstat(fd), os.lstat(lock_path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed it between our open and our lock: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        write_all(fd, f"{os.getpid()}\n".encode(), offset=0, target=lock_path)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
+        os.close(fd)
+
+
 def write_bytes_atomic(final: str | os.PathLike[str], data: bytes, *, force: bool = True) -> None:
     """Write ``data`` to ``final`` atomically (used for small files: configs, manifests, indexes)."""
     with atomic_output(final, force=force) as handle:
@@ -252,11 +441,16 @@ def write_bytes_atomic(final: str | os.PathLike[str], data: bytes, *, force: boo
 
 
 def raise_if_no_space(exc: OSError, target: Path) -> None:
-    """Turn ENOSPC/EDQUOT into :class:`InsufficientSpaceError` naming ``target``."""
+    """Turn ENOSPC/EDQUOT/EFBIG into :class:`InsufficientSpaceError` naming ``target``."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         raise InsufficientSpaceError(
             f"{target}: the disk filled up while writing; nothing was written at the final name. "
             f"Free some space or choose another output folder") from exc
+    if exc.errno == errno.EFBIG:
+        raise InsufficientSpaceError(
+            f"{target}: the file grew past a file-size limit (ulimit -f, or the filesystem's largest file) while "
+            f"writing; nothing was written at the final name. Raise the limit or choose another output "
+            f"folder") from exc
 
 
 def fsync_dir(folder: Path) -> None:

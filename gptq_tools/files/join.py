@@ -30,9 +30,11 @@ from .fileio import (
     atomic_path,
     check_free_space,
     check_output_free,
+    open_nofollow,
     prefetch_range,
     raise_if_no_space,
     unlink,
+    write_all,
 )
 from .manifest import is_sha256, parse_manifest
 from .parts import PartSet, check_safetensors_parts, find_part_set, parse_part_name, part_set_from_paths
@@ -98,7 +100,8 @@ def _check_given_order(paths: list[Path]) -> None:
 
 
 def expected_hashes(part_set: PartSet, *, expected_sha256: str | None = None,
-                    manifest: str | os.PathLike[str] | None = None, output_name: str | None = None) -> ExpectedHashes:
+                    manifest: str | os.PathLike[str] | None = None, output_name: str | None = None,
+                    expected_source: str | None = None) -> ExpectedHashes:
     """Collect the expected hashes from ``--sha256``, a manifest, or a ``SHA256SUMS`` beside the parts.
 
     Raises:
@@ -117,14 +120,15 @@ def expected_hashes(part_set: PartSet, *, expected_sha256: str | None = None,
     whole = expected_sha256.strip().lower() if expected_sha256 else entries.get(name, entries.get(part_set.output_name))
     if manifest and whole is None and not part_hashes:
         raise UsageError(f"{manifest}: names neither {name} nor any of its parts; pass --sha256 or another manifest")
-    source = "--sha256" if expected_sha256 else str(manifest_path) if manifest_path and (whole or part_hashes) else ""
+    source = ((expected_source or "--sha256") if expected_sha256
+              else str(manifest_path) if manifest_path and (whole or part_hashes) else "")
     return ExpectedHashes(whole=whole, parts=part_hashes, source=source, manifest=manifest_path)
 
 
 def join_parts(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
                output: str | os.PathLike[str] | None = None, *, expected_sha256: str | None = None,
                manifest: str | os.PathLike[str] | None = None, force: bool = False, delete_parts: bool = False,
-               method: str = "auto", progress: bool | None = None) -> JoinResult:
+               method: str = "auto", progress: bool | None = None, expected_source: str | None = None) -> JoinResult:
     """Concatenate split parts into one verified file.
 
     Args:
@@ -142,6 +146,8 @@ def join_parts(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
             benchmark found fastest, falling back to ``readwrite`` where the kernel refuses it),
             ``reflink``, ``copy_file_range`` or ``readwrite``.
         progress: show a progress bar (None: automatic).
+        expected_source: where ``expected_sha256`` comes from, for messages (default ``--sha256``; a
+            download passes ``preset NAME``).
 
     Returns:
         A :class:`JoinResult`; ``verified`` is False when no expected hash was known.
@@ -164,7 +170,8 @@ def join_parts(parts: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
         return finished
     final = _output_path(part_set, output)
     _check_output_is_not_a_part(final, part_set)
-    expected = expected_hashes(part_set, expected_sha256=expected_sha256, manifest=manifest, output_name=final.name)
+    expected = expected_hashes(part_set, expected_sha256=expected_sha256, manifest=manifest, output_name=final.name,
+                               expected_source=expected_source)
     _check_output_is_not_the_manifest(final, expected)
     if delete_parts and not expected.covers(part_set):
         raise UsageError("--delete-parts needs an expected hash (--sha256 or a manifest): parts are only deleted "
@@ -300,7 +307,7 @@ def _write_and_hash(part_set: PartSet, temp: Path, final: Path, method: str,
     """Write the joined bytes to ``temp`` and hash them; returns (method used, whole hash, part hashes).
     Errors name ``final``, the file the user asked for, not its temporary."""
     total = part_set.total_size
-    with open(temp, "r+b") as out:
+    with open(open_nofollow(temp, os.O_RDWR), "r+b") as out:
         used = "reflink" if method in ("auto", "reflink") and _try_reflink(part_set, out.fileno(), method) else None
         if used is None:
             used = "copy_file_range" if method == "auto" else method
@@ -431,14 +438,8 @@ class _RangeCopier:
             data = os.pread(source, min(length - done, COPY_FILE_RANGE_MAX), position + done)
             if not data:
                 self._shrank(segment_index, position + done, position + length)
-            view = memoryview(data)
-            try:
-                while view:
-                    written = os.pwrite(self.fd, view, dst + done)
-                    view, done = view[written:], done + written
-            except OSError as exc:
-                raise_if_no_space(exc, self.target)
-                raise
+            write_all(self.fd, data, offset=dst + done, target=self.target)  # loops over short writes
+            done += len(data)
 
     def _shrank(self, segment_index: int, at: int, wanted: int) -> None:
         raise PartSetError(f"{self.parts[segment_index]}: ended at byte {at} while {wanted} were expected; it "

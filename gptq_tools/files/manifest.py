@@ -82,11 +82,15 @@ class ManifestParser:
     def parse(self, data: bytes, *, source: str, from_stdin: bool = False) -> ParsedManifest:
         """Parse a whole manifest; ``source`` names it in messages (``standard input`` for ``-``)."""
         parsed = ParsedManifest(source=source)
-        for number, raw in enumerate(data.splitlines(keepends=True), start=1):
+        # Lines end at LF only: one CR right before it is dropped, as coreutils does, but a lone CR is
+        # part of the line (bytes.splitlines would also split there, and check a line sha256sum never sees).
+        lines = data.split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()
+        for number, raw in enumerate(lines, start=1):
             if raw.startswith(b"#"):
                 continue
-            line = raw[:-1] if raw.endswith(b"\n") else raw
-            line = line[:-1] if line.endswith(b"\r") else line
+            line = raw[:-1] if raw.endswith(b"\r") else raw
             if not line:
                 continue
             if b"\0" in line:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..constants import IO_CHUNK_BYTES
 from ..errors import PartSetError
-from .fileio import advise_sequential, prefetch_range, raise_if_no_space
+from .fileio import advise_sequential, prefetch_range, write_all
 
 
 @dataclass(frozen=True)
@@ -87,14 +87,8 @@ class PwriteConsumer(Consumer):
         self.fds, self.starts, self.targets = list(fds), list(starts), list(targets)
 
     def consume(self, segment_index: int, position: int, data: memoryview) -> None:
-        offset = self.starts[segment_index] + position
-        try:
-            while data:
-                written = os.pwrite(self.fds[segment_index], data, offset)
-                data, offset = data[written:], offset + written
-        except OSError as exc:
-            raise_if_no_space(exc, self.targets[segment_index])
-            raise
+        write_all(self.fds[segment_index], data, offset=self.starts[segment_index] + position,
+                  target=self.targets[segment_index])
 
 
 _DONE = object()

@@ -79,7 +79,10 @@ def quote_name(name: bytes) -> bytes:
     if b"'" in name and all(_compatible(c, p, i, len(name)) for i, (c, p) in enumerate(chars)):
         return b'"' + name + b'"'
     out = bytearray(b"'")
-    escaping = False  # inside a $'...' run
+    # inside a $'...' run. gnulib quotes a name holding ' twice (a scan, then the real pass) and does not
+    # reset this between the passes: when the name ends inside a run, the real pass starts inside one.
+    # So a first plain character gets a stray '' before it, and a first escaped one no $' before it.
+    escaping = b"'" in name and _escaped(*chars[-1])
     for char, printable in chars:
         if char == b"'":
             out += b"'\\''"  # closes a $'...' run too
@@ -98,3 +101,8 @@ def quote_name(name: bytes) -> bytes:
         out += char
     out += b"'"
     return bytes(out)
+
+
+def _escaped(char: bytes, printable: bool) -> bool:
+    """Whether gnulib writes ``char`` inside a ``$'...'`` run (a named escape or an unprintable character)."""
+    return (len(char) == 1 and char[0] in _NAMED_ESCAPES) or not printable

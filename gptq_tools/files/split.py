@@ -30,12 +30,14 @@ from .fileio import (
     atomic_path,
     check_free_space,
     fsync_dir,
+    open_nofollow,
     raise_if_no_space,
     raise_if_not_writable,
     remove_stale_temp_dirs,
     remove_stale_temps,
     replace,
     rmtree,
+    write_all,
 )
 from .manifest import format_manifest_line, parse_manifest, write_manifest
 from .paths import require_file
@@ -115,6 +117,7 @@ def split_file(path: str | os.PathLike[str], *, max_size: int | str,
         raise UsageError(f"{source}: {size} bytes already fits in one part of --max-size {limit}; nothing to split")
     folder = Path(output_dir) if output_dir else source.parent
     count = math.ceil(size / limit)
+    check_part_count(count, what=f"{source}: splitting {size} bytes at --max-size {limit}", force=force)
     finals = [folder / name for name in part_names(source.name, count)]
     manifest = folder / MANIFEST_NAME
     _make_folder(folder, finals[0])
@@ -127,7 +130,7 @@ def split_file(path: str | os.PathLike[str], *, max_size: int | str,
     with contextlib.ExitStack() as stack:  # renamed into place only if all were written; the manifest last
         manifest_temp = stack.enter_context(atomic_path(manifest, force=True))
         temps = [stack.enter_context(atomic_path(final, force=True)) for final in finals]
-        fds = [os.open(t, os.O_WRONLY) for t in temps]
+        fds = [open_nofollow(t, os.O_WRONLY) for t in temps]
         try:
             whole, per_part = WholeHasher(), SegmentHasher(count)
             with byte_bar(size, f"split {source.name}", enabled=progress) as bar:
@@ -143,6 +146,31 @@ def split_file(path: str | os.PathLike[str], *, max_size: int | str,
                            manifest)
     logger.info("%s: split into %d parts; SHA256 %s written to %s", source, count, whole.hexdigest(), manifest)
     return SplitResult(tuple(finals), whole.hexdigest(), digests, manifest)
+
+
+#: More parts than this is almost surely a unit mistake (a bare number is bytes): refused without --force.
+MAX_PARTS = 10_000
+
+
+def check_part_count(count: int, *, what: str, force: bool, open_at_once: bool = False) -> None:
+    """Refuse an absurd number of parts before any is created.
+
+    Raises:
+        UsageError: more than :data:`MAX_PARTS` without ``force``; or, when every part is open at once
+            (reshard), more than the open-file limit allows (forcing cannot help there).
+    """
+    if open_at_once:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        room = soft - 64 if soft != resource.RLIM_INFINITY else count
+        if count > room:
+            raise UsageError(f"{what} gives {count} shards, but this process may open only {soft} files and "
+                             f"every shard is written at once; use a larger size (e.g. 5GB), or raise the limit "
+                             f"(ulimit -n)")
+    if count > MAX_PARTS and not force:
+        raise UsageError(f"{what} gives {count} parts (more than {MAX_PARTS}); a bare number is bytes, so "
+                         f"write the size with a unit (e.g. 45GiB), or pass --force if you mean it")
 
 
 def _make_folder(folder: Path, target: Path) -> None:
@@ -200,7 +228,7 @@ def manifest_bytes(manifest: Path, entries: dict[str, str]) -> bytes:
 def write_file_durably(temp: Path, data: bytes, final: Path) -> None:
     """Write and fsync ``data`` into ``temp`` (about to become ``final``); a full disk names ``final``."""
     try:
-        with open(temp, "wb") as handle:
+        with open(open_nofollow(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -273,6 +301,8 @@ def reshard_file(path: str | os.PathLike[str], output_dir: str | os.PathLike[str
     remove_stale_temp_dirs(out, "reshard")
     ordered = sorted(header.tensors.values(), key=lambda e: e.begin)
     plan = plan_shards([(e.name, e.nbytes) for e in ordered], limit)
+    check_part_count(len(plan), what=f"{source}: resharding at --max-shard-size {limit}", force=force,
+                     open_at_once=True)
     names = shard_names(len(plan))
     metadata = {"format": "pt", **header.metadata}
     prefixes, segments = [], []
@@ -368,11 +398,7 @@ def _write_shards(work: Path, names: list[str], prefixes: list[bytes], segments:
     fds = [os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666) for t in targets]  # the umask applies
     try:
         for fd, prefix, target in zip(fds, prefixes, targets):
-            try:
-                os.write(fd, prefix)
-            except OSError as exc:
-                raise_if_no_space(exc, target)
-                raise
+            write_all(fd, prefix, target=target)  # a short write raises instead of leaving a hole
         hasher = _PrefixedHasher(prefixes)
         writer = PwriteConsumer(fds, [len(p) for p in prefixes], targets)
         total = sum(s.length for s in segments)

@@ -161,10 +161,24 @@ def _entry_job(name: str, folder: Path, expected: str, line: int | None) -> _Job
     reason = unsafe_name_reason(name)
     if reason is not None:
         return _Job(name, None, expected, line, f"refusing {reason}: names in a manifest stay inside its folder")
+    if name.endswith(("/", "/.")):
+        return _trailing_slash_job(name, folder, expected, line)
     beside = folder / name
     if not os.path.lexists(beside) and os.path.lexists(name):  # written from the current folder, as sha256sum reads it
         return _Job(name, Path(name), expected, line)
     return _Job(name, beside, expected, line)
+
+
+def _trailing_slash_job(name: str, folder: Path, expected: str, line: int | None) -> _Job:
+    """A name ending in ``/`` or ``/.`` is opened as written, as sha256sum does: a file there is "Not a
+    directory", a folder "Is a directory". (``Path`` would drop the ending and check the file.)"""
+    raw = name if str(folder) == "." or os.path.isabs(name) else os.path.join(folder, name)
+    try:
+        info = os.stat(raw)
+    except OSError as exc:
+        return _Job(name, None, expected, line, exc.strerror or str(exc), absent=isinstance(exc, FileNotFoundError))
+    detail = os.strerror(errno.EISDIR) if stat.S_ISDIR(info.st_mode) else os.strerror(errno.ENOTDIR)
+    return _Job(name, None, expected, line, detail)
 
 
 def hash_files(files: Sequence[str | os.PathLike[str]], *, workers: int | None = None,

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import HubError, UsageError
-from ..files.fileio import unlink
+from ..errors import HubError, NotAFolderError, UsageError
+from ..files.fileio import unlink, work_lock
 from ..progress import byte_bar
 from .plan import (
     MANIFEST_NAMES,
@@ -19,6 +19,8 @@ from .plan import (
     PlannedFile,
     PlannedJoin,
     check_fits,
+    check_local_kinds,
+    check_pinned_hashes,
     find_joins,
     free_space,
     manifest_hash,
@@ -32,6 +34,9 @@ from .sums import write_download_sums
 from .transfer import FileTask, TransferOptions, fetch_files
 
 logger = logging.getLogger(__name__)
+
+#: The lock file in the state folder: one download at a time per folder (see :func:`work_lock`).
+LOCK_NAME = "lock"
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ def _after_the_work(data: dict[str, Any], local_dir: Path, joined: set[str]) -> 
 def plan_download(spec: str, *, local_dir: str | Path, revision: str | None = None,
                   include: list[str] | None = None, exclude: list[str] | None = None, join: bool = True,
                   sha256: list[str] | None = None, force: bool = False, endpoint: str | None = None,
-                  token: str | bool | None = None) -> DownloadPlan:
+                  token: str | bool | None = None, timeouts: tuple[float, float] | None = None) -> DownloadPlan:
     """Resolve ``spec`` and compute what a download into ``local_dir`` would fetch and join.
 
     Args:
@@ -97,6 +102,8 @@ def plan_download(spec: str, *, local_dir: str | Path, revision: str | None = No
         force: replace local files of the same names that hold other bytes.
         endpoint: Hub URL (default ``HF_ENDPOINT``).
         token: Hub token (default: the one huggingface_hub finds).
+        timeouts: (connect, read) seconds per metadata request (default
+            :data:`gptq_tools.hub.remote.METADATA_TIMEOUTS`).
 
     Returns:
         The plan (nothing is transferred).
@@ -110,18 +117,22 @@ def plan_download(spec: str, *, local_dir: str | Path, revision: str | None = No
 
     repo_spec = parse_spec(spec, revision=revision)
     local = Path(local_dir).expanduser().resolve()
+    if local.exists() and not local.is_dir():
+        raise NotAFolderError(f"{local}: --local-dir is an existing file, not a folder; give a folder (it is "
+                              f"created if missing)")
     state = LocalState(local)
     state.migrate()
     if constants.is_offline_mode():
         repo = offline_repo(repo_spec, state.load_listing(repo_spec.revision), where=str(local))
     else:
-        repo = resolve_repo(repo_spec, endpoint=endpoint, token=token)
+        repo = resolve_repo(repo_spec, endpoint=endpoint, token=token, timeouts=timeouts)
     files = select_files(repo, include, exclude)
+    check_local_kinds(local, [f.path for f in files])
     hashes = parse_sha256_options(sha256)
     joins = find_joins(repo, files, sha256=hashes) if join else []
     if not join and hashes:
         raise UsageError("--sha256 checks joined files; it cannot be used with --no-join")
-    if any(j.source == "SHA256SUMS" for j in joins):
+    if joins:  # a served manifest either gives the joined hash or is checked against the pinned one
         chosen = {f.path for f in files}
         files += [f for f in repo.files if f.path in MANIFEST_NAMES and f.path not in chosen]
     planned, joins, foreign = plan_files(repo, files, joins, state, force=force)
@@ -158,8 +169,9 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
     if max_workers < 1:
         raise UsageError(f"--max-workers must be at least 1, got {max_workers}")
     started = time.monotonic()
+    timeouts = (options.connect_timeout, options.stall_timeout) if options is not None else None
     plan = plan_download(spec, local_dir=local_dir, revision=revision, include=include, exclude=exclude, join=join,
-                         sha256=sha256, force=force, endpoint=endpoint, token=token)
+                         sha256=sha256, force=force, endpoint=endpoint, token=token, timeouts=timeouts)
     if dry_run:
         return DownloadResult(plan, (), (), 0, time.monotonic() - started, dry_run=True)
     todo = [f for f in plan.files if f.status != "present"]
@@ -168,6 +180,14 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
     plan.local_dir.mkdir(parents=True, exist_ok=True)
     state = LocalState(plan.local_dir)
     state.prepare()  # the .gitignore is there before the first partial file
+    with work_lock(state.folder / LOCK_NAME, what=f"download into {plan.local_dir}"):
+        return _transfer(plan, state, todo, options=options, token=token, force=force, delete_parts=delete_parts,
+                         started=started)
+
+
+def _transfer(plan: DownloadPlan, state: LocalState, todo: list[PlannedFile], *, options: TransferOptions,
+              token: str | bool | None, force: bool, delete_parts: bool, started: float) -> DownloadResult:
+    """Fetch, verify and join what ``plan`` needs (the caller holds the folder's lock)."""
     joiner = _Joiner(plan, state, delete_parts=delete_parts, force=force)
     manifests = [f for f in todo if f.remote.path in MANIFEST_NAMES]
     rest = [f for f in todo if f.remote.path not in MANIFEST_NAMES]
@@ -178,6 +198,8 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
                 if group:
                     tasks = [_task(plan.repo, state, f) for f in group]
                     fetch_files(tasks, headers=headers, options=options, bar=bar, on_verified=joiner.file_verified)
+                if group is manifests:
+                    check_pinned_hashes(plan)  # before the parts: a disagreement is known before 100 GB move
     except BaseException:
         joiner.close()
         raise
@@ -244,7 +266,7 @@ def _task(repo: ResolvedRepo, state: LocalState, planned: PlannedFile) -> FileTa
     remote = planned.remote
     return FileTask(path=remote.path, url=repo.url(remote.path), size=remote.size, checksum=remote.checksum,
                     incomplete=state.incomplete_path(remote.path, remote.checksum),
-                    final=state.local_dir / remote.path)
+                    final=state.local_dir / remote.path, root=state.local_dir)
 
 
 class _Joiner:
@@ -291,7 +313,8 @@ class _Joiner:
         folder = self.plan.local_dir
         logger.info("%s: all %d parts verified, joining", join.output, len(join.parts))
         result = join_parts([folder / p for p in join.parts], folder / join.output, expected_sha256=expected,
-                            force=self.force or join.output in self.plan.replaced, progress=False)
+                            expected_source=source, force=self.force or join.output in self.plan.replaced,
+                            progress=False)
         self.state.mark_verified(join.output, ("sha256", result.sha256))
         if self.delete_parts:
             _delete_joined_parts(self.state, join, expected)

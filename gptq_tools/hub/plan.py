@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InsufficientSpaceError, OutputExistsError, OutputNotWritableError, UsageError
+from ..errors import (
+    ChecksumMismatchError,
+    InsufficientSpaceError,
+    NotAFileError,
+    NotAFolderError,
+    OutputExistsError,
+    OutputNotWritableError,
+    UsageError,
+)
 from ..files.names import check_no_clashes, validate_relative_name
 from ..files.parts import parse_part_name
 from ..files.pipeline import WholeHasher, file_segments, run_pipeline, sha256_file
@@ -189,15 +197,60 @@ def _part_position(path: str) -> tuple[int, int | str]:
 
 def _expected_hash(output: str, sha256: dict[str, str], preset_files: dict[str, dict[str, Any]],
                    repo: ResolvedRepo) -> tuple[str | None, str]:
+    """The hash ``output`` must have and its source, by trust: ``--sha256``, then the preset's pinned hash,
+    then the repository's ``SHA256SUMS``. A manifest the repository (or whatever answers at ``HF_ENDPOINT``)
+    serves never replaces a pinned hash: :func:`check_pinned_hashes` compares them instead."""
     given = sha256.get(output) or sha256.get("")
     if given:
         return given.lower(), "--sha256"
-    if any(f.path in MANIFEST_NAMES for f in repo.files):
-        return None, "SHA256SUMS"
     published = preset_files.get(output, {}).get("sha256")
     if published:
         return str(published).lower(), f"preset {repo.preset.name}"  # type: ignore[union-attr]
+    if any(f.path in MANIFEST_NAMES for f in repo.files):
+        return None, "SHA256SUMS"
     return None, "none"
+
+
+def check_pinned_hashes(plan: DownloadPlan) -> None:
+    """Refuse a download whose repository ``SHA256SUMS`` disagrees with a pinned hash (``--sha256`` or a
+    preset's): one of them is wrong, and the served one must not win by being newer.
+
+    Raises:
+        ChecksumMismatchError: naming the output, both hashes and both sources.
+    """
+    listed = [f.remote for f in plan.files]
+    name = next((f.path for f in listed if f.path in MANIFEST_NAMES), None)
+    for join in plan.joins:
+        if join.expected_sha256 is None or name is None:
+            continue
+        served = manifest_hash(join, plan.local_dir, listed)
+        if served is not None and served != join.expected_sha256:
+            raise ChecksumMismatchError(
+                f"{join.output}: {join.source} pins SHA256 {join.expected_sha256} but {name} in "
+                f"{plan.repo.repo_id}@{plan.repo.revision} lists {served}; a pinned hash is never overridden by the "
+                f"repository. Nothing was joined: check which is right (report it to the preset or repository "
+                f"owner), or pass --sha256 NAME=HEX with the hash you trust")
+
+
+def check_local_kinds(local_dir: Path, paths: list[str]) -> None:
+    """Refuse, before anything moves, a folder where the repository has a file, or a file (or link) where
+    it needs a folder: the rename at the end would fail after the whole download.
+
+    Raises:
+        NotAFileError: a folder sits at a file's name.
+        NotAFolderError: a file or a link sits at the name of a folder a file goes into.
+    """
+    for path in paths:
+        target = local_dir / path
+        if target.is_dir() and not target.is_symlink():
+            raise NotAFileError(f"{target}: is a folder, but the repository has a file {path!r} there; move the "
+                                f"folder away or choose another --local-dir")
+        for parent in list(Path(path).parents)[:-1]:
+            folder = local_dir / parent
+            if os.path.lexists(folder) and (folder.is_symlink() or not folder.is_dir()):
+                kind = "a symbolic link" if folder.is_symlink() else "a file"
+                raise NotAFolderError(f"{folder}: is {kind}, but the repository needs a folder there for {path!r}; "
+                                      f"move it away or choose another --local-dir")
 
 
 def parse_sha256_options(values: list[str] | None) -> dict[str, str]:

@@ -11,8 +11,10 @@ import contextlib
 import itertools
 import logging
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import quote
 
 from ..checkpoint.presets import Preset, parse_model_spec
@@ -29,6 +31,7 @@ from ..files.names import check_no_clashes, validate_relative_name
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 #: A size beyond this (4 EiB) is a lie, whatever the listing says.
@@ -129,9 +132,22 @@ def hub_errors(repo_id: str, revision: str | None = None, *, endpoint: str = "")
     except httpx2.TooManyRedirects as exc:
         raise HubError(f"{where}: {exc.request.url} redirects in a loop ({exc}); the server or a proxy is "
                        f"misconfigured, check HF_ENDPOINT") from None
+    except httpx2.TimeoutException as exc:
+        raise HubError(f"{where}: {endpoint or 'the Hub'} did not answer in time ({type(exc).__name__} at "
+                       f"{_request_url(exc)}, {METADATA_ATTEMPTS} attempts); check the network, a proxy, and "
+                       f"HF_ENDPOINT") from None
     except httpx2.TransportError as exc:
         raise HubError(f"{where}: cannot reach {endpoint or 'the Hub'} ({type(exc).__name__}: {exc}); check "
                        f"the network and HF_ENDPOINT") from None
+
+
+def _request_url(exc: Exception) -> str:
+    """The URL of the request behind an httpx error, without its query (where it is known)."""
+    try:
+        request = exc.request  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # httpx raises RuntimeError when no request is attached
+        return "an unknown address"
+    return str(request.url.copy_with(query=None))
 
 
 def _status(exc: Exception) -> int | None:
@@ -139,13 +155,60 @@ def _status(exc: Exception) -> int | None:
     return getattr(response, "status_code", None)
 
 
-def resolve_repo(spec: RepoSpec, *, endpoint: str | None = None, token: str | bool | None = None) -> ResolvedRepo:
+#: Metadata requests (refs, tree listing): seconds to connect, and seconds without a byte before a read fails.
+METADATA_TIMEOUTS = (15.0, 60.0)
+#: Attempts per metadata request that times out or loses its connection, with doubling waits between them.
+METADATA_ATTEMPTS = 3
+METADATA_BACKOFF_S = 0.5
+
+
+@contextlib.contextmanager
+def bounded_session(timeouts: tuple[float, float]) -> Iterator[None]:
+    """Give huggingface_hub's shared HTTP client connect and read timeouts for the block.
+
+    Its default client waits forever (``timeout=None``): an endpoint or proxy that accepts a connection
+    and never answers would hang ``download`` and ``verify --remote`` with no message. The client's own
+    timeout is put back afterwards, so a caller's configuration outlives the call.
+    """
+    import httpx2
+    from huggingface_hub.utils import get_session
+
+    session = get_session()
+    saved = session.timeout
+    session.timeout = httpx2.Timeout(timeouts[1], connect=timeouts[0], pool=None)
+    try:
+        yield
+    finally:
+        session.timeout = saved
+
+
+def _retrying(call: Callable[[], T], *, what: str) -> T:
+    """``call()``, retried after a timeout or a lost connection with the download's backoff (doubling)."""
+    import httpx2
+
+    for attempt in range(1, METADATA_ATTEMPTS + 1):
+        try:
+            return call()
+        except (httpx2.TimeoutException, httpx2.NetworkError) as exc:
+            if attempt == METADATA_ATTEMPTS:
+                raise
+            delay = METADATA_BACKOFF_S * 2 ** (attempt - 1)
+            logger.warning("%s: %s (%s); retrying in %.1fs", what, type(exc).__name__, exc, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+def resolve_repo(spec: RepoSpec, *, endpoint: str | None = None, token: str | bool | None = None,
+                 timeouts: tuple[float, float] | None = None) -> ResolvedRepo:
     """Resolve ``spec.revision`` to a commit and list that commit's files (sizes and hashes).
 
     Args:
         spec: the repository and revision (from :func:`parse_spec`).
         endpoint: Hub base URL; default huggingface_hub's (``HF_ENDPOINT``).
         token: Hub token; None lets huggingface_hub find one (``HF_TOKEN``, ``hf auth login``).
+        timeouts: (connect, read) seconds for each metadata request (default :data:`METADATA_TIMEOUTS`);
+            a request that times out is tried
+            :data:`METADATA_ATTEMPTS` times, then reported as a :class:`HubError` naming the endpoint.
 
     Returns:
         The repository pinned to one commit, its files sorted by path.
@@ -157,12 +220,16 @@ def resolve_repo(spec: RepoSpec, *, endpoint: str | None = None, token: str | bo
 
     base = (endpoint or constants.ENDPOINT).rstrip("/")
     api = HfApi(endpoint=base, token=token)
+    timeouts = timeouts or METADATA_TIMEOUTS
     where = f"{spec.repo_id}@{spec.revision}"
-    with hub_errors(spec.repo_id, spec.revision, endpoint=base), _expect_shape(where, "list of branches", base):
-        commit = _resolve_commit(api, spec)
-    with hub_errors(spec.repo_id, commit, endpoint=base), _expect_shape(where, "file listing", base):
-        listed = list(itertools.islice(api.list_repo_tree(spec.repo_id, revision=commit, recursive=True),
-                                       MAX_LISTED_ENTRIES + 1))
+    with hub_errors(spec.repo_id, spec.revision, endpoint=base), _expect_shape(where, "list of branches", base), \
+            bounded_session(timeouts):
+        commit = _retrying(lambda: _resolve_commit(api, spec), what=f"{base}: branches of {spec.repo_id}")
+    with hub_errors(spec.repo_id, commit, endpoint=base), _expect_shape(where, "file listing", base), \
+            bounded_session(timeouts):
+        listed = _retrying(lambda: list(itertools.islice(api.list_repo_tree(spec.repo_id, revision=commit,
+                                                                            recursive=True), MAX_LISTED_ENTRIES + 1)),
+                           what=f"{base}: file listing of {where}")
         if len(listed) > MAX_LISTED_ENTRIES:
             raise HubError(f"{where}: the file listing from {base} goes on past {MAX_LISTED_ENTRIES} entries; the "
                            f"server is paginating without end, check HF_ENDPOINT")
@@ -231,9 +298,19 @@ def _checked_file(path: object, size: object, git_oid: object, sha256: object, l
     return RemoteFile(path=name, size=size, git_oid=git_oid, sha256=sha256)
 
 
+def without_credentials(url: str) -> str:
+    """``url`` without a ``user:password@`` part (an ``HF_ENDPOINT`` may carry one; it is never saved)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def listing_of(repo: ResolvedRepo) -> dict[str, object]:
     """``repo`` as JSON-ready data (saved after a download, so an offline re-run knows the files)."""
-    return {"repo_id": repo.repo_id, "commit": repo.commit, "endpoint": repo.endpoint,
+    return {"repo_id": repo.repo_id, "commit": repo.commit, "endpoint": without_credentials(repo.endpoint),
             "files": [{"path": f.path, "size": f.size, "git_oid": f.git_oid, "sha256": f.sha256} for f in repo.files]}
 
 

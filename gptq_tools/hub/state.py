@@ -20,12 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from ..constants import IO_CHUNK_BYTES
-from ..files.fileio import fsync_dir, replace, rmtree, unlink, write_bytes_atomic
+from ..errors import UnsafePathError
+from ..files.fileio import ensure_folder, fsync_dir, lstat_regular, replace, rmtree, unlink, write_bytes_atomic
 from ..files.pipeline import CallbackConsumer, Consumer, Segment, WholeHasher, run_pipeline
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,23 @@ def feed_file(hasher: hashlib._Hash, path: Path, *, length: int | None = None,
             consumers.append(CallbackConsumer(on_bytes))
         run_pipeline([Segment(path, 0, size)], consumers, chunk_bytes=IO_CHUNK_BYTES)
     return size
+
+
+def _regular_or_removed(path: Path) -> bool:
+    """Whether ``path`` is a regular file; a link (or other non-file) there is removed, never followed.
+
+    Partial files' names are computable from the public listing: a link found at one was planted or
+    copied in, and resuming through it would overwrite its target with the repository's bytes.
+    """
+    try:
+        return lstat_regular(path) is not None
+    except UnsafePathError:
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise
+        logger.warning("%s: not a regular file where a partial download belongs; removed it (without following "
+                       "it) and that file starts from zero", path)
+        unlink(path, missing_ok=True)
+        return False
 
 
 class LocalState:
@@ -102,7 +121,7 @@ class LocalState:
 
     def prepare(self) -> None:
         """Create the state folder with a ``.gitignore`` (as huggingface_hub does for its own metadata)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        ensure_folder(self.folder, root=self.local_dir)  # a linked-in state folder would write outside
         gitignore = self.local_dir / HF_METADATA_DIR / ".gitignore"
         if not gitignore.exists():
             write_bytes_atomic(gitignore, b"*\n")
@@ -195,12 +214,11 @@ class LocalState:
         """Bytes of an unfinished download on disk (0 when none, or when it is longer than the file)."""
         path = self.incomplete_path(rel_path, checksum)
         older = path.parent / f"{checksum[1]}.incomplete"  # named by hash only, before 0.2
-        if older.is_file() and not path.exists():
+        if _regular_or_removed(older) and not os.path.lexists(path):
             replace(older, path)
-        try:
-            have = path.stat().st_size
-        except FileNotFoundError:
+        if not _regular_or_removed(path):
             return 0
+        have = path.stat().st_size
         if have > size:
             logger.warning("%s: longer than the file it belongs to; starting that file again", path)
             unlink(path, missing_ok=True)

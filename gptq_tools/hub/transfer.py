@@ -26,16 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..constants import IO_CHUNK_BYTES
 from ..errors import (
     ChecksumMismatchError,
     GptqToolsError,
     HubAuthError,
     HubError,
     IncompleteDownloadError,
+    UnsafePathError,
 )
-from ..files.fileio import fsync_dir, raise_if_no_space, replace, unlink
+from ..files.fileio import ensure_folder, fsync_dir, open_nofollow, replace, unlink, write_all
 from .http import MAX_REDIRECTS, make_client
-from .state import feed_file, start_hasher
+from .state import start_hasher
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ class FileTask:
     checksum: tuple[str, str]
     incomplete: Path
     final: Path
+    #: The folder the user chose: no folder below it is followed if it is a link (None: not checked).
+    root: Path | None = None
 
 
 class _Retry(Exception):
@@ -137,17 +141,29 @@ class _FileJob:
         return self.done or self.error is not None
 
     def open(self) -> None:
-        """Open the ``.incomplete`` file and re-hash the bytes already in it (they are not trusted)."""
-        self.task.incomplete.parent.mkdir(parents=True, exist_ok=True)
-        have = min(self.task.incomplete.stat().st_size, self.task.size) if self.task.incomplete.exists() else 0
-        if have:
-            logger.info("%s: resuming after %d bytes already on disk (re-hashing them first)", self.task.path, have)
-            feed_file(self.hasher, self.task.incomplete, length=have, on_bytes=self.bar.update)
-        self.handle = open(self.task.incomplete, "r+b" if have else "wb", buffering=0)  # noqa: SIM115
+        """Open the ``.incomplete`` file and re-hash the bytes already in it (they are not trusted).
+
+        The partial file's name can be computed from the public listing, so a link (or anything that
+        is not a regular file) found there was planted or copied in: it is removed, never followed, and
+        the file starts from zero; its target is not touched. The open itself refuses a link too.
+        """
+        task = self.task
+        _remove_if_not_regular(task.incomplete)
+        fd = open_nofollow(task.incomplete, os.O_RDWR | os.O_CREAT, root=task.root,
+                           make_parents=task.root is not None)
+        try:
+            have = min(os.fstat(fd).st_size, task.size)
+            if have:
+                logger.info("%s: resuming after %d bytes already on disk (re-hashing them first)", task.path, have)
+                _feed_fd(self.hasher, fd, have, self.bar.update)
+            self.handle = open(fd, "r+b", buffering=0)  # noqa: SIM115 - closed by _finish/fail/fetch_files
+        except BaseException:
+            os.close(fd)
+            raise
         self.handle.truncate(have)
         self.handle.seek(have)
         self.hashed = self.next_offset = have
-        if have == self.task.size:
+        if have == task.size:
             self._finish()
 
     def commit(self, offset: int, data: bytes, generation: int) -> None:
@@ -185,10 +201,7 @@ class _FileJob:
         """Write ``chunk`` at the end of the prefix while another thread hashes it (both release the GIL)."""
         hashing = self.hash_pool.submit(self.hasher.update, chunk) if len(chunk) >= _PARALLEL_HASH_BYTES else None
         try:
-            self.handle.write(chunk)
-        except OSError as exc:
-            raise_if_no_space(exc, self.task.final)
-            raise
+            write_all(self.handle, chunk, target=self.task.final)  # a short write is never taken as done
         finally:
             if hashing is not None:
                 hashing.result()
@@ -203,7 +216,10 @@ class _FileJob:
             self.handle.flush()
             os.fsync(self.handle.fileno())
             self.handle.close()
-            self.task.final.parent.mkdir(parents=True, exist_ok=True)
+            if self.task.root is not None:
+                ensure_folder(self.task.final.parent, root=self.task.root)
+            else:
+                self.task.final.parent.mkdir(parents=True, exist_ok=True)
             replace(self.task.incomplete, self.task.final)
             fsync_dir(self.task.final.parent)
             logger.info("%s: %s verified (%s)", self.task.path, algorithm, expected)
@@ -261,6 +277,35 @@ class _FileJob:
         self.next_offset = end
         self.inflight += 1
         return start, end, self.generation
+
+
+def _remove_if_not_regular(path: Path) -> None:
+    """Remove a link or other non-file at ``path`` (a partial file's name) without following it."""
+    import stat
+
+    try:
+        info = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if not stat.S_ISREG(info.st_mode):
+        logger.warning("%s: not a regular file (%s) where a partial download belongs; removed it without "
+                       "following it and starting that file from zero", path,
+                       "a symbolic link" if stat.S_ISLNK(info.st_mode) else "something else")
+        if stat.S_ISDIR(info.st_mode):
+            raise UnsafePathError(f"{path}: is a folder where a partial download belongs; move it away and run again")
+        unlink(path)
+
+
+def _feed_fd(hasher: Any, fd: int, length: int, on_bytes: Callable[[int], object]) -> None:
+    """Hash the first ``length`` bytes of the open file ``fd`` (the very file that will be appended to)."""
+    position = 0
+    while position < length:
+        data = os.pread(fd, min(IO_CHUNK_BYTES, length - position), position)
+        if not data:
+            raise IncompleteDownloadError(f"<fd {fd}>: shrank while being re-hashed; run the same command again")
+        hasher.update(data)
+        position += len(data)
+        on_bytes(len(data))
 
 
 class _Scheduler:

@@ -23,6 +23,7 @@ rank 0 reads and writes the work folder and the output. Without a launcher nothi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,7 +37,7 @@ import torch
 
 from ..checkpoint.packing import pack_qweight, pack_qzeros
 from ..errors import CalibrationError, DistributedError, GptqToolsError, QuantizationError, UsageError
-from ..files.fileio import check_free_space, rmtree, unlink
+from ..files.fileio import check_free_space, rmtree, unlink, work_lock
 from ..progress import tqdm
 from ..units import parse_size
 from . import distributed
@@ -403,14 +404,26 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
     if finished is not None:
         logger.info("%s: already quantized (every file matches its SHA256SUMS); nothing to resume", output)
         return QuantizeSummary(output, config, (), finished, time.perf_counter() - started, already_done=True)
-    run, compute = distributed.start(check_compute_device(device))
-    try:
-        return _quantize(run, model_dir, output, calibration=calibration, config=config, nsamples=nsamples,
-                         seqlen=seqlen, compute=compute, resume=resume, max_shard_size=max_shard_size,
-                         single_file=single_file, autogptq_name=autogptq_name, seed=seed, method=method,
-                         on_layer_done=on_layer_done, started=started)
-    finally:
-        distributed.stop(run)
+    with _staging_lock(output):
+        run, compute = distributed.start(check_compute_device(device))
+        try:
+            return _quantize(run, model_dir, output, calibration=calibration, config=config, nsamples=nsamples,
+                             seqlen=seqlen, compute=compute, resume=resume, max_shard_size=max_shard_size,
+                             single_file=single_file, autogptq_name=autogptq_name, seed=seed, method=method,
+                             on_layer_done=on_layer_done, started=started)
+        finally:
+            distributed.stop(run)
+
+
+def _staging_lock(output: Path) -> contextlib.AbstractContextManager[None]:
+    """One run per output: two ``--resume`` on one output would race on its staging folder. Rank 0 (or the
+    single process) holds it; without the output's parent folder there is nothing to lock yet."""
+    from ..constants import distributed_env
+
+    env = distributed_env()
+    if (env is not None and env["rank"] != 0) or not output.parent.is_dir():
+        return contextlib.nullcontext()
+    return work_lock(output.parent / f".{output.name}.gptq-tools-lock", what=f"quantization into {output}")
 
 
 def _quantize(run: distributed.DistributedRun | None, model_dir: Path, output: Path, *, calibration: str | Path,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,15 @@ from typing import Any
 import torch
 
 from ..errors import InsufficientSpaceError, OutputExistsError, QuantizationError
-from ..files.fileio import atomic_path, fsync_dir, raise_if_no_space, replace, rmtree, write_bytes_atomic
+from ..files.fileio import (
+    atomic_path,
+    fsync_dir,
+    open_nofollow,
+    raise_if_no_space,
+    replace,
+    rmtree,
+    write_bytes_atomic,
+)
 from ..files.pipeline import sha256_file
 from ..files.safetensors_format import build_header
 from ..files.split import plan_shards, shard_names
@@ -71,17 +80,31 @@ def _save_safetensors(tensors: Mapping[str, torch.Tensor] | Sequence[TensorRef],
     try:
         with atomic_path(path, force=True) as temp:
             if isinstance(tensors, Mapping):
-                save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp), metadata={"format": "pt"})
+                _save_file_mapped(save_file, tensors, temp)
                 with open(temp, "rb+") as handle:
                     os.fsync(handle.fileno())
             else:
-                with open(temp, "wb") as handle:
+                with open(open_nofollow(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as handle:
                     _stream_safetensors(tensors, handle)
                     handle.flush()
                     os.fsync(handle.fileno())
     except OSError as exc:
         raise_if_no_space(exc, path)
         raise
+
+
+def _save_file_mapped(save_file: Any, tensors: Mapping[str, torch.Tensor], temp: Path) -> None:
+    """``save_file`` with its I/O errors as ``OSError`` (safetensors reports a full disk as ``SafetensorError``
+    carrying only the text "os error 28"), so a full disk or a file-size limit is one line, not a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), str(exc), str(temp)) from exc
 
 
 def _stream_safetensors(refs: Sequence[TensorRef], handle: Any) -> None:
@@ -207,6 +230,10 @@ def check_output_folder(output: Path) -> None:
     Raises:
         OutputExistsError: it is not empty (or is a file).
     """
+    if output.is_symlink():
+        raise OutputExistsError(f"{output}: is a symbolic link; the finished checkpoint is published by renaming a "
+                                f"folder onto this name, which a link cannot take. Give the real folder (its "
+                                f"target) or a new name")
     if output.is_file():
         raise OutputExistsError(f"{output} is a file; give a new or empty folder for the quantized checkpoint")
     if output.is_dir() and any(output.iterdir()):

@@ -7,7 +7,6 @@ is needed, then put back on meta.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import torch
 
 from ..checkpoint.architectures import ArchSpec, get_arch
 from ..checkpoint.config_check import validate_model_config
-from ..checkpoint.model_files import read_json
+from ..checkpoint.model_files import read_json, read_weight_map
 from ..errors import CheckpointError, QuantizationError
 
 logger = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ class SourceModel:
     def _read_weight_map(self) -> dict[str, str]:
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            return dict(json.loads(index.read_text())["weight_map"])
+            return read_weight_map(index)  # shard names validated: they come with the download
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{self.folder}: no .safetensors weights; convert the model to safetensors first")

@@ -244,28 +244,45 @@ def _torch_device(key: DeviceKey) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------------- hashing
-def _expected_hash(files: CheckpointFiles, *, expected_sha256: str | None, preset: str | None) -> dict[str, str]:
-    """File label -> expected SHA256, from the argument, a preset or a manifest beside the weights."""
+def _expected_hash(files: CheckpointFiles, *, expected_sha256: str | None,
+                   preset: str | None) -> dict[str, tuple[str, str]]:
+    """File label -> (expected SHA256, where it comes from): the argument, a preset, or a manifest beside the
+    weights. A pinned hash (the argument or a preset's) is never replaced by the folder's ``SHA256SUMS``,
+    which came with the files it would vouch for; a manifest that disagrees with one is an error.
+
+    Raises:
+        UsageError: ``expected_sha256`` for a sharded checkpoint.
+        ChecksumMismatchError: the folder's manifest and a pinned hash disagree (both are named).
+    """
+    hashes: dict[str, tuple[str, str]] = {}
     if expected_sha256:
         if len(files.files) != 1:
             raise UsageError("expected_sha256 applies to a single weight file (or parts); this checkpoint is sharded, "
                              "use a SHA256SUMS manifest instead")
-        return {files.files[0].label: expected_sha256.lower()}
-    hashes: dict[str, str] = {}
+        hashes[files.files[0].label] = (expected_sha256.lower(), "expected_sha256")
     # A preset's hash is for its repository's file, not for every file of that (very common) name:
     # it applies only to the preset the caller named, or to one our own download recorded here.
-    for loaded, branches in _presets_for_folder(files.folder, preset):
+    for loaded, branches in ([] if expected_sha256 else _presets_for_folder(files.folder, preset)):
         for wf in files.files:
             digest = next((loaded.expected_sha256(wf.label, branch) for branch in branches
                            if loaded.expected_sha256(wf.label, branch)), None)
             if digest and wf.label not in hashes:
-                hashes[wf.label] = digest.lower()
+                hashes[wf.label] = (digest.lower(), f"preset {loaded.name}")
     manifest = next((files.folder / n for n in MANIFEST_NAMES if (files.folder / n).is_file()), None)
     if manifest is not None:
         from ..files.manifest import parse_manifest
 
         entries = parse_manifest(manifest)
-        hashes.update({wf.label: entries[wf.label].lower() for wf in files.files if wf.label in entries})
+        for wf in files.files:
+            served = entries.get(wf.label, "").lower()
+            if not served:
+                continue
+            pinned = hashes.setdefault(wf.label, (served, str(manifest)))
+            if pinned[0] != served:
+                raise ChecksumMismatchError(
+                    f"{files.folder}: {wf.label}: {pinned[1]} pins SHA256 {pinned[0]} but {manifest} lists {served}; "
+                    f"a pinned hash is never overridden by a manifest that came with the files. Remove or fix the "
+                    f"manifest if the pinned hash is right, else download the checkpoint again")
     return hashes
 
 
@@ -295,7 +312,7 @@ def _presets_for_folder(folder: Path, preset: str | None) -> list[tuple[Any, lis
 def _verify_weights(files: CheckpointFiles, *, expected_sha256: str | None, preset: str | None) -> None:
     hashes = _expected_hash(files, expected_sha256=expected_sha256, preset=preset)
     for wf in files.files:
-        expected = hashes.get(wf.label)
+        expected, source = hashes.get(wf.label, (None, ""))
         if expected is None:
             continue
         digest = hashlib.sha256()
@@ -308,8 +325,8 @@ def _verify_weights(files: CheckpointFiles, *, expected_sha256: str | None, pres
         if digest.hexdigest() != expected:
             where = f"{len(wf.paths)} parts of {wf.label}" if wf.is_parts else wf.label
             raise ChecksumMismatchError(
-                f"{files.folder}: SHA256 of {where} is {digest.hexdigest()}, expected {expected}; a part is "
-                f"damaged, truncated or out of order: download it again (or pass verify_hash=False to skip)")
+                f"{files.folder}: SHA256 of {where} is {digest.hexdigest()}, expected {expected} (from {source}); a "
+                f"part is damaged, truncated or out of order: download it again (or pass verify_hash=False to skip)")
         logger.info("%s: SHA256 OK", wf.label)
 
 
