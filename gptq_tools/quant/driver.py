@@ -43,7 +43,7 @@ from . import distributed
 from .calibration import check_token_ids, load_calibration
 from .config import QuantizeConfig
 from .gptq import CholeskyFailure, HessianAccumulator, QuantResult, gptq_quantize
-from .memory import release_free_memory
+from .memory import map_large_blocks, release_free_memory
 from .rtn import rtn_quantize
 from .save import (
     MANIFEST_NAME,
@@ -422,6 +422,7 @@ def _quantize(run: distributed.DistributedRun | None, model_dir: Path, output: P
     if run is None:
         check_output_folder(output)
     shard_bytes = parse_size(max_shard_size, what="--max-shard-size")
+    map_large_blocks()  # freed layer temporaries go back to the OS at once, not at the next trim (quant/memory.py)
     source = SourceModel(model_dir, dtype=_compute_dtype(compute))
     ids = _calibration_ids(source, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed)
     check_token_ids(ids, source.model.get_input_embeddings().num_embeddings, calibration=calibration,
