@@ -45,7 +45,8 @@ def test_wheel_lists_every_preset(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
     assert {f"gptq_tools/configs/presets/{name}" for name in PRESETS} <= names
-    assert "gptq_tools/runtime/kernels/csrc/int4_gemm.c" in names  # the native kernel's builds come from it at first use
+    # the native kernel's builds come from it at first use
+    assert "gptq_tools/runtime/kernels/csrc/int4_gemm.c" in names
 
 
 def test_fresh_venv_from_the_wheel_plans_bloomz(wheel: Path, tmp_path: Path) -> None:

@@ -12,9 +12,11 @@ Resume: the work folder's ``state.json`` is the commit record; a layer counts as
 packed tensors and the next inputs are on disk. A resumed run recomputes the (cheap) layer-0 call
 arguments, loads the saved inputs and continues, giving byte-identical tensors.
 
-Memory: after each layer the allocator's free pages are returned to the OS (:mod:`.memory` explains
-why that, not a held reference, made memory grow with depth), and the final shards are streamed one
-tensor at a time, so a run needs one layer's working set plus a constant, whatever the depth.
+Memory: blocks of 1 MiB or more get mappings of their own, returned to the OS when freed (a process-wide
+glibc setting made at the start of a run), and after each layer the allocator's free pages are returned too
+(:mod:`.memory` explains why that, not a held reference, made memory grow with depth); the source files
+are closed after each module and the final shards are streamed one tensor at a time, so a run needs one
+layer's working set plus a constant, whatever the depth.
 
 Distributed (``torchrun``): the same loop runs on every rank over its share of the calibration
 windows; Hessians are reduced onto owner ranks that solve and broadcast (:mod:`.distributed`). Only
