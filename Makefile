@@ -60,10 +60,12 @@ GPTQMODEL_PYTHON ?= .venv-gptqmodel/bin/python
 bench-quant: $(STAMP)
 	$(PY) scripts/bench_quant.py $(if $(wildcard $(GPTQMODEL_PYTHON)),--gptqmodel $(GPTQMODEL_PYTHON),--no-gptqmodel)
 
-# Quantizer memory against depth (8 vs 32 layers, with and without the allocator release); as root also a run
-# inside a memory cgroup capped below the model's fp16 size, checked byte-identical to an uncapped run.
+# Quantizer memory against depth (hidden 512: 8 vs 32 layers; hidden 1024, ffn 4096: 8 vs 64 layers), with the
+# MiB per added layer (docs/quantize-memory.md; --modes fixed,trim-only,no-release compares the earlier allocator
+# settings); as root also a run inside a memory cgroup capped below the model's fp16 size, checked
+# byte-identical to an uncapped run.
 bench-quant-memory: $(STAMP)
-	$(PY) scripts/bench_quant_memory.py --compare-no-release $(if $(filter 0,$(shell id -u)),--cgroup,)
+	$(PY) scripts/bench_quant_memory.py --cases small,wide $(if $(filter 0,$(shell id -u)),--cgroup,)
 
 # Distributed quantization: 1 vs 2 ranks (torchrun, gloo, one thread each), communication share, KL ratio.
 bench-quant-dist: $(STAMP)

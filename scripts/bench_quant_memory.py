@@ -1,17 +1,22 @@
-"""Quantizer memory versus depth: peak anonymous memory of 8- and 32-layer models of one shape, and a
+"""Quantizer memory versus depth: peak anonymous memory of a shallow and a deep model of one shape, and a
 run under a memory cgroup capped below the model's fp16 size.
 
-1. Builds synthetic OPT models (random fp16 weights, tokenized calibration) of 8 and 32 layers and
-   quantizes each in a child process while the parent samples the child's resident anonymous memory
-   (``/proc/PID/smaps_rollup``) every 20 ms. Prints both peaks and their ratio (the goal: within 10%),
-   and the same with the allocator release switched off (``--compare-no-release``), which is how the
-   depth-dependent growth looked before.
+1. Builds synthetic OPT models (random fp16 weights, tokenized calibration) and quantizes each in a child
+   process while the parent samples the child's resident anonymous memory (``/proc/PID/smaps_rollup``)
+   every ``--interval`` seconds (20 ms). Two cases: ``small`` (hidden 512, 8 vs 32 layers, seqlen 128) and
+   ``wide`` (hidden 1024, ffn 4096, 8 vs 64 layers, seqlen 256; issue 22). Prints each peak, the ratio
+   deep/shallow (the goal: within 1.10x), the MiB per added layer, the peak a 0.1 s sampler would have
+   seen, the child's ``VmHWM`` (the kernel's exact high-water mark of anonymous plus file-backed resident
+   memory) and the spread of the resident anonymous memory left after each layer. ``--modes`` adds the
+   earlier allocator settings for comparison: ``trim-only`` (``malloc_trim`` after each layer but glibc's
+   dynamic mmap threshold, as before issue 22) and ``no-release`` (neither, as before the trim).
 2. With ``--cgroup`` (root, cgroup v1 ``/sys/fs/cgroup/memory`` or v2 ``/sys/fs/cgroup``): a deep,
    narrow model (a few hundred small layers) is quantized once uncapped and once inside a fresh memory
    cgroup whose limit is below the model's fp16 size; the two checkpoints must be byte-identical.
 
-Usage: python scripts/bench_quant_memory.py [--out bench-out/quant-memory] [--hidden 512] [--compare-no-release]
-       [--cgroup] [--deep-layers 400 --deep-hidden 256 --cap 560MiB]
+Usage: python scripts/bench_quant_memory.py [--out bench-out/quant-memory] [--cases small,wide]
+       [--modes fixed,trim-only,no-release] [--interval 0.02] [--cgroup] [--deep-layers 400 --deep-hidden 256
+       --cap 560MiB]
 """
 
 from __future__ import annotations
@@ -31,19 +36,33 @@ sys.path.insert(0, str(REPO_ROOT))
 
 MiB = 1024**2
 CHILD = """
-import sys, torch
+import json, sys, torch
 torch.set_num_threads(1)
 from gptq_tools.quant import driver
 from gptq_tools.quant.config import QuantizeConfig
-if sys.argv[4] == "no-release":
+from gptq_tools.quant.memory import anonymous_bytes
+model, out, nsamples, seqlen, mode = sys.argv[1:6]
+if mode in ("trim-only", "no-release"):
+    driver.map_large_blocks = lambda: False
+if mode == "no-release":
     driver.release_free_memory = lambda: False
-driver.quantize_model(sys.argv[1], sys.argv[2], calibration=sys.argv[1] + "/calib.safetensors",
-                      config=QuantizeConfig(group_size=128), nsamples=int(sys.argv[3]), seqlen=128,
-                      single_file=True)
+after_layer = []
+driver.quantize_model(model, out, calibration=model + "/calib.safetensors", config=QuantizeConfig(group_size=128),
+                      nsamples=int(nsamples), seqlen=int(seqlen), single_file=True,
+                      on_layer_done=lambda index: after_layer.append(anonymous_bytes()))
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+kib = {key: int(status[key].split()[0]) * 1024 for key in ("VmHWM", "RssAnon", "RssFile")}
+print(json.dumps({"after_layer": after_layer, **kib}))
 """
 
+#: name: (hidden, ffn, (shallow layers, deep layers), seqlen)
+CASES = {"small": (512, 2048, (8, 32), 128), "wide": (1024, 4096, (8, 64), 256)}
+MODES = ("fixed", "trim-only", "no-release")
+COARSE_INTERVAL = 0.1  # how issue 22 sampled
 
-def build_model(folder: Path, *, layers: int, hidden: int, vocab: int = 2048, nsamples: int = 16) -> Path:
+
+def build_model(folder: Path, *, layers: int, hidden: int, ffn: int | None = None, vocab: int = 2048,
+                nsamples: int = 16, seqlen: int = 128) -> Path:
     """A synthetic OPT (random fp16 weights written tensor by tensor) plus tokenized calibration."""
     import torch
     from accelerate import init_empty_weights
@@ -57,7 +76,7 @@ def build_model(folder: Path, *, layers: int, hidden: int, vocab: int = 2048, ns
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     config = {"model_type": "opt", "architectures": ["OPTForCausalLM"], "hidden_size": hidden,
-              "num_hidden_layers": layers, "ffn_dim": 4 * hidden, "num_attention_heads": max(1, hidden // 64),
+              "num_hidden_layers": layers, "ffn_dim": ffn or 4 * hidden, "num_attention_heads": max(1, hidden // 64),
               "vocab_size": vocab, "max_position_embeddings": 2048, "word_embed_proj_dim": hidden,
               "do_layer_norm_before": True, "torch_dtype": "float16"}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -76,7 +95,7 @@ def build_model(folder: Path, *, layers: int, hidden: int, vocab: int = 2048, ns
             else:
                 tensor = torch.randn(shape, generator=generator) * 0.02
             handle.write(tensor.to(torch.float16).numpy().tobytes())
-    save_file({"input_ids": torch.randint(0, vocab, (nsamples, 128), generator=generator)},
+    save_file({"input_ids": torch.randint(0, vocab, (nsamples, seqlen), generator=generator)},
               str(folder / "calib.safetensors"))
     return folder
 
@@ -85,39 +104,79 @@ def fp16_bytes(folder: Path) -> int:
     return (folder / "model.safetensors").stat().st_size
 
 
-def run_sampled(model: Path, out: Path, *, nsamples: int, mode: str = "release",
-                prefix: tuple[str, ...] = ()) -> dict[str, float]:
-    """Quantize in a child process; sample its anonymous memory every 20 ms."""
+def run_sampled(model: Path, out: Path, *, nsamples: int, seqlen: int = 128, mode: str = "fixed",
+                interval: float = 0.02, prefix: tuple[str, ...] = ()) -> dict:
+    """Quantize in a child process; sample its anonymous memory every ``interval`` seconds."""
     from gptq_tools.quant.memory import anonymous_bytes
 
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "GPTQ_TOOLS_DISABLE_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     started = time.perf_counter()
-    child = subprocess.Popen([*prefix, sys.executable, "-c", CHILD, str(model), str(out), str(nsamples), mode],
-                             cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    peak = 0
+    child = subprocess.Popen([*prefix, sys.executable, "-c", CHILD, str(model), str(out), str(nsamples),
+                              str(seqlen), mode], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    samples: list[tuple[float, int]] = []
     while child.poll() is None:
         sample = anonymous_bytes(child.pid)
-        peak = max(peak, sample or 0)
-        time.sleep(0.02)
-    stderr = child.stderr.read() if child.stderr else ""
-    return {"rc": child.returncode, "peak_anon": peak, "seconds": time.perf_counter() - started,
-            "stderr_tail": stderr[-2000:]}
+        if sample is not None:
+            samples.append((time.perf_counter() - started, sample))
+        time.sleep(interval)
+    stdout, stderr = child.communicate()
+    report = json.loads(stdout.strip().splitlines()[-1]) if child.returncode == 0 else {}
+    return {"rc": child.returncode, "peak_anon": max((s for _, s in samples), default=0),
+            "peak_anon_coarse": coarse_peak(samples, COARSE_INTERVAL), "seconds": time.perf_counter() - started,
+            "interval": interval, "samples": len(samples), **report, "stderr_tail": stderr[-2000:]}
 
 
-def depth_table(root: Path, *, hidden: int, nsamples: int, compare: bool) -> list[dict]:
+def coarse_peak(samples: list[tuple[float, int]], interval: float) -> int:
+    """The peak a sampler reading every ``interval`` seconds would have seen (the first sample per tick)."""
+    seen: dict[int, int] = {}
+    for at, value in samples:
+        seen.setdefault(int(at / interval), value)
+    return max(seen.values(), default=0)
+
+
+def depth_table(root: Path, *, case: str, nsamples: int, modes: tuple[str, ...], interval: float) -> list[dict]:
+    hidden, ffn, depths, seqlen = CASES[case]
     rows = []
-    modes = ("release", "no-release") if compare else ("release",)
     for mode in modes:
-        for layers in (8, 32):
-            model = build_model(root / f"opt-{hidden}x{layers}", layers=layers, hidden=hidden, nsamples=nsamples)
-            result = run_sampled(model, root / f"out-{hidden}x{layers}-{mode}", nsamples=nsamples, mode=mode)
+        for layers in depths:
+            model = build_model(root / f"opt-{hidden}x{layers}" if case == "small" else
+                                root / f"opt-{hidden}-{ffn}x{layers}-s{seqlen}",
+                                layers=layers, hidden=hidden, ffn=ffn, nsamples=nsamples, seqlen=seqlen)
+            result = run_sampled(model, root / f"out-{case}-{layers}-{mode}", nsamples=nsamples, seqlen=seqlen,
+                                 mode=mode, interval=interval)
             if result["rc"] != 0:
-                raise SystemExit(f"quantize failed ({layers} layers, {mode}):\n{result['stderr_tail']}")
-            rows.append({"mode": mode, "layers": layers, "fp16_bytes": fp16_bytes(model), **result})
-            print(f"{mode:>10}  {layers:3d} layers  fp16 {fp16_bytes(model) / MiB:8.1f} MiB  peak anonymous "
-                  f"{result['peak_anon'] / MiB:8.1f} MiB  {result['seconds']:6.1f} s", flush=True)
+                raise SystemExit(f"quantize failed ({case}, {layers} layers, {mode}):\n{result['stderr_tail']}")
+            after = [value / MiB for value in result["after_layer"]]
+            rows.append({"case": case, "mode": mode, "layers": layers, "hidden": hidden, "ffn": ffn,
+                         "seqlen": seqlen, "fp16_bytes": fp16_bytes(model), **result})
+            print(f"{case:>5} {mode:>10}  {layers:3d} layers  fp16 {fp16_bytes(model) / MiB:7.1f} MiB  peak anonymous "
+                  f"{result['peak_anon'] / MiB:6.1f} MiB (every {COARSE_INTERVAL:g} s: "
+                  f"{result['peak_anon_coarse'] / MiB:6.1f})  VmHWM {result['VmHWM'] / MiB:6.1f} MiB  after each "
+                  f"layer {min(after):.1f}-{max(after):.1f} MiB  {result['seconds']:6.1f} s", flush=True)
     return rows
+
+
+def depth_summary(rows: list[dict]) -> list[dict]:
+    """Per case and mode: deep/shallow peak ratios and MiB per added layer."""
+    summary = []
+    for case, mode in dict.fromkeys((row["case"], row["mode"]) for row in rows):
+        pair = sorted((row for row in rows if row["case"] == case and row["mode"] == mode), key=lambda r: r["layers"])
+        if len(pair) != 2:
+            continue
+        shallow, deep = pair
+        added = deep["layers"] - shallow["layers"]
+        entry = {"case": case, "mode": mode, "layers": (shallow["layers"], deep["layers"])}
+        for key in ("peak_anon", "peak_anon_coarse", "VmHWM"):
+            entry[key] = (shallow[key], deep[key], deep[key] / shallow[key], (deep[key] - shallow[key]) / MiB / added)
+        summary.append(entry)
+        ratio, slope = entry["peak_anon"][2:]
+        print(f"{case} {mode}: peak anonymous {deep['layers']} / {shallow['layers']} layers = {ratio:.3f}x "
+              f"({slope:+.2f} MiB per added layer; every {COARSE_INTERVAL:g} s {entry['peak_anon_coarse'][2]:.3f}x, "
+              f"VmHWM {entry['VmHWM'][2]:.3f}x {entry['VmHWM'][3]:+.2f} MiB/layer) "
+              f"[{'ok' if ratio <= 1.10 else 'over'} the 1.10x goal]", flush=True)
+    return summary
 
 
 class MemoryCgroup:
@@ -184,26 +243,29 @@ def cgroup_run(root: Path, *, layers: int, hidden: int, cap: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-out" / "quant-memory")
-    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--cases", default="small,wide", help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--modes", default="fixed", help=f"comma-separated allocator settings, of {', '.join(MODES)}")
     parser.add_argument("--nsamples", type=int, default=8)
-    parser.add_argument("--compare-no-release", action="store_true",
-                        help="also run with the allocator release switched off (the old behaviour)")
+    parser.add_argument("--interval", type=float, default=0.02, help="sampling interval, seconds")
+    parser.add_argument("--compare-no-release", action="store_true", help="same as adding no-release to --modes")
     parser.add_argument("--cgroup", action="store_true", help="also run the capped deep model (root)")
-    parser.add_argument("--no-depth", action="store_true", help="skip the 8 vs 32 layer comparison")
+    parser.add_argument("--no-depth", action="store_true", help="skip the depth comparison")
     parser.add_argument("--deep-layers", type=int, default=400)
     parser.add_argument("--deep-hidden", type=int, default=256)
     parser.add_argument("--cap", default="560MiB", help="cgroup memory limit for the deep model")
     args = parser.parse_args()
     from gptq_tools.units import parse_size
 
+    cases = tuple(name for name in args.cases.split(",") if name)
+    modes = tuple(dict.fromkeys([*(m for m in args.modes.split(",") if m)] +
+                                (["no-release"] if args.compare_no_release else [])))
+    unknown = [name for name in cases if name not in CASES] + [name for name in modes if name not in MODES]
+    if unknown:
+        parser.error(f"unknown case or mode: {', '.join(unknown)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"depth": [] if args.no_depth else depth_table(args.out, hidden=args.hidden,
-                                                                    nsamples=args.nsamples,
-                                                                    compare=args.compare_no_release)}
-    for mode in ("release", "no-release"):
-        rows = {row["layers"]: row["peak_anon"] for row in results["depth"] if row["mode"] == mode}
-        if len(rows) == 2:
-            print(f"{mode}: peak anonymous 32 layers / 8 layers = {rows[32] / rows[8]:.3f}x")
+    rows = [] if args.no_depth else [row for case in cases for row in depth_table(
+        args.out, case=case, nsamples=args.nsamples, modes=modes, interval=args.interval)]
+    results: dict = {"depth": rows, "summary": depth_summary(rows)}
     if args.cgroup:
         results["cgroup"] = cgroup_run(args.out, layers=args.deep_layers, hidden=args.deep_hidden,
                                        cap=parse_size(args.cap))

@@ -12,9 +12,11 @@ Resume: the work folder's ``state.json`` is the commit record; a layer counts as
 packed tensors and the next inputs are on disk. A resumed run recomputes the (cheap) layer-0 call
 arguments, loads the saved inputs and continues, giving byte-identical tensors.
 
-Memory: after each layer the allocator's free pages are returned to the OS (:mod:`.memory` explains
-why that, not a held reference, made memory grow with depth), and the final shards are streamed one
-tensor at a time, so a run needs one layer's working set plus a constant, whatever the depth.
+Memory: blocks of 1 MiB or more get mappings of their own, returned to the OS when freed (a process-wide
+glibc setting made at the start of a run), and after each layer the allocator's free pages are returned too
+(:mod:`.memory` explains why that, not a held reference, made memory grow with depth); the source files
+are closed after each module and the final shards are streamed one tensor at a time, so a run needs one
+layer's working set plus a constant, whatever the depth.
 
 Distributed (``torchrun``): the same loop runs on every rank over its share of the calibration
 windows; Hessians are reduced onto owner ranks that solve and broadcast (:mod:`.distributed`). Only
@@ -44,7 +46,7 @@ from . import distributed
 from .calibration import check_token_ids, load_calibration
 from .config import QuantizeConfig
 from .gptq import CholeskyFailure, HessianAccumulator, QuantResult, gptq_quantize
-from .memory import release_free_memory
+from .memory import map_large_blocks, release_free_memory
 from .rtn import rtn_quantize
 from .save import (
     MANIFEST_NAME,
@@ -435,6 +437,7 @@ def _quantize(run: distributed.DistributedRun | None, model_dir: Path, output: P
     if run is None:
         check_output_folder(output)
     shard_bytes = parse_size(max_shard_size, what="--max-shard-size")
+    map_large_blocks()  # freed layer temporaries go back to the OS at once, not at the next trim (quant/memory.py)
     source = SourceModel(model_dir, dtype=_compute_dtype(compute))
     ids = _calibration_ids(source, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed)
     check_token_ids(ids, source.model.get_input_embeddings().num_embeddings, calibration=calibration,

@@ -115,12 +115,18 @@ class SourceModel:
         return module
 
     def unload_module(self, path: str) -> None:
-        """Put module ``path``'s parameters back on meta (frees their memory)."""
+        """Put module ``path``'s parameters back on meta (frees their memory) and close the source files.
+
+        A ``safe_open`` handle maps its whole file, and every tensor read through it stays resident in
+        that mapping while the handle is open: kept for the whole run, the process's resident memory grew
+        by each layer's fp16 bytes until it held the entire source. The next module opens a fresh one.
+        """
         from accelerate.utils import set_module_tensor_to_device
 
         module = self.model.get_submodule(path)
         for name, _ in module.named_parameters():
             set_module_tensor_to_device(self.model, f"{path}.{name}", "meta")
+        self._handles.clear()
 
     def existing_modules(self, paths: tuple[str, ...]) -> list[str]:
         """Those of ``paths`` that exist in this model (optional modules such as OPT's project_in may be None)."""
