@@ -48,7 +48,7 @@ BENCH_SPEC = TinySpec(steps=800)
 SEQLEN = 128
 BITS = (2, 3, 4)
 GROUPS = (-1, 32, 128)  # 32: below the tiny models' hidden size of 128; 128: one group there, four in the MLP
-QUICK = ((3, 128), (4, 128))
+QUICK = ((3, 128), (4, 128))  # the 3-bit rows first: the ones the methods differ most on
 ARCHS = ("opt", "bloom", "llama")
 #: Our methods: (row name, quantize_model method, scale search).
 OURS = (("gptq", "gptq", "minmax"), ("gptq+mse", "gptq", "mse"), ("fp-target", "fp-target", "minmax"),
@@ -58,14 +58,14 @@ THEIRS = (("gptqmodel-gptq", ()), ("gptqmodel-gptaq", ("--gptaq-alpha", "0.25"))
           ("gptqmodel-gptq+mse", ("--mse", "2.4")))
 
 
-def _model(arch: str, root: Path) -> Path:
-    folder = root / f"tiny-{arch}"
+def _model(arch: str, root: Path, spec: TinySpec = BENCH_SPEC) -> Path:
+    folder = root / (f"tiny-{arch}" if spec == BENCH_SPEC else f"tiny-{arch}-{spec.steps}steps")
     stamp = folder / "tiny_spec.json"
-    wanted = {"arch": arch, "seed": 0, **BENCH_SPEC.__dict__}
+    wanted = {"arch": arch, "seed": 0, **spec.__dict__}
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return folder
     started = time.perf_counter()
-    build_tiny_model(arch, folder, spec=BENCH_SPEC, force=True)
+    build_tiny_model(arch, folder, spec=spec, force=True)
     print(f"built tiny {arch} in {time.perf_counter() - started:.1f} s", flush=True)
     return folder
 
@@ -111,33 +111,35 @@ def evaluation_setup(model: Path, calib: Path, *, nsamples: int) -> Callable[[Pa
     return quality
 
 
-def bench_arch(arch: str, root: Path, *, nsamples: int, gptqmodel: Path | None,
-               cases: tuple[tuple[int, int], ...]) -> dict:
-    model = _model(arch, root)
+def bench_case(arch: str, root: Path, *, bits: int, group_size: int, nsamples: int, gptqmodel: Path | None,
+               spec: TinySpec = BENCH_SPEC) -> list[dict]:
+    """Every method on one model at one bit width and group size (the fp16 row once per model)."""
+    model = _model(arch, root, spec)
     calib = root / f"calib-{arch}.safetensors"
     quality = evaluation_setup(model, calib, nsamples=nsamples)
-    rows = [{"method": "fp16", **quality(model)}]
+    rows = []
+    if not (root / f"fp16-{arch}.json").is_file():
+        (root / f"fp16-{arch}.json").write_text(json.dumps({"method": "fp16", **quality(model)}))
+    rows.append(json.loads((root / f"fp16-{arch}.json").read_text()))
     out = root / f"out-{arch}"
-    for bits, group_size in cases:
-        base = QuantizeConfig(bits=bits, group_size=group_size, desc_act=True, static_groups=True)
-        seconds = _ours(model, out, calib, replace(base, method="rtn"), nsamples)
-        rows.append({"method": "rtn", "bits": bits, "group_size": group_size, **quality(out), "seconds": seconds})
+    base = QuantizeConfig(bits=bits, group_size=group_size, desc_act=True, static_groups=True)
+    seconds = _ours(model, out, calib, replace(base, method="rtn"), nsamples)
+    rows.append({"method": "rtn", "bits": bits, "group_size": group_size, **quality(out), "seconds": seconds})
+    print(arch, rows[-1], flush=True)
+    for name, method, scale_search in OURS:
+        config = replace(base, method=method, scale_search=scale_search)
+        seconds = _ours(model, out, calib, config, nsamples)
+        rows.append({"method": name, "bits": bits, "group_size": group_size, **quality(out), "seconds": seconds})
         print(arch, rows[-1], flush=True)
-        for name, method, scale_search in OURS:
-            config = replace(base, method=method, scale_search=scale_search)
-            seconds = _ours(model, out, calib, config, nsamples)
-            rows.append({"method": name, "bits": bits, "group_size": group_size, **quality(out), "seconds": seconds})
-            print(arch, rows[-1], flush=True)
-        default = QuantizeConfig(bits=bits, group_size=group_size)
-        rows.append({"method": "default", "bits": bits, "group_size": group_size,
-                     "is": _row_name(default.method, default.scale_search)})
-        for name, extra in THEIRS if gptqmodel is not None else ():
-            gm_out = root / f"gptqmodel-{arch}"
-            seconds = _gptqmodel(gptqmodel, model, gm_out, calib, base, extra)
-            rows.append({"method": name, "bits": bits, "group_size": group_size, **quality(gm_out),
-                         "seconds": seconds})
-            print(arch, rows[-1], flush=True)
-    return {"arch": arch, "rows": rows}
+    default = QuantizeConfig(bits=bits, group_size=group_size)
+    rows.append({"method": "default", "bits": bits, "group_size": group_size,
+                 "is": _row_name(default.method, default.scale_search)})
+    for name, extra in THEIRS if gptqmodel is not None else ():
+        gm_out = root / f"gptqmodel-{arch}"
+        seconds = _gptqmodel(gptqmodel, model, gm_out, calib, base, extra)
+        rows.append({"method": name, "bits": bits, "group_size": group_size, **quality(gm_out), "seconds": seconds})
+        print(arch, rows[-1], flush=True)
+    return rows
 
 
 def _row_name(method: str, scale_search: str) -> str:
@@ -182,6 +184,8 @@ def main() -> int:
     parser.add_argument("--no-gptqmodel", action="store_true")
     parser.add_argument("--arch", nargs="+", default=list(ARCHS))
     parser.add_argument("--quick", action="store_true", help="3- and 4-bit group-128 rows only")
+    parser.add_argument("--steps", type=int, default=BENCH_SPEC.steps,
+                        help=f"training steps of the tiny models (default {BENCH_SPEC.steps}; fewer builds faster)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -189,9 +193,15 @@ def main() -> int:
     # absolute, not resolved: GPTQModel runs with another working folder, and a venv's python is a symlink
     gptqmodel = None if args.no_gptqmodel or args.gptqmodel is None else args.gptqmodel.absolute()
     cases = QUICK if args.quick else tuple((bits, group) for bits in BITS for group in GROUPS)
-    results = [bench_arch(arch, args.out, nsamples=args.nsamples, gptqmodel=gptqmodel, cases=cases)
-               for arch in args.arch]
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    spec = replace(BENCH_SPEC, steps=args.steps)
+    # case by case across the models (the 3-bit rows of every model first), saved after each case
+    results = [{"arch": arch, "train_steps": spec.steps, "rows": []} for arch in args.arch]
+    for bits, group_size in cases:
+        for result in results:
+            rows = bench_case(result["arch"], args.out, bits=bits, group_size=group_size, nsamples=args.nsamples,
+                              gptqmodel=gptqmodel, spec=spec)
+            result["rows"] += rows if not result["rows"] else rows[1:]  # the fp16 row once
+            (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(_table(results, cases))
     return 0
 

@@ -21,7 +21,8 @@ from gptq_tools.quant.driver import quantize_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPEC = TinySpec(hidden=64, layers=2, heads=2, vocab_size=512, seqlen=64, batch=8, steps=40)
-ARGS = ("--bits", "4", "--group-size", "32", "--nsamples", "12", "--seqlen", "64", "--single-file")
+# plain GPTQ: the Hessian recording below patches its solver (fp-target has its own test)
+ARGS = ("--bits", "4", "--group-size", "32", "--nsamples", "12", "--seqlen", "64", "--single-file", "--method", "gptq")
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,8 @@ def _single_process_hessians(model: Path, out: Path, monkeypatch: pytest.MonkeyP
         return real(name, W, H, config, method)
 
     monkeypatch.setattr(driver_module, "_quantize_linear", recording)
-    quantize_model(model, out, calibration=model / "train.txt", config=QuantizeConfig(group_size=32), nsamples=12,
-                   seqlen=64, single_file=True)
+    quantize_model(model, out, calibration=model / "train.txt", config=QuantizeConfig(group_size=32, method="gptq"),
+                   nsamples=12, seqlen=64, single_file=True)
     return hessians
 
 
