@@ -52,13 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", choices=("gptq", "fp-target", "rtn"), default=None,
                         help="how the integer weights are chosen (same checkpoint format): gptq = plain GPTQ; "
                              "fp-target = GPTQ solved against the full-precision model's outputs, correcting the "
-                             "error earlier layers pass on; rtn = round-to-nearest baseline (default: "
-                             "the measured best, see docs/quantization-methods.md)")
+                             "error earlier layers pass on; rtn = round-to-nearest baseline (default gptq; "
+                             "measurements in docs/quantization-methods.md)")
     parser.add_argument("--target-alpha", type=float, default=None,
                         help="fp-target: share of the inherited error to correct, in (0, 1] (default 1)")
     parser.add_argument("--scale-search", choices=("minmax", "mse"), default=None,
-                        help="group scales: minmax range, or an MSE search over clipping ranges "
-                             "(default: the measured best for the method and bit width)")
+                        help="group scales: minmax range (default), or an MSE search over clipping ranges")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     parser.set_defaults(func=_run)
 
