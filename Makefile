@@ -54,11 +54,13 @@ bench-load: $(STAMP)
 bench-kernels: $(STAMP)
 	$(PY) scripts/bench_kernels.py
 
-# GPTQ quality benchmark on tiny OPT/BLOOM models trained here; adds GPTQModel side by side when
-# GPTQMODEL_PYTHON (default .venv-gptqmodel/bin/python, made by `make venv-gptqmodel`) exists.
+# Quantizer quality benchmark on tiny OPT/BLOOM/LLaMA models trained here (RTN, GPTQ, fp-target, MSE scales; 2/3/4
+# bits; groups -1/32/128); adds GPTQModel's GPTQ, GPTAQ and MSE GPTQ when GPTQMODEL_PYTHON (default
+# .venv-gptqmodel/bin/python, made by `make venv-gptqmodel`) exists. BENCH_QUANT_ARGS=--quick: 3/4-bit g128 only.
 GPTQMODEL_PYTHON ?= .venv-gptqmodel/bin/python
+BENCH_QUANT_ARGS ?=
 bench-quant: $(STAMP)
-	$(PY) scripts/bench_quant.py $(if $(wildcard $(GPTQMODEL_PYTHON)),--gptqmodel $(GPTQMODEL_PYTHON),--no-gptqmodel)
+	$(PY) scripts/bench_quant.py $(BENCH_QUANT_ARGS) $(if $(wildcard $(GPTQMODEL_PYTHON)),--gptqmodel $(GPTQMODEL_PYTHON),--no-gptqmodel)
 
 # Quantizer memory against depth (hidden 512: 8 vs 32 layers; hidden 1024, ffn 4096: 8 vs 64 layers), with the
 # MiB per added layer (docs/quantize-memory.md; --modes fixed,trim-only,no-release compares the earlier allocator

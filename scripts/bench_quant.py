@@ -1,21 +1,23 @@
-"""Quality benchmark of the GPTQ quantizer on tiny OPT and BLOOM models the project trains itself.
+"""Quality benchmark of the quantizers on tiny OPT, BLOOM and LLaMA models the project trains itself.
 
-For each model: perplexity on held-out text at fp16, RTN and GPTQ at 4 and 3 bits (group -1 and a real
-group size, act-order off, dynamic and, with groups, static), the mean KL divergence of each quantized
-model's next-token distribution from the fp16 model's (much more sensitive than perplexity on models this small), and
-quantization time. With ``--gptqmodel PYTHON`` (a venv where GPTQModel is installed; default
-.venv-gptqmodel/bin/python, made by ``make venv-gptqmodel``, when it exists) the same model, calibration
-windows and settings are also quantized by GPTQModel and evaluated the same way (both checkpoints are read
-through their own qweight/qzeros/scales/g_idx tensors).
+For each model, bit width (2, 3, 4) and group size (-1, 32, 128), all with static act-order: round-to-nearest,
+our plain GPTQ, our fp-target (GPTQ solved against the full-precision model's outputs), each of ours also with
+MSE-searched scales, and, with ``--gptqmodel PYTHON`` (a venv where GPTQModel is installed; default
+.venv-gptqmodel/bin/python, made by ``make venv-gptqmodel``, when it exists), GPTQModel's GPTQ, GPTAQ (alpha
+0.25, its default) and MSE-clipped GPTQ (norm 2.4) on the same calibration windows. Every checkpoint is
+scored the same way, through its own qweight/qzeros/scales/g_idx tensors: the mean KL divergence of its
+next-token distribution from the fp16 model's on held-out text (much more sensitive than perplexity on
+models this small), perplexity, and quantization time.
 
-Usage: python scripts/bench_quant.py [--out bench-out/quant] [--nsamples 64] [--gptqmodel PYTHON]
-Writes OUT/results.json and prints a table.
+``--quick`` runs the 3- and 4-bit group-128 rows only (the full matrix takes hours on a shared 2-core machine).
+
+Usage: python scripts/bench_quant.py [--quick] [--out bench-out/quant] [--nsamples 64] [--gptqmodel PYTHON]
+Writes OUT/results.json and prints a table (KL in 1e-3, and the ratios the defaults are chosen by).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import shutil
@@ -24,6 +26,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,38 +46,47 @@ DEFAULT_GPTQMODEL = Path(os.environ.get("GPTQMODEL_PYTHON", REPO_ROOT / ".venv-g
 # rounding, so perplexity differences between methods drown in noise; at 800 steps (~170) they do not.
 BENCH_SPEC = TinySpec(steps=800)
 SEQLEN = 128
-BITS = (4, 3)  # 4-bit is the target; 3-bit shows the methods apart where the tiny models feel quantization
-REPEATS = 2  # timing repeats for the side-by-side (the fastest counts)
-GROUPED = 32  # the largest power-of-two group below the tiny models' hidden size of 128
+BITS = (2, 3, 4)
+GROUPS = (-1, 32, 128)  # 32: below the tiny models' hidden size of 128; 128: one group there, four in the MLP
+QUICK = ((3, 128), (4, 128))  # the 3-bit rows first: the ones the methods differ most on
+ARCHS = ("opt", "bloom", "llama")
+#: Our methods: (row name, quantize_model method, scale search).
+OURS = (("gptq", "gptq", "minmax"), ("gptq+mse", "gptq", "mse"), ("fp-target", "fp-target", "minmax"),
+        ("fp-target+mse", "fp-target", "mse"))
+#: GPTQModel's: (row name, extra arguments of scripts/gptqmodel_quantize.py).
+THEIRS = (("gptqmodel-gptq", ()), ("gptqmodel-gptaq", ("--gptaq-alpha", "0.25")),
+          ("gptqmodel-gptq+mse", ("--mse", "2.4")))
 
 
-def _model(arch: str, root: Path) -> Path:
-    folder = root / f"tiny-{arch}"
+def _model(arch: str, root: Path, spec: TinySpec = BENCH_SPEC) -> Path:
+    folder = root / (f"tiny-{arch}" if spec == BENCH_SPEC else f"tiny-{arch}-{spec.steps}steps")
     stamp = folder / "tiny_spec.json"
-    wanted = {"arch": arch, "seed": 0, **BENCH_SPEC.__dict__}
+    wanted = {"arch": arch, "seed": 0, **spec.__dict__}
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return folder
     started = time.perf_counter()
-    build_tiny_model(arch, folder, spec=BENCH_SPEC, force=True)
+    build_tiny_model(arch, folder, spec=spec, force=True)
     print(f"built tiny {arch} in {time.perf_counter() - started:.1f} s", flush=True)
     return folder
 
 
-def _ours(model: Path, out: Path, calib: Path, config: QuantizeConfig, method: str, nsamples: int) -> float:
+def _ours(model: Path, out: Path, calib: Path, config: QuantizeConfig, nsamples: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    summary = quantize_model(model, out, calibration=calib, config=config, nsamples=nsamples, seqlen=SEQLEN,
-                             method=method)
+    summary = quantize_model(model, out, calibration=calib, config=config, nsamples=nsamples, seqlen=SEQLEN)
     return summary.seconds
 
 
-def _gptqmodel(python: Path, model: Path, out: Path, calib: Path, config: QuantizeConfig) -> float:
+def _gptqmodel(python: Path, model: Path, out: Path, calib: Path, config: QuantizeConfig,
+               extra: tuple[str, ...]) -> float:
     shutil.rmtree(out, ignore_errors=True)
     argv = [str(python), str(REPO_ROOT / "scripts" / "gptqmodel_quantize.py"), str(model), str(out), str(calib),
             "--bits", str(config.bits), "--group-size", str(config.group_size),
-            "--desc-act" if config.desc_act else "--no-desc-act", "--damp", str(config.damp_percent)]
+            "--desc-act" if config.desc_act else "--no-desc-act",
+            "--static-groups" if config.static_groups else "--no-static-groups", "--damp", str(config.damp_percent),
+            *extra]
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "PYTHONPATH": ""}
     # GPTQModel writes a logs/ folder into its working directory: keep it inside the benchmark folder
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1200, check=False, cwd=out.parent)
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800, check=False, cwd=out.parent)
     if done.returncode != 0:
         raise RuntimeError(f"GPTQModel failed ({done.returncode}): {done.stderr[-2000:]}")
     return float(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
@@ -99,56 +111,68 @@ def evaluation_setup(model: Path, calib: Path, *, nsamples: int) -> Callable[[Pa
     return quality
 
 
-def bench_arch(arch: str, root: Path, *, nsamples: int, gptqmodel: Path | None) -> dict:
-    model = _model(arch, root)
+def bench_case(arch: str, root: Path, *, bits: int, group_size: int, nsamples: int, gptqmodel: Path | None,
+               spec: TinySpec = BENCH_SPEC) -> list[dict]:
+    """Every method on one model at one bit width and group size (the fp16 row once per model)."""
+    model = _model(arch, root, spec)
     calib = root / f"calib-{arch}.safetensors"
     quality = evaluation_setup(model, calib, nsamples=nsamples)
-
-    rows = [{"method": "fp16", **quality(model)}]
+    rows = []
+    if not (root / f"fp16-{arch}.json").is_file():
+        (root / f"fp16-{arch}.json").write_text(json.dumps({"method": "fp16", **quality(model)}))
+    rows.append(json.loads((root / f"fp16-{arch}.json").read_text()))
     out = root / f"out-{arch}"
-    for bits, group_size in itertools.product(BITS, (-1, GROUPED)):
-        config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=False)
-        seconds = _ours(model, out, calib, config, "rtn", nsamples)
-        rows.append({"method": "rtn", "bits": bits, "group_size": group_size, **quality(out), "seconds": seconds})
+    base = QuantizeConfig(bits=bits, group_size=group_size, desc_act=True, static_groups=True)
+    seconds = _ours(model, out, calib, replace(base, method="rtn"), nsamples)
+    rows.append({"method": "rtn", "bits": bits, "group_size": group_size, **quality(out), "seconds": seconds})
+    print(arch, rows[-1], flush=True)
+    for name, method, scale_search in OURS:
+        config = replace(base, method=method, scale_search=scale_search)
+        seconds = _ours(model, out, calib, config, nsamples)
+        rows.append({"method": name, "bits": bits, "group_size": group_size, **quality(out), "seconds": seconds})
         print(arch, rows[-1], flush=True)
-        # static act-order (our default) only differs from dynamic when there are groups
-        for act_order in ("off", "dynamic") + (("static",) if group_size != -1 else ()):
-            config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=act_order != "off",
-                                    static_groups=act_order == "static")
-            seconds = _ours(model, out, calib, config, "gptq", nsamples)
-            row = {"method": "gptq", "bits": bits, "group_size": group_size, "desc_act": act_order,
-                   **quality(out), "seconds": seconds}
-            if gptqmodel is not None and group_size == GROUPED and act_order == "dynamic":
-                # the machine is shared: time both tools alternately, REPEATS times, and keep the fastest
-                gm_out = root / f"gptqmodel-{arch}"
-                gm_times = []
-                for _ in range(REPEATS):
-                    gm_times.append(_gptqmodel(gptqmodel, model, gm_out, calib, config))
-                    row["seconds"] = min(row["seconds"], _ours(model, out, calib, config, "gptq", nsamples))
-                row["gptqmodel_seconds"] = min(gm_times)
-                gm_quality = quality(gm_out)
-                row["gptqmodel_ppl"], row["gptqmodel_kl"] = gm_quality["ppl"], gm_quality["kl"]
-            rows.append(row)
-            print(arch, row, flush=True)
-    return {"arch": arch, "rows": rows}
+    default = QuantizeConfig(bits=bits, group_size=group_size)
+    rows.append({"method": "default", "bits": bits, "group_size": group_size,
+                 "is": _row_name(default.method, default.scale_search)})
+    for name, extra in THEIRS if gptqmodel is not None else ():
+        gm_out = root / f"gptqmodel-{arch}"
+        seconds = _gptqmodel(gptqmodel, model, gm_out, calib, base, extra)
+        rows.append({"method": name, "bits": bits, "group_size": group_size, **quality(gm_out), "seconds": seconds})
+        print(arch, rows[-1], flush=True)
+    return rows
 
 
-def _table(results: list[dict]) -> str:
-    header = ("| model | method | bits | group | act-order | ppl | KL vs fp16 (1e-3) | seconds | GPTQModel ppl "
-              "| GPTQModel KL (1e-3) | GPTQModel s | ppl ratio | time ratio |")
-    lines = [header, "|" + "---|" * 13]
+def _row_name(method: str, scale_search: str) -> str:
+    return method + ("+mse" if scale_search == "mse" else "")
+
+
+def _cells(result: dict, bits: int, group_size: int) -> dict[str, dict]:
+    return {row["method"]: row for row in result["rows"]
+            if row.get("bits") == bits and row.get("group_size") == group_size}
+
+
+def _table(results: list[dict], cases: tuple[tuple[int, int], ...]) -> str:
+    """One row per model, bit width and group: KL (1e-3) per method, then the ratios the defaults are chosen by."""
+    names = ["rtn"] + [name for name, _, _ in OURS] + [name for name, _ in THEIRS]
+    header = ("| model | bits | group | " + " | ".join(f"{name} KL" for name in names)
+              + " | default | default/gptq | default/best GPTQModel | ppl fp16 -> default | s gptq / fp-target |")
+    lines = [header, "|" + "---|" * (len(names) + 8)]
     for result in results:
-        for row in result["rows"]:
-            gm_ppl, gm_kl, gm_s = row.get("gptqmodel_ppl"), row.get("gptqmodel_kl"), row.get("gptqmodel_seconds")
-            cells = [result["arch"], row["method"], row.get("bits", 16), row.get("group_size", ""),
-                     row.get("desc_act", ""), f"{row['ppl']:.3f}", f"{row['kl'] * 1e3:.3f}",
-                     f"{row.get('seconds', 0):.1f}"]
-            if gm_ppl is None:
-                cells += ["", "", "", "", ""]
-            else:
-                cells += [f"{gm_ppl:.3f}", f"{gm_kl * 1e3:.3f}", f"{gm_s:.1f}", f"{row['ppl'] / gm_ppl:.4f}",
-                          f"{row['seconds'] / gm_s:.3f}"]
-            lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+        fp16 = result["rows"][0]
+        for bits, group_size in cases:
+            cells = _cells(result, bits, group_size)
+            if not cells:
+                continue
+            default = cells[cells["default"]["is"]]
+            theirs = [cells[name]["kl"] for name, _ in THEIRS if name in cells]
+            best_theirs = min(theirs) if theirs else None
+            kls = [f"{cells[name]['kl'] * 1e3:.3f}" if name in cells else "" for name in names]
+            lines.append("| " + " | ".join([
+                result["arch"], str(bits), str(group_size), *kls, cells["default"]["is"],
+                f"{default['kl'] / cells['gptq']['kl']:.3f}",
+                f"{default['kl'] / best_theirs:.3f}" if best_theirs else "",
+                f"{fp16['ppl']:.2f} -> {default['ppl']:.2f}",
+                f"{cells['gptq']['seconds']:.1f} / {cells['fp-target']['seconds']:.1f}"]) + " |")
     return "\n".join(lines)
 
 
@@ -158,16 +182,27 @@ def main() -> int:
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--gptqmodel", type=Path, default=DEFAULT_GPTQMODEL if DEFAULT_GPTQMODEL.exists() else None)
     parser.add_argument("--no-gptqmodel", action="store_true")
-    parser.add_argument("--arch", nargs="+", default=["opt", "bloom"])
+    parser.add_argument("--arch", nargs="+", default=list(ARCHS))
+    parser.add_argument("--quick", action="store_true", help="3- and 4-bit group-128 rows only")
+    parser.add_argument("--steps", type=int, default=BENCH_SPEC.steps,
+                        help=f"training steps of the tiny models (default {BENCH_SPEC.steps}; fewer builds faster)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
     # absolute, not resolved: GPTQModel runs with another working folder, and a venv's python is a symlink
     gptqmodel = None if args.no_gptqmodel or args.gptqmodel is None else args.gptqmodel.absolute()
-    results = [bench_arch(arch, args.out, nsamples=args.nsamples, gptqmodel=gptqmodel) for arch in args.arch]
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    print(_table(results))
+    cases = QUICK if args.quick else tuple((bits, group) for bits in BITS for group in GROUPS)
+    spec = replace(BENCH_SPEC, steps=args.steps)
+    # case by case across the models (the 3-bit rows of every model first), saved after each case
+    results = [{"arch": arch, "train_steps": spec.steps, "rows": []} for arch in args.arch]
+    for bits, group_size in cases:
+        for result in results:
+            rows = bench_case(result["arch"], args.out, bits=bits, group_size=group_size, nsamples=args.nsamples,
+                              gptqmodel=gptqmodel, spec=spec)
+            result["rows"] += rows if not result["rows"] else rows[1:]  # the fp16 row once
+            (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    print(_table(results, cases))
     return 0
 
 

@@ -41,5 +41,5 @@ def test_refuses_to_overwrite_and_unknown_arch(tmp_path: Path) -> None:
     (tmp_path / "busy" / "file").write_text("x")
     with pytest.raises(OutputExistsError, match="busy: folder is not empty; pass force=True"):
         build_tiny_model("opt", tmp_path / "busy", spec=SPEC)
-    with pytest.raises(UsageError, match="tiny models exist for 'opt' and 'bloom', not 'llama'"):
-        build_tiny_model("llama", tmp_path / "new", spec=SPEC)
+    with pytest.raises(UsageError, match="tiny models exist for 'opt', 'bloom', 'llama', not 'gpt2'"):
+        build_tiny_model("gpt2", tmp_path / "new", spec=SPEC)

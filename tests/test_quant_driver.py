@@ -175,11 +175,42 @@ def test_cholesky_failure_falls_back_to_rtn(tiny_models: dict[str, Path], tmp_pa
     monkeypatch.setattr(driver_module, "gptq_quantize", flaky)
     model = tiny_models["opt"]
     code = cli_main(["quantize", str(model), "-o", str(tmp_path / "out"), "--calibration", str(model / "train.txt"),
-                     "--group-size", "32", "--nsamples", "8", "--seqlen", "64"])
+                     "--group-size", "32", "--nsamples", "8", "--seqlen", "64", "--method", "gptq"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "round-to-nearest fallback (Cholesky failed): model.decoder.layers.1.fc2" in printed
     assert "quantized 12 linears in 2 layers" in printed
+
+
+def test_fp_target_raises_dampening_and_falls_back_loudly(tiny_models: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    real = driver_module.fp_target_quantize
+
+    def indefinite(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, config: QuantizeConfig, *, name: str):
+        if name.endswith("layers.0.fc1"):  # not positive definite at damp 0.01: the solver must raise it
+            H = H.clone()
+            H[0, 0] = -0.05 * float(torch.diag(H).mean())
+        if name.endswith("layers.1.fc2"):
+            raise CholeskyFailure(f"{name}: Hessian is not positive definite even with damp_percent=1")
+        return real(W, H, D, config, name=name)
+
+    monkeypatch.setattr(driver_module, "fp_target_quantize", indefinite)
+    model = tiny_models["opt"]
+    code = cli_main(["quantize", str(model), "-o", str(tmp_path / "out"), "--calibration", str(model / "train.txt"),
+                     "--group-size", "32", "--nsamples", "8", "--seqlen", "64", "--method", "fp-target",
+                     "--target-alpha", "0.5", "--scale-search", "mse"])
+    assert code == 0
+    meta = json.loads((tmp_path / "out" / "quantize_config.json").read_text())["meta"]
+    assert (meta["method"], meta["target_alpha"], meta["scale_search"]) == ("fp-target", 0.5, "mse")
+    captured = capsys.readouterr()
+    printed, logged = captured.out, captured.err
+    assert "raised dampening (Cholesky failed at damp 0.01): 1 linear: model.decoder.layers.0.fc1" in printed
+    assert "round-to-nearest fallback (Cholesky failed): model.decoder.layers.1.fc2" in printed
+    assert logged.count("Cholesky needed damp_percent") == 1  # logged once, for the one linear
+    assert "model.decoder.layers.0.fc1: Cholesky needed damp_percent" in logged
+    assert "model.decoder.layers.1.fc2: Hessian is not positive definite even with damp_percent=1; falling back " \
+           "to round-to-nearest for this linear" in logged
 
 
 def test_disk_full_leaves_no_output(tiny_models: dict[str, Path], tmp_path: Path,

@@ -1,4 +1,4 @@
-"""Tiny OPT/BLOOM models the project builds itself, trained on text every machine with Python has.
+"""Tiny OPT/BLOOM/LLaMA models the project builds itself, trained on text every machine with Python has.
 
 The corpus is the docstrings of a fixed list of CPython standard-library modules (read with ``ast``,
 never imported), so it needs no download; train and eval text come from disjoint modules. A small
@@ -35,7 +35,7 @@ TRAIN_MODULES = (
 )
 EVAL_MODULES = ("pydoc", "smtplib", "string", "calendar", "traceback", "warnings", "weakref", "queue")
 
-TINY_ARCHS = ("opt", "bloom")
+TINY_ARCHS = ("opt", "bloom", "llama")
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def train_tokenizer(text: str, out_dir: Path, *, vocab_size: int) -> object:
 
 
 def _model_config(arch: str, spec: TinySpec, vocab_size: int) -> object:
-    from transformers import BloomConfig, OPTConfig
+    from transformers import BloomConfig, LlamaConfig, OPTConfig
 
     if arch == "opt":
         return OPTConfig(vocab_size=vocab_size, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
@@ -102,7 +102,12 @@ def _model_config(arch: str, spec: TinySpec, vocab_size: int) -> object:
         return BloomConfig(vocab_size=vocab_size, hidden_size=spec.hidden, n_layer=spec.layers, n_head=spec.heads,
                            hidden_dropout=0.0, attention_dropout=0.0, pad_token_id=0, bos_token_id=0,
                            eos_token_id=0)
-    raise UsageError(f"tiny models exist for 'opt' and 'bloom', not {arch!r}")
+    if arch == "llama":  # grouped-query attention (2 KV heads) and a gated MLP, as in current LLaMA releases
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=spec.hidden, intermediate_size=4 * spec.hidden,
+                           num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                           num_key_value_heads=max(1, spec.heads // 2), max_position_embeddings=512,
+                           tie_word_embeddings=False, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    raise UsageError(f"tiny models exist for {', '.join(map(repr, TINY_ARCHS))}, not {arch!r}")
 
 
 def _train(model: torch.nn.Module, ids: torch.Tensor, spec: TinySpec, seed: int) -> float:
@@ -133,7 +138,7 @@ def build_tiny_model(arch: str = "opt", out_dir: str | Path = "tiny-model", *, s
     ``eval.txt`` (the calibration and evaluation text).
 
     Args:
-        arch: ``"opt"`` or ``"bloom"``.
+        arch: ``"opt"``, ``"bloom"`` or ``"llama"``.
         out_dir: folder to create.
         seed: seeds initialisation and batch order.
         spec: sizes and training length (default :class:`TinySpec`: 4 layers, hidden 128, 200 steps).
@@ -149,7 +154,7 @@ def build_tiny_model(arch: str = "opt", out_dir: str | Path = "tiny-model", *, s
     from transformers import AutoModelForCausalLM
 
     if arch not in TINY_ARCHS:
-        raise UsageError(f"tiny models exist for 'opt' and 'bloom', not {arch!r}")
+        raise UsageError(f"tiny models exist for {', '.join(map(repr, TINY_ARCHS))}, not {arch!r}")
     spec = spec or TinySpec()
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):

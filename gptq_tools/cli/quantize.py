@@ -49,8 +49,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--autogptq-name", action="store_true",
                         help="one file named as AutoGPTQ does, gptq_model-{bits}bit-{gs}g.safetensors (implies "
                              "--single-file; transformers does not find that name)")
-    parser.add_argument("--method", choices=("gptq", "rtn"), default="gptq",
-                        help="rtn gives a round-to-nearest baseline")
+    parser.add_argument("--method", choices=("gptq", "fp-target", "rtn"), default=None,
+                        help="how the integer weights are chosen (same checkpoint format): gptq = plain GPTQ; "
+                             "fp-target = GPTQ solved against the full-precision model's outputs, correcting the "
+                             "error earlier layers pass on; rtn = round-to-nearest baseline (default gptq; "
+                             "measurements in docs/quantization-methods.md)")
+    parser.add_argument("--target-alpha", type=float, default=None,
+                        help="fp-target: share of the inherited error to correct, in (0, 1] (default 1)")
+    parser.add_argument("--scale-search", choices=("minmax", "mse"), default=None,
+                        help="group scales: minmax range (default), or an MSE search over clipping ranges")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     parser.set_defaults(func=_run)
 
@@ -62,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = quantize_model(args.model_dir, args.output, calibration=args.calibration, config=config,
                              nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, resume=args.resume,
                              max_shard_size=args.max_shard_size, single_file=args.single_file,
-                             autogptq_name=args.autogptq_name, seed=args.seed, method=args.method)
+                             autogptq_name=args.autogptq_name, seed=args.seed)
     if summary.rank == 0:  # distributed runs (torchrun): rank 0 wrote the output and reports for all
         print(format_summary(summary))
     return 0
@@ -86,9 +93,11 @@ def _config(args: argparse.Namespace) -> QuantizeConfig:
         raise UsageError(f"--seqlen {args.seqlen} must be positive (default 2048, capped by the model)")
     if args.static_groups and not args.desc_act:
         logger.info("--static-groups has no effect without --desc-act")
+    chosen = {key: value for key, value in (("method", args.method), ("target_alpha", args.target_alpha),
+                                            ("scale_search", args.scale_search)) if value is not None}
     config = QuantizeConfig(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act,
                             static_groups=args.static_groups, sym=args.sym, damp_percent=args.damp,
-                            checkpoint_format=args.checkpoint_format)
+                            checkpoint_format=args.checkpoint_format, **chosen)
     for line in config.client_warnings():
         logger.warning("gptq-tools: warning: %s", line)
     return config
@@ -125,6 +134,10 @@ def format_summary(summary: QuantizeSummary) -> str:
     if summary.world_size > 1:
         rows.append(f"distributed over {summary.world_size} ranks: {summary.comm_seconds:.1f} s of rank 0's "
                     f"{summary.seconds:.1f} s in collectives")
+    if summary.raised_damping:
+        raised = summary.raised_damping
+        rows.append(f"raised dampening (Cholesky failed at damp {summary.config.damp_percent:g}): {len(raised)} "
+                    f"linear{'s' if len(raised) != 1 else ''}: {', '.join(raised)}")
     if summary.fallbacks:
         rows.append(f"round-to-nearest fallback (Cholesky failed): {', '.join(summary.fallbacks)}")
     rows.append(f"wrote {summary.output}: {', '.join(summary.files)}")

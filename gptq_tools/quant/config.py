@@ -11,6 +11,13 @@ from ..errors import UsageError
 
 #: Group sizes vLLM's GPTQ kernels (Marlin, and its CPU path) take.
 VLLM_GROUP_SIZES = (-1, 32, 64, 128)
+#: How the integer weights are chosen (all write the same checkpoint tensors): ``gptq`` (each layer
+#: reproduces its own outputs on the quantized model's inputs), ``fp-target`` (each layer reproduces the
+#: full-precision model's outputs, correcting the error earlier layers passed on; see :mod:`.fp_target`),
+#: ``rtn`` (round-to-nearest, the baseline).
+METHODS = ("gptq", "fp-target", "rtn")
+#: Group grid parameters: min/max, or the MSE search over clipping ranges (:mod:`.scales`).
+SCALE_SEARCHES = ("minmax", "mse")
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,10 @@ class QuantizeConfig:
         damp_max: the largest dampening tried when Cholesky fails before falling back to RTN.
         block_size: columns per lazy-update block (paper section 3, "lazy batch updates").
         true_sequential: quantize a layer's linears group by group, each seeing its predecessors quantized.
+        method: one of :data:`METHODS`; recorded in ``meta.method``.
+        target_alpha: ``fp-target`` only: how much of the inherited error to correct, in (0, 1]
+            (1: the full least-squares correction; GPTAQ's default is 0.25).
+        scale_search: ``"minmax"`` or ``"mse"`` (clipping ranges searched per group and output).
         checkpoint_format: ``"gptq"`` (v1, default) or ``"gptq_v2"``. v1 stores ``zero - 1`` and so
             cannot hold a zero of 0; for asymmetric v1 output the quantizer keeps every zero >= 1 (it
             searches the grid with the zero clamped, so the stored values are exact, at the cost of a
@@ -52,6 +63,9 @@ class QuantizeConfig:
     block_size: int = 128
     true_sequential: bool = True
     checkpoint_format: str = "gptq"
+    method: str = "gptq"
+    target_alpha: float = 1.0
+    scale_search: str = "minmax"
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -67,6 +81,12 @@ class QuantizeConfig:
                              f"raise damp_max or lower damp_percent")
         if self.block_size < 1:
             raise UsageError(f"block_size={self.block_size} must be positive")
+        if self.method not in METHODS:
+            raise UsageError(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
+        if not 0.0 < self.target_alpha <= 1.0:
+            raise UsageError(f"target_alpha={self.target_alpha} is outside (0, 1]; use 1 for the full correction")
+        if self.scale_search not in SCALE_SEARCHES:
+            raise UsageError(f"scale_search={self.scale_search!r} is unknown; use one of {', '.join(SCALE_SEARCHES)}")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise UsageError(f"checkpoint_format={self.checkpoint_format!r} is unknown; "
                              f"use one of {CHECKPOINT_FORMATS}")
@@ -102,7 +122,8 @@ class QuantizeConfig:
 
         AutoGPTQ's keys, plus ``format`` (what current transformers and GPTQModel write; the legacy
         ``checkpoint_format`` is kept) and GPTQModel's ``meta`` (producer, act-order, static groups,
-        dampening). ``desc_act`` is :attr:`checkpoint_desc_act`: what loaders need, not what the
+        dampening, and how the weights were chosen: method, its correction strength, scale search).
+        ``desc_act`` is :attr:`checkpoint_desc_act`: what loaders need, not what the
         solver did; ``meta.act_order`` keeps the latter.
         """
         return {
@@ -113,8 +134,15 @@ class QuantizeConfig:
             "format": self.checkpoint_format, "checkpoint_format": self.checkpoint_format,
             "meta": {"quantizer": [f"gptq-tools:{__version__}"], "act_order": self.act_order,
                      "static_groups": self.uses_static_groups, "damp_percent": self.damp_percent,
-                     "true_sequential": self.true_sequential},
+                     "true_sequential": self.true_sequential, **self.method_meta()},
         }
+
+    def method_meta(self) -> dict[str, Any]:
+        """The ``meta`` record of the method: loaders ignore it; it says how the weights were chosen."""
+        meta: dict[str, Any] = {"method": self.method, "scale_search": self.scale_search}
+        if self.method == "fp-target":
+            meta["target_alpha"] = self.target_alpha
+        return meta
 
     def client_warnings(self) -> list[str]:
         """What the loaders would refuse in a checkpoint made with these settings, one line each.

@@ -40,6 +40,8 @@ import torch.distributed as dist
 
 from ..constants import dist_timeout_s, distributed_env
 from ..errors import DistributedError
+from .config import METHODS
+from .fp_target import CrossAccumulator
 from .gptq import HessianAccumulator, QuantResult
 
 logger = logging.getLogger(__name__)
@@ -162,8 +164,12 @@ def broadcast_object(run: DistributedRun, value: Any, *, what: str) -> Any:
     return box[0]
 
 
-def reduce_hessian(run: DistributedRun, accumulator: HessianAccumulator, owner: int, *, name: str) -> None:
-    """Sum every rank's Hessian sum onto ``owner`` (in place) and every rank's row count everywhere."""
+def reduce_hessian(run: DistributedRun, accumulator: HessianAccumulator | CrossAccumulator, owner: int, *,
+                   name: str) -> None:
+    """Sum every rank's Hessian sum onto ``owner`` (in place) and every rank's row count everywhere.
+
+    fp-target's cross terms (:class:`~.fp_target.CrossAccumulator`, a sum and a row count too) reduce the same way.
+    """
     count = torch.tensor([float(accumulator.count)], dtype=torch.float64, device=run.device)
     summed = accumulator.sum.to(run.device)
     with collective(run, f"reducing the Hessian of {name} onto rank {owner}"):
@@ -189,7 +195,7 @@ def broadcast_result(run: DistributedRun, owned: tuple[QuantResult, float, float
         tensors = [result.intweight.to(run.device, torch.int32), result.scales.to(run.device, torch.float16),
                    result.zeros.to(run.device, torch.int32), result.g_idx.to(run.device, torch.int32)]
         numbers = torch.tensor([result.error, result.damp_percent, rtn_error, seconds,
-                                1.0 if result.method == "gptq" else 0.0], dtype=torch.float64, device=run.device)
+                                float(METHODS.index(result.method))], dtype=torch.float64, device=run.device)
     else:
         tensors = [torch.empty(out_features, in_features, dtype=torch.int32, device=run.device),
                    torch.empty(groups, out_features, dtype=torch.float16, device=run.device),
@@ -202,8 +208,8 @@ def broadcast_result(run: DistributedRun, owned: tuple[QuantResult, float, float
     if run.rank == owner and owned is not None:
         return owned
     intweight, scales, zeros, g_idx = (t.to(device) for t in tensors)
-    error, damp, rtn_error, seconds, is_gptq = numbers.tolist()
-    result = QuantResult(intweight, scales, zeros, g_idx, error, damp, "gptq" if is_gptq else "rtn")
+    error, damp, rtn_error, seconds, method = numbers.tolist()
+    result = QuantResult(intweight, scales, zeros, g_idx, error, damp, METHODS[int(method)])
     return result, rtn_error, seconds
 
 

@@ -31,7 +31,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,11 @@ from ..files.fileio import check_free_space, rmtree, unlink, work_lock
 from ..progress import tqdm
 from ..units import parse_size
 from . import distributed
+from . import reference as fp_reference
 from .calibration import check_token_ids, load_calibration
-from .config import QuantizeConfig
-from .gptq import CholeskyFailure, HessianAccumulator, QuantResult, gptq_quantize
+from .config import METHODS, QuantizeConfig
+from .fp_target import CrossAccumulator, fp_target_quantize
+from .gptq import CholeskyFailure, HessianAccumulator, QuantResult, gptq_quantize, output_error
 from .memory import map_large_blocks, release_free_memory
 from .rtn import rtn_quantize
 from .save import (
@@ -74,7 +76,7 @@ class LinearReport:
 
     layer: int
     name: str
-    method: str  # "gptq" or "rtn" (fallback after Cholesky failed)
+    method: str  # "gptq", "fp-target", or "rtn" (the baseline, or the fallback after Cholesky failed)
     error: float  # mean squared output error per calibration token
     rtn_error: float  # the same for round-to-nearest, for comparison
     damp_percent: float
@@ -103,6 +105,13 @@ class QuantizeSummary:
     world_size: int = 1
     comm_seconds: float = 0.0  # time spent in collectives, waiting for other ranks included
 
+    @property
+    def raised_damping(self) -> tuple[str, ...]:
+        """Linears whose Hessian needed more dampening than asked (Cholesky failed at ``damp_percent``);
+        each was logged once when it happened. RTN fallbacks are in ``fallbacks``."""
+        return tuple(entry.name for entry in self.linears
+                     if entry.method != "rtn" and entry.damp_percent > self.config.damp_percent)
+
 
 class _Captured(Exception):
     """Raised by the layer-0 pre-hook to stop the forward once the inputs are recorded."""
@@ -113,6 +122,8 @@ class _Calibration:
     hidden: list[torch.Tensor]  # one (1, seq, hidden) tensor per sample
     args: list[tuple[Any, ...]]  # positional arguments after hidden_states, per sample
     kwargs: list[dict[str, Any]]  # keyword arguments, per sample
+    #: fp-target: the full-precision model's inputs to the same layer, per sample (see .reference)
+    reference: list[torch.Tensor] | None = None
 
 
 def _staging_folder(output: Path) -> Path:
@@ -171,6 +182,13 @@ def _run_layer(layer: torch.nn.Module, calib: _Calibration, device: torch.device
     return outputs
 
 
+def _reference_outputs(layer: torch.nn.Module, calib: _Calibration, originals: dict[str, torch.Tensor],
+                       device: torch.device) -> list[torch.Tensor]:
+    """The full-precision model's outputs of ``layer`` (original weights on the reference inputs)."""
+    with fp_reference.original_weights(layer, originals):
+        return _run_layer(layer, replace(calib, hidden=calib.reference), device)
+
+
 class _GroupDone(Exception):
     """Raised by the last hook of a true-sequential group: the rest of the layer's forward is not needed."""
 
@@ -224,31 +242,63 @@ def _quantize_linear(name: str, W: torch.Tensor, H: torch.Tensor, config: Quanti
         return rtn, rtn.error
 
 
+def _quantize_fp_target(name: str, W: torch.Tensor, H: torch.Tensor, D: torch.Tensor,
+                        config: QuantizeConfig) -> tuple[QuantResult, float]:
+    """fp-target, falling back to RTN as GPTQ does; the RTN error is measured against the same target."""
+    rtn = rtn_quantize(W, config, H=H)
+    try:
+        result, target = fp_target_quantize(W, H, D, config, name=name)
+    except CholeskyFailure as exc:
+        logger.warning("%s; falling back to round-to-nearest for this linear", exc)
+        return rtn, rtn.error
+    return result, output_error(target, rtn.dequantized(), H)
+
+
+def _solve_linear(name: str, W: torch.Tensor, hessian: HessianAccumulator, cross: CrossAccumulator | None,
+                  config: QuantizeConfig, method: str) -> tuple[QuantResult, float]:
+    if cross is None:
+        return _quantize_linear(name, W, hessian.hessian(), config, method)
+    return _quantize_fp_target(name, W, hessian.hessian(), cross.cross(), config)
+
+
 def _quantize_layer(source: SourceModel, index: int, calib: _Calibration, config: QuantizeConfig,
-                    device: torch.device, method: str, run: distributed.DistributedRun | None = None
+                    device: torch.device, method: str, run: distributed.DistributedRun | None = None,
+                    originals: dict[str, torch.Tensor] | None = None
                     ) -> tuple[dict[str, torch.Tensor], list[LinearReport]]:
     """Quantize layer ``index`` in place (weights replaced by their dequantized values).
 
     In a distributed run each linear's Hessian is summed onto its owner rank, the owners solve, and
     the results are broadcast; every rank ends with the same layer. Returns the checkpoint tensors of
-    the layer (packed on rank 0 only) and one report per linear.
+    the layer (packed on rank 0 only) and one report per linear. With ``calib.reference`` (fp-target)
+    ``originals`` receives the linears' full-precision weights, for the reference pass after the layer.
     """
     spec = source.spec
     prefix = f"{spec.layers_path}.{index}"
     layer = source.load_module(prefix, device)
+    if calib.reference is not None and originals is not None:
+        originals.update(fp_reference.original_weights_of({n: layer.get_submodule(n)
+                                                           for n in spec.quantized_linears}))
     tensors: dict[str, torch.Tensor] = {}
     reports = []
     groups = spec.sequential if config.true_sequential else (spec.quantized_linears,)
     for group in groups:
         modules = {name: layer.get_submodule(name) for name in group}
-        accumulators = _collect_hessians(layer, modules, calib, device, spec.conv1d)
-        owners, solved = _solve_owned(run, prefix, modules, accumulators, config, method, spec.conv1d)
+        crosses: dict[str, CrossAccumulator] = {}
+        if calib.reference is None or not originals:
+            accumulators = _collect_hessians(layer, modules, calib, device, spec.conv1d)
+        else:
+            accumulators, crosses = fp_reference.collect_paired(
+                layer, modules, hidden=calib.hidden, reference=calib.reference, args=calib.args,
+                kwargs=calib.kwargs, originals=originals, device=device,
+                in_features=lambda m: _linear_weight(m, spec.conv1d).shape[1])
+        owners, solved = _solve_owned(run, prefix, modules, accumulators, config, method, spec.conv1d, crosses)
         for name, module in modules.items():
             started = time.perf_counter()
             full = f"{prefix}.{name}"
             if run is None:
                 W = _linear_weight(module, spec.conv1d).float()
-                result, rtn_error = _quantize_linear(full, W, accumulators.pop(name).hessian(), config, method)
+                result, rtn_error = _solve_linear(full, W, accumulators.pop(name), crosses.pop(name, None), config,
+                                                  method)
                 seconds = None
             else:
                 out_features, in_features = _linear_weight(module, spec.conv1d).shape
@@ -271,10 +321,12 @@ def _quantize_layer(source: SourceModel, index: int, calib: _Calibration, config
 
 def _solve_owned(run: distributed.DistributedRun | None, prefix: str, modules: dict[str, torch.nn.Module],
                  accumulators: dict[str, HessianAccumulator], config: QuantizeConfig, method: str,
-                 conv1d: bool) -> tuple[dict[str, int], dict[str, tuple[QuantResult, float, float]]]:
+                 conv1d: bool, crosses: dict[str, CrossAccumulator] | None = None
+                 ) -> tuple[dict[str, int], dict[str, tuple[QuantResult, float, float]]]:
     """Distributed runs: reduce each Hessian onto its owner, then solve the linears this rank owns.
 
-    Owners are balanced by solve cost (``in_features ** 3``); they solve at the same time. Returns
+    Owners are balanced by solve cost (``in_features ** 3``); they solve at the same time. fp-target's
+    cross terms (``crosses``) are reduced onto the same owners the same way. Returns
     ``({name: owner rank}, {name: (result, rtn_error, seconds)} for the owned linears)``; both empty for
     a single process (which solves each linear as it goes, as before).
     """
@@ -283,15 +335,19 @@ def _solve_owned(run: distributed.DistributedRun | None, prefix: str, modules: d
     names = list(modules)
     costs = [float(_linear_weight(modules[name], conv1d).shape[1]) ** 3 for name in names]
     owners = dict(zip(names, distributed.assign_owners(costs, run.world_size)))
+    crosses = crosses or {}
     for name in names:
         distributed.reduce_hessian(run, accumulators[name], owners[name], name=f"{prefix}.{name}")
+        if name in crosses:
+            distributed.reduce_hessian(run, crosses[name], owners[name], name=f"{prefix}.{name} (cross term)")
     solved: dict[str, tuple[QuantResult, float, float]] = {}
     for name in names:
         if owners[name] != run.rank:
             continue
         started = time.perf_counter()
         W = _linear_weight(modules[name], conv1d).float()
-        result, rtn_error = _quantize_linear(f"{prefix}.{name}", W, accumulators.pop(name).hessian(), config, method)
+        result, rtn_error = _solve_linear(f"{prefix}.{name}", W, accumulators.pop(name), crosses.pop(name, None),
+                                          config, method)
         solved[name] = (result, rtn_error, time.perf_counter() - started)
     return owners, solved
 
@@ -369,7 +425,7 @@ def _commit_layer(work: Path, state: dict[str, Any], index: int, tensors: dict[s
 def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration: str | Path,
                    config: QuantizeConfig | None = None, nsamples: int = 128, seqlen: int | None = None,
                    device: str = "cpu", resume: bool = False, max_shard_size: int | str = "5GB",
-                   single_file: bool = False, autogptq_name: bool = False, seed: int = 0, method: str = "gptq",
+                   single_file: bool = False, autogptq_name: bool = False, seed: int = 0, method: str | None = None,
                    on_layer_done: Callable[[int], None] | None = None) -> QuantizeSummary:
     """Quantize a Hugging Face causal LM with GPTQ, layer by layer, into an AutoGPTQ checkpoint folder.
 
@@ -387,7 +443,9 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
         autogptq_name: write one file named as AutoGPTQ does, ``gptq_model-{bits}bit-{gs}g.safetensors``
             (implies ``single_file``; transformers does not find that name).
         seed: seeds the calibration windows.
-        method: ``"gptq"``, or ``"rtn"`` for a round-to-nearest baseline checkpoint (same format).
+        method: overrides ``config.method`` when given: ``"gptq"``, ``"fp-target"`` (solved against the
+            full-precision model's outputs, see :mod:`.fp_target`), or ``"rtn"`` for a round-to-nearest
+            baseline checkpoint (all in the same format; ``meta.method`` records which).
         on_layer_done: called with each layer index once it is persisted.
 
     Returns:
@@ -399,8 +457,11 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
     """
     started = time.perf_counter()
     config = config or QuantizeConfig()
-    if method not in ("gptq", "rtn"):
-        raise UsageError(f"method={method!r} is unknown; use 'gptq' or 'rtn'")
+    if method is not None:
+        if method not in METHODS:
+            raise UsageError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}")
+        config = replace(config, method=method)
+    method = config.method
     model_dir, output = Path(model_dir), Path(output_dir)
     finished = finished_checkpoint(output) if resume and not _staging_folder(output).exists() else None
     if finished is not None:
@@ -488,7 +549,7 @@ def _quantize(run: distributed.DistributedRun | None, model_dir: Path, output: P
     files = (_finish(source, staging, output, config, work, model_dir, single_file=single_file or autogptq_name,
                      autogptq_name=autogptq_name, shard_bytes=shard_bytes) if main else [])
     linears = tuple(LinearReport(**entry) for entry in state["linears"])
-    fallbacks = tuple(entry.name for entry in linears if entry.method != "gptq") if method == "gptq" else ()
+    fallbacks = tuple(entry.name for entry in linears if entry.method == "rtn") if method != "rtn" else ()
     seconds = time.perf_counter() - started
     setup = loop_started - started
     return QuantizeSummary(output, config, linears, tuple(files), seconds, first, fallbacks,
@@ -614,31 +675,47 @@ def _run_layers(source: SourceModel, ids: torch.Tensor, config: QuantizeConfig, 
     if state["done"] >= total:
         return time.perf_counter(), {}
     calib = _capture_layer0(source, ids[distributed.share(run, len(ids))], compute, store)
+    if config.method == "fp-target":
+        calib.reference = list(calib.hidden)  # layer 0's inputs: no layer quantized yet, the streams agree
     if state["done"] > 0:
         saved = (_load_inputs(work / f"inputs-{state['done']:05d}.safetensors", store)
                  if run is None or run.is_main else None)
         calib.hidden = saved if run is None else distributed.scatter_rows(
             run, saved, len(ids), store=store, what=f"the saved inputs of layer {state['done']}")
+        if calib.reference is not None:
+            saved = (fp_reference.load_reference(work, state["done"], store) if run is None or run.is_main
+                     else None)
+            calib.reference = saved if run is None else distributed.scatter_rows(
+                run, saved, len(ids), store=store, what=f"the saved full-precision inputs of layer {state['done']}")
         logger.info("resuming at layer %d of %d", state["done"], total)
     bar = tqdm(range(state["done"], total), desc="quantizing layers", unit="layer", dynamic_ncols=True,
                disable=None if run is None or run.is_main else True)
     loop_started = previous = time.perf_counter()
     layer_seconds: dict[int, float] = {}
     for index in bar:
-        tensors, reports = _quantize_layer(source, index, calib, config, compute, method, run)
+        originals: dict[str, torch.Tensor] = {}
+        tensors, reports = _quantize_layer(source, index, calib, config, compute, method, run, originals)
         last = index == total - 1
         layer = source.model.get_submodule(f"{source.spec.layers_path}.{index}")
         outputs = [] if last else _run_layer(layer, calib, compute)
+        reference = None if last or calib.reference is None else _reference_outputs(layer, calib, originals, compute)
         source.unload_module(f"{source.spec.layers_path}.{index}")
         every = outputs if run is None or last else distributed.gather_rows(
             run, outputs, len(ids), what=f"the outputs of layer {index}")
+        every_reference = reference if run is None or reference is None else distributed.gather_rows(
+            run, reference, len(ids), what=f"the full-precision outputs of layer {index}")
         if run is None or run.is_main:
+            if every_reference is not None:  # committed before state.json records the layer
+                fp_reference.save_reference(work, index + 1, every_reference)
             _commit_layer(work, state, index, tensors, every or [], reports, last)
+            fp_reference.drop_reference(work, index)
         else:
             state["done"] = index + 1
             state["linears"].extend(asdict(report) for report in reports)
         calib.hidden = outputs
-        del tensors, outputs, every, layer
+        if reference is not None:
+            calib.reference = reference
+        del tensors, outputs, every, layer, reference, every_reference, originals
         release_free_memory()  # the allocator keeps freed layer temporaries otherwise (see quant/memory.py)
         worst = max(reports, key=lambda r: r.error)
         bar.set_postfix(err=f"{sum(r.error for r in reports):.4g}", worst=worst.name.rsplit(".", 1)[-1])

@@ -24,6 +24,10 @@ import torch
 
 from ..errors import QuantizationError, UsageError
 from .config import QuantizeConfig
+from .scales import find_params, group_params, quantize_values
+
+__all__ = ["CholeskyFailure", "HessianAccumulator", "QuantResult", "find_params", "gptq_quantize", "gptq_reference",
+           "output_error", "quantize_values"]
 
 T = TypeVar("T")
 
@@ -69,7 +73,7 @@ class QuantResult:
         g_idx: int32 (in,), the group of each input column.
         error: mean squared output error per calibration row, ``tr(dW H dW^T) / 2`` with the undamped H.
         damp_percent: the dampening finally used (0 for RTN).
-        method: ``"gptq"``, or ``"rtn"`` when round-to-nearest was used.
+        method: ``"gptq"``, ``"fp-target"``, or ``"rtn"`` when round-to-nearest was used.
     """
 
     intweight: torch.Tensor
@@ -90,44 +94,6 @@ class QuantResult:
 
 class CholeskyFailure(QuantizationError):
     """The Hessian stayed non positive-definite even at the largest dampening."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# grid parameters
-
-
-def find_params(W: torch.Tensor, *, bits: int, sym: bool, zero_min: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row scale and zero of a min/max grid over ``W`` (out, cols): returns fp32 scale, fp32 zero (out,).
-
-    Scales are rounded to fp16 here, so the solver feeds back exactly the error the checkpoint will have.
-    """
-    maxq = 2**bits - 1
-    xmin = torch.clamp(W.min(dim=1).values, max=0)  # (out,)
-    xmax = torch.clamp(W.max(dim=1).values, min=0)
-    if sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
-    empty = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(empty, -1.0, xmin)
-    xmax = torch.where(empty, 1.0, xmax)
-    scale = (xmax - xmin) / maxq
-    if sym:
-        zero = torch.full_like(scale, (maxq + 1) // 2)
-    else:
-        zero = torch.round(-xmin / scale)
-        if zero_min:
-            # Keep zero >= zero_min and widen the scale so the group's maximum still fits the grid.
-            zero = torch.clamp(zero, min=zero_min)
-            room = torch.clamp(maxq - zero, min=1)
-            scale = torch.where(zero < maxq, torch.maximum(scale, xmax / room), scale)
-    tiny = torch.finfo(torch.float16).tiny
-    scale = torch.clamp(scale, min=tiny).to(torch.float16).to(torch.float32)
-    return scale, zero
-
-
-def quantize_values(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer grid values of ``w`` (broadcast against ``scale``/``zero``), clamped to ``[0, maxq]``."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 
 def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
@@ -176,13 +142,19 @@ def _working_hessian(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor) ->
     return work
 
 
+def _group_params(W: torch.Tensor, config: QuantizeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero per row of one group (out, cols), by the configured scale search."""
+    return group_params(W, bits=config.bits, sym=config.sym, zero_min=config.zero_min,
+                        scale_search=config.scale_search)
+
+
 def _static_params(W: torch.Tensor, config: QuantizeConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Group parameters found up front on the unpermuted weight: (scales, zeros) each (groups, out)."""
     group_size = W.shape[1] if config.group_size == -1 else config.group_size
     if config.group_size != -1 and not config.uses_static_groups:
         return None
     grouped = W.reshape(W.shape[0], W.shape[1] // group_size, group_size).transpose(0, 1)  # (groups, out, gs)
-    params = [find_params(block, bits=config.bits, sym=config.sym, zero_min=config.zero_min) for block in grouped]
+    params = [_group_params(block, config) for block in grouped]
     return torch.stack([p[0] for p in params]), torch.stack([p[1] for p in params])
 
 
@@ -299,7 +271,7 @@ def _solve(W: torch.Tensor, Hinv: torch.Tensor, perm: torch.Tensor, static: tupl
                     if column + gs > i2:  # the group runs past this block: apply the pending update first
                         tail = W[:, i2:column + gs] - Err1 @ Hinv[i1:i2, i2:column + gs]
                         group_cols = torch.cat([group_cols, tail], dim=1)
-                    scale, zero = find_params(group_cols, bits=config.bits, sym=config.sym, zero_min=config.zero_min)
+                    scale, zero = _group_params(group_cols, config)
                     new_scales.append(scale)
                     new_zeros.append(zero)
                 g_idx[column] = column // gs
@@ -342,7 +314,7 @@ def gptq_reference(W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig) -> 
     for j in range(columns):
         if static is None:
             if j % gs == 0:
-                scale, zero = find_params(W[:, j:j + gs], bits=config.bits, sym=config.sym, zero_min=config.zero_min)
+                scale, zero = _group_params(W[:, j:j + gs], config)
                 scales.append(scale)
                 zeros.append(zero)
             g_idx[j] = j // gs

@@ -6,11 +6,12 @@ import torch
 
 from ..errors import QuantizationError, UsageError
 from .config import QuantizeConfig
-from .gptq import QuantResult, find_params, output_error, quantize_values
+from .gptq import QuantResult, output_error
+from .scales import group_params, quantize_values
 
 
 def rtn_quantize(W: torch.Tensor, config: QuantizeConfig, *, H: torch.Tensor | None = None) -> QuantResult:
-    """Round each weight to the nearest point of its group's min/max grid.
+    """Round each weight to the nearest point of its group's grid (min/max, or MSE-searched).
 
     Groups are consecutive input columns (``g_idx = i // group_size``); act-order does not apply.
 
@@ -36,7 +37,8 @@ def rtn_quantize(W: torch.Tensor, config: QuantizeConfig, *, H: torch.Tensor | N
     weight = W.detach().to(torch.float32)
     groups = in_features // group_size
     grouped = weight.reshape(out_features, groups, group_size).transpose(0, 1)  # (groups, out, gs)
-    params = [find_params(block, bits=config.bits, sym=config.sym, zero_min=config.zero_min) for block in grouped]
+    params = [group_params(block, bits=config.bits, sym=config.sym, zero_min=config.zero_min,
+                           scale_search=config.scale_search) for block in grouped]
     scales = torch.stack([p[0] for p in params])  # (groups, out)
     zeros = torch.stack([p[1] for p in params])
     maxq = 2**config.bits - 1
