@@ -196,19 +196,6 @@ def run_child(args: list[str], python: str = sys.executable) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def read_bandwidth(threads: int) -> float:
-    import torch
-
-    torch.set_num_threads(threads)
-    data = torch.ones(128 << 20, dtype=torch.float32)
-    times = []
-    for _ in range(6):
-        started = time.perf_counter()
-        torch.sum(data)
-        times.append(time.perf_counter() - started)
-    return data.numel() * 4 / statistics.median(times[1:]) / 1e9
-
-
 # ---------------------------------------------------------------------------------------------- main
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -235,6 +222,8 @@ def main() -> int:
                                           str(PROMPT_DECODE), str(NEW_TOKENS)]
     else:
         skipped["llama.cpp Q4_0 / Q4_K_M"] = "no llama.cpp venv (make venv-llamacpp, about an hour on 2 cores)"
+    from bench_kernels import read_bandwidth  # the same probe as make bench-kernels (scripts/ is on sys.path)
+
     bandwidth = read_bandwidth(args.threads)
     results: dict[str, list[dict]] = {name: [] for name in peers}
     for round_index in range(args.rounds):

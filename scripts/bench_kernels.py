@@ -152,6 +152,7 @@ def try_select(layer: QuantLinear, device: str = "cpu") -> tuple[str, str | None
 def read_bandwidth(threads: int) -> float:
     """This machine's read bandwidth in GB/s with ``threads`` threads: the median of summing a 512 MiB fp32
     tensor (far larger than any cache), the bound a decode step that reads every weight once cannot pass."""
+    torch.set_num_threads(threads)
     data = torch.ones(128 << 20, dtype=torch.float32)
     seconds = median_seconds(torch.sum, data, repeats=5)
     return data.numel() * 4 / seconds / 1e9
