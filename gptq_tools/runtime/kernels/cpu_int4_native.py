@@ -27,7 +27,8 @@ get_cpu_capability()``), so ``ATEN_CPU_CAPABILITY=avx2`` makes an AVX-512 machin
   dequantized reference's weight;
 * few tokens (decode): per group, ``sum x * (q - z)`` in fp32 FMAs, then times ``s``, several input rows
   at a time over each block of weights (up to 4 for AVX-512, 3 for AVX2, 2 portable), the column blocks split
-  across PyTorch's own OpenMP threads;
+  across PyTorch's own OpenMP threads; a lone row (one token) takes ``s * (sum x * q - z * sum x)`` instead,
+  every word read once (regrouped, so rounded differently by about fp32's epsilon, far below fp16 rounding);
 * many tokens (prefill, from :data:`PREFILL_TOKENS`): a block of columns dequantized to fp32 at a time
   and multiplied by PyTorch's fp32 GEMM;
 * groups: any size that tiles every quantization group (act-order rows already sorted by

@@ -19,6 +19,7 @@
  * threads PyTorch's own ops use (a second pool would fight them for the cores).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* L: floats a vector. ROWS_MAX: input rows a pass serves. ONE_ROW_J: nibbles one row's pass takes (8: every word
@@ -104,6 +105,14 @@ INLINE vi load_zeros(const uint8_t *zeros) {
     return out;
 }
 
+/* The next group's scales and zeros of a block: n columns apart from this group's, so far from anything the
+ * hardware prefetcher follows; asked for a group ahead, their loads at the group's end do not wait on memory. */
+INLINE void prefetch_params(const void *scales, const uint8_t *zeros, int64_t index, int scales_f32) {
+    const char *s = (const char *)scales + index * (scales_f32 ? 4 : 2);
+    for (int byte = 0; byte < BLOCK * (scales_f32 ? 4 : 2); byte += 64) __builtin_prefetch(s + byte);
+    for (int byte = 0; byte < BLOCK; byte += 64) __builtin_prefetch(zeros + index + byte);
+}
+
 /* Nibble j's power of two: its values are taken in place, (q - z) * 2^(4 * shift(j)), with no shift (but for the
  * top nibble, shifted down 4 so the sign bit stays clear). Small integers times a power of two: exact in int32
  * and in fp32, and scaling by a power of two changes no rounding, so the sums are bit for bit those of q - z. */
@@ -131,6 +140,7 @@ INLINE void rows_pass(const int32_t *blocks, const void *scales, const uint8_t *
         for (int j = 0; j < J; j++) store_floats(out + (r0 + r) * n + col0 + L * j, broadcast(0.0f));
     for (int64_t g0 = 0; g0 < k; g0 += gs) {
         const int64_t group = g0 / gs;
+        if (g0 + gs < k) prefetch_params(scales, zeros, (group + 1) * n + b * BLOCK, scales_f32);
         vi z[8];
         for (int j = 0; j < J; j++) z[j] = load_zeros(zeros + group * n + col0 + L * j) << place(J0 + j);
         vf acc[ROWS_MAX > 2 ? ROWS_MAX : 2][8];
@@ -162,6 +172,44 @@ INLINE void rows_pass(const int32_t *blocks, const void *scales, const uint8_t *
     }
 }
 
+/* One input row, every nibble of a block in one pass (each word read once), with the zero point taken out of
+ * the loop: per group, acc_j = sum_k x_k * q_k (q in place, times 2^place(j)) and, at the group's end,
+ * s * (acc_j - z * sum_k x_k). Per word: a mask, a conversion and an FMA per nibble, and 8 accumulators: enough
+ * independent FMA chains for the FMA's latency, few enough for AVX2's 16 registers. The arithmetic is fp32
+ * throughout; the sums are regrouped (the reference subtracts z from each q first), which rounds differently,
+ * by about fp32's epsilon times sum |x * q * s|: far below fp16 rounding. xsum: sum_k x_k per group. */
+INLINE void one_row(const int32_t *blocks, const void *scales, const uint8_t *zeros, const float *x,
+                    const float *xsum, float *out, int64_t n, int64_t k, int64_t gs, int64_t b, int scales_f32) {
+    const int32_t *blk = blocks + b * k * L;
+    const int64_t col0 = b * BLOCK;
+    vf total[8];
+    for (int j = 0; j < 8; j++) total[j] = broadcast(0.0f);
+    for (int64_t g0 = 0; g0 < k; g0 += gs) {
+        const int64_t group = g0 / gs;
+        if (g0 + gs < k) prefetch_params(scales, zeros, (group + 1) * n + col0, scales_f32);
+        vf acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = broadcast(0.0f);
+        const int32_t *p = blk + g0 * L;
+        const float *xr = x + g0;
+        for (int64_t i = 0; i < gs; i++) {
+            if ((i * L * 4) % 64 == 0) __builtin_prefetch((const char *)(p + i * L) + PREFETCH_BYTES);
+            const vi words = load_words(p + i * L);
+            const vf xb = broadcast(xr[i]);
+            for (int j = 0; j < 8; j++) {
+                const vi in_place = j < 7 ? words : words >> 4;
+                acc[j] += xb * __builtin_convertvector(in_place & (15 << place(j)), vf);
+            }
+        }
+        const vf sx = broadcast(xsum[group]);
+        for (int j = 0; j < 8; j++) {
+            const vf s = load_scales(scales, group * n + col0 + L * j, scales_f32) * unplace(j);
+            const vf z = __builtin_convertvector(load_zeros(zeros + group * n + col0 + L * j) << place(j), vf);
+            total[j] += (acc[j] - z * sx) * s;
+        }
+    }
+    for (int j = 0; j < 8; j++) store_floats(out + col0 + L * j, total[j]);
+}
+
 /* Two passes over a block, nibbles 0..3 and 4..7 (one row on AVX-512: all 8 in one pass, each word read once). */
 #define HALVES(R)                                                                                    \
     do {                                                                                             \
@@ -169,14 +217,22 @@ INLINE void rows_pass(const int32_t *blocks, const void *scales, const uint8_t *
         rows_pass(blocks, scales, zeros, x, out, n, k, gs, b, r0, R, 4, 4, scales_f32);               \
     } while (0)
 
-static void rows_block(const int32_t *blocks, const void *scales, const uint8_t *zeros, const float *x, float *out,
-                       int64_t n, int64_t k, int64_t gs, int64_t b, int64_t r0, int rows, int scales_f32) {
+static void rows_block(const int32_t *blocks, const void *scales, const uint8_t *zeros, const float *x,
+                       const float *xsum, float *out, int64_t n, int64_t k, int64_t gs, int64_t b, int64_t r0, int rows,
+                       int scales_f32) {
     switch (rows) {
+        case 1:
+            if (xsum) {
+                one_row(blocks, scales, zeros, x + r0 * k, xsum, out + r0 * n, n, k, gs, b,
+                        scales_f32);
+                break;
+            }
 #if ONE_ROW_J == 8
-        case 1: rows_pass(blocks, scales, zeros, x, out, n, k, gs, b, r0, 1, 0, 8, scales_f32); break;
+            rows_pass(blocks, scales, zeros, x, out, n, k, gs, b, r0, 1, 0, 8, scales_f32);
 #else
-        case 1: HALVES(1); break;
+            HALVES(1);
 #endif
+            break;
 #if ROWS_MAX >= 4
         case 4: HALVES(4); break;
 #endif
@@ -191,13 +247,29 @@ static void rows_block(const int32_t *blocks, const void *scales, const uint8_t 
 void gptq_int4_gemm(const int32_t *blocks, const void *scales, const uint8_t *zeros, const float *x,
                     float *out, int64_t m, int64_t n, int64_t k, int64_t gs, int64_t b0, int64_t b1,
                     int64_t scales_f32, int64_t threads) {
+    /* A lone last row (m % ROWS_MAX == 1: one token, decode) takes the one-row pass, which needs that row's sum
+     * of x per group; the rows before it take the multi-row passes. Without memory for the sums it takes the
+     * multi-row code too. */
+    const int64_t groups = k / gs, last_row = m - 1;
+    float *xsum = m % ROWS_MAX == 1 ? malloc(sizeof(float) * (size_t)groups) : NULL;
+    if (xsum)
+        for (int64_t g = 0; g < groups; g++) {
+            const float *xg = x + last_row * k + g * gs;
+            float part[4] = {0, 0, 0, 0};
+            int64_t i = 0;
+            for (; i + 4 <= gs; i += 4)
+                for (int t = 0; t < 4; t++) part[t] += xg[i + t];
+            for (; i < gs; i++) part[0] += xg[i];
+            xsum[g] = (part[0] + part[1]) + (part[2] + part[3]);
+        }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = b0; b < b1; b++) {
         for (int64_t r0 = 0; r0 < m; r0 += ROWS_MAX) {
             const int64_t rows = m - r0 < ROWS_MAX ? m - r0 : ROWS_MAX;
-            rows_block(blocks, scales, zeros, x, out, n, k, gs, b, r0, (int)rows, (int)scales_f32);
+            rows_block(blocks, scales, zeros, x, xsum, out, n, k, gs, b, r0, (int)rows, (int)scales_f32);
         }
     }
+    free(xsum);
 }
 
 /* w (k rows, ld apart) fp32: the dequantized weight (q - z) * s of blocks [b0, b1), block b0 at column 0. */
