@@ -48,6 +48,7 @@ from .calibration import check_token_ids, load_calibration
 from .config import METHODS, QuantizeConfig
 from .fp_target import CrossAccumulator, fp_target_quantize
 from .gptq import CholeskyFailure, HessianAccumulator, QuantResult, gptq_quantize, output_error
+from .group_inputs import group_inputs
 from .memory import map_large_blocks, release_free_memory
 from .rtn import rtn_quantize
 from .save import (
@@ -189,37 +190,14 @@ def _reference_outputs(layer: torch.nn.Module, calib: _Calibration, originals: d
         return _run_layer(layer, replace(calib, hidden=calib.reference), device)
 
 
-class _GroupDone(Exception):
-    """Raised by the last hook of a true-sequential group: the rest of the layer's forward is not needed."""
-
-
 def _collect_hessians(layer: torch.nn.Module, modules: dict[str, torch.nn.Module], calib: _Calibration,
                       device: torch.device, conv1d: bool) -> dict[str, HessianAccumulator]:
     """Run the calibration through ``layer`` up to the last of ``modules`` and accumulate their Hessians."""
     accumulators = {name: HessianAccumulator(_linear_weight(m, conv1d).shape[1], device=device)
                     for name, m in modules.items()}
-    seen: set[str] = set()
-
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            accumulators[name].add(inputs[0])
-            seen.add(name)
-            if len(seen) == len(modules):
-                raise _GroupDone
-        return hook
-
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
-    try:
-        with torch.no_grad():
-            for hidden, args, kwargs in zip(calib.hidden, calib.args, calib.kwargs):
-                seen.clear()
-                try:
-                    layer(hidden.to(device), *args, **kwargs)
-                except _GroupDone:
-                    continue
-    finally:
-        for handle in handles:
-            handle.remove()
+    with group_inputs(modules, lambda name, inputs: accumulators[name].add(inputs)) as run:
+        for hidden, args, kwargs in zip(calib.hidden, calib.args, calib.kwargs):
+            run(layer, hidden.to(device), args, kwargs)
     return accumulators
 
 

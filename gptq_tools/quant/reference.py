@@ -26,10 +26,7 @@ import torch
 from ..files.fileio import unlink
 from .fp_target import CrossAccumulator
 from .gptq import HessianAccumulator
-
-
-class _GroupDone(Exception):
-    """Raised by the last hook of a group: the rest of the layer's forward is not needed."""
+from .group_inputs import group_inputs
 
 
 def reference_path(work: Path, index: int) -> Path:
@@ -68,44 +65,23 @@ def collect_paired(layer: torch.nn.Module, modules: dict[str, torch.nn.Module], 
     hessians = {name: HessianAccumulator(in_features(m), device=device) for name, m in modules.items()}
     crosses = {name: CrossAccumulator(in_features(m), device=device) for name, m in modules.items()}
     recorded: dict[str, torch.Tensor] = {}
-    seen: set[str] = set()
     pass_name = ["reference"]
 
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if pass_name[0] == "reference":
-                recorded[name] = inputs[0].detach()
-            else:
-                hessians[name].add(inputs[0])
-                crosses[name].add(recorded.pop(name), inputs[0])
-            seen.add(name)
-            if len(seen) == len(modules):
-                raise _GroupDone
-        return hook
+    def record(name: str, inputs: torch.Tensor) -> None:
+        if pass_name[0] == "reference":
+            recorded[name] = inputs.detach()
+        else:
+            hessians[name].add(inputs)
+            crosses[name].add(recorded.pop(name), inputs)
 
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
-    try:
-        with torch.no_grad():
-            for quantized, full, arg, kwarg in zip(hidden, reference, args, kwargs):
-                pass_name[0] = "reference"
-                seen.clear()
-                with original_weights(layer, originals):
-                    _forward_to_group_end(layer, full.to(device), arg, kwarg)
-                pass_name[0] = "quantized"
-                seen.clear()
-                _forward_to_group_end(layer, quantized.to(device), arg, kwarg)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with group_inputs(modules, record) as run:
+        for quantized, full, arg, kwarg in zip(hidden, reference, args, kwargs):
+            pass_name[0] = "reference"
+            with original_weights(layer, originals):
+                run(layer, full.to(device), arg, kwarg)
+            pass_name[0] = "quantized"
+            run(layer, quantized.to(device), arg, kwarg)
     return hessians, crosses
-
-
-def _forward_to_group_end(layer: torch.nn.Module, hidden: torch.Tensor, args: tuple[Any, ...],
-                          kwargs: dict[str, Any]) -> None:
-    try:
-        layer(hidden, *args, **kwargs)
-    except _GroupDone:
-        pass
 
 
 def save_reference(work: Path, index: int, rows: Sequence[torch.Tensor]) -> None:
