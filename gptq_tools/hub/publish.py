@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from ..checkpoint.eval_results import read_eval_results
 from ..checkpoint.model_files import INDEX_SUFFIX, read_json, read_quantize_config
@@ -50,10 +51,10 @@ from ..files.split import (
     reshard_file,
     split_file,
 )
-from ..progress import byte_bar
+from ..progress import byte_bar, progress_enabled
 from ..units import format_size, parse_size
 from .card import CardFile, CardInputs, CardJoin, CardReshard, render_card
-from .remote import LOGIN_HINT, METADATA_TIMEOUTS, bounded_session
+from .remote import LOGIN_HINT, METADATA_TIMEOUTS, _request_url, bounded_session
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +195,8 @@ def publish(folder: str | os.PathLike[str], repo: str, *, revision: str | None =
     with work_lock(staging / f"{TEMP_PREFIX}publish.lock", what=f"publish staging in {staging}"):
         plan = _plan(root, repo_id, branch, sources, staging, limit, oversize, overwrite_card, write=True,
                      progress=progress)
-        return _upload(plan, message=message, token=token, endpoint=endpoint)
+        return _upload(plan, message=message, token=token, endpoint=endpoint,
+                       progress=progress_enabled() if progress is None else progress)
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -394,13 +396,14 @@ def _card(root: Path, repo_id: str, branch: str, files: list[PublishedFile], joi
 
 
 # ---------------------------------------------------------------------------------------- the upload
-def _upload(plan: PublishPlan, *, message: str | None, token: str | None, endpoint: str | None) -> PublishResult:
+def _upload(plan: PublishPlan, *, message: str | None, token: str | None, endpoint: str | None,
+            progress: bool) -> PublishResult:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
     base = (endpoint or constants.ENDPOINT).rstrip("/")
     api = HfApi(endpoint=base, token=token)
     where = f"{plan.repo_id}:{plan.revision}"
-    with upload_errors(where, base):
+    with upload_errors(where, base), _hub_progress_bars(progress):
         with bounded_session(METADATA_TIMEOUTS):
             api.create_repo(plan.repo_id, exist_ok=True)
             if plan.revision != "main":
@@ -422,13 +425,12 @@ def _upload(plan: PublishPlan, *, message: str | None, token: str | None, endpoi
 def _stale_files(api: Any, plan: PublishPlan, base: str, token: str | None) -> list[str]:
     """Files the branch holds because an earlier publish listed them in its ``SHA256SUMS``, and that this
     publish does not send: deleted in the same commit. Files publish never wrote are left alone."""
-    from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session
 
     remote = set(api.list_repo_files(plan.repo_id, revision=plan.revision))
     if MANIFEST_NAME not in remote:
         return []
-    url = hf_hub_url(plan.repo_id, MANIFEST_NAME, revision=plan.revision, endpoint=base)
+    url = f"{base}/{plan.repo_id}/resolve/{quote(plan.revision, safe='')}/{MANIFEST_NAME}"
     response = get_session().get(url, headers=build_hf_headers(token=token), follow_redirects=True)
     response.raise_for_status()
     if len(response.content) > _MAX_REMOTE_SUMS:
@@ -442,6 +444,22 @@ def _stale_files(api: Any, plan: PublishPlan, base: str, token: str | None) -> l
         return []
     sending = {f.path_in_repo for f in plan.files}
     return sorted({entry.name for entry in listed} & remote - sending - {".gitattributes"})
+
+
+@contextlib.contextmanager
+def _hub_progress_bars(enabled: bool) -> Iterator[None]:
+    """huggingface_hub's upload bars follow gptq-tools' (``--no-progress``, no terminal): off for the block when
+    ours are off, then put back as they were."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not enabled and not was_disabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and not was_disabled:
+            enable_progress_bars()
 
 
 @contextlib.contextmanager
@@ -464,8 +482,8 @@ def upload_errors(where: str, endpoint: str) -> Iterator[None]:
         raise HubError(f"{where}: {endpoint} answered HTTP {status} ({first}); nothing more was sent, run "
                        f"publish again to resume") from None
     except (httpx2.TransportError, httpx2.TimeoutException) as exc:
-        raise HubError(f"{where}: cannot reach {endpoint} ({type(exc).__name__}: {exc}); check the network and "
-                       f"HF_ENDPOINT, then run publish again to resume") from None
+        raise HubError(f"{where}: cannot reach {endpoint} ({type(exc).__name__} at {_request_url(exc)}: {exc}); "
+                       f"check the network and HF_ENDPOINT, then run publish again to resume") from None
     except (ConnectionError, RuntimeError, ValueError) as exc:  # hf_xet, LFS transfer and response-shape errors
         cause = exc.__cause__ or exc
         text = " ".join(str(cause).split()) or type(cause).__name__
