@@ -204,7 +204,8 @@ def _file_size_cap(max_file_size: int | str) -> int:
     limit = parse_size(max_file_size, what="--max-file-size")
     if limit <= 0:
         raise UsageError("--max-file-size must be positive (the Hub takes files of up to 50GB)")
-    if limit < 2**20:
+    bare = isinstance(max_file_size, int) or max_file_size.strip().isdigit()
+    if bare and limit < 2**20:
         logger.warning("--max-file-size: %d B is below 1 MiB: a bare number is bytes; write the unit, e.g. 50GB "
                        "or 45GiB", limit)
     return limit
