@@ -20,6 +20,17 @@ served; the ``redirect_loop`` fault answers every matching request with a redire
 (``api:tree``, ``api:refs``... match the API routes); the ``overlong`` fault sends a whole file plus
 trailing bytes, unframed (no ``Content-Length``); ``Repo.endless_tree`` paginates the listing forever.
 Byte-identical files in one branch are served as they are (same LFS oid, two paths).
+
+The upload side answers what ``HfApi.create_repo``, ``create_branch`` and ``create_commit``/``upload_folder``
+send when Xet is off (huggingface_hub 2.x picks Xet on the client whenever ``hf_xet`` is installed, so the
+caller sets ``HF_HUB_DISABLE_XET=1``): ``POST /api/repos/create``, ``POST /api/models/{repo}/branch/{b}``,
+``POST /api/validate-yaml``, ``POST /api/models/{repo}/preupload/{rev}`` (LFS for weight suffixes and files
+of 10 MiB or more), the LFS batch API ``POST /{repo}.git/info/lfs/objects/batch`` (the *basic* transfer,
+whose upload and verify actions point back here: ``PUT /lfs-upload/{oid}``, ``POST /lfs-verify/{oid}``; an
+object already stored gets no actions, as on the Hub, so a rerun sends only what is missing) and
+``POST /api/models/{repo}/commit/{rev}`` (ndjson). ``/api/models/{repo}/xet-write-token/...`` answers 501
+with a message saying so. Writes need a token from ``HubServer.tokens``. A commit becomes the branch's new
+head, served by the download endpoints above; earlier commits stay resolvable by their id.
 """
 
 from __future__ import annotations
@@ -108,6 +119,7 @@ class Repo:
     raw_trees: dict[str, Any] = field(default_factory=dict)  # hostile: branch -> listing served as it is
     raw_refs: Any = None  # hostile: served instead of the branches and tags
     endless_tree: bool = False  # hostile: every tree page links to itself as the next page
+    snapshots: dict[str, dict[str, ServedFile]] = field(default_factory=dict)  # earlier commits, by id
 
 
 def _git_blob_oid(data: bytes) -> str:
@@ -160,6 +172,8 @@ class HubServer:
         self.tokens: set[str] = {"hf_valid_token"}
         self.page_size = page_size
         self.requests: list[tuple[str, str, str | None]] = []
+        self.lfs_objects: dict[str, bytes] = {}  # uploaded LFS objects, by sha256
+        self.commits_made: list[dict[str, Any]] = []  # each accepted commit: repo, branch, header, paths
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -243,7 +257,8 @@ class HubServer:
         self.stop()
 
 
-_API_RE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/(?P<what>revision|tree|paths-info|refs)(?:/(?P<rest>.*))?$")
+_API_RE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)"
+                     r"(?:/(?P<what>revision|tree|paths-info|refs)(?:/(?P<rest>.*))?)?$")
 _RESOLVE_RE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 _CDN_RE = re.compile(r"^/lfs-cdn/(?P<sha>[0-9a-f]{64})$")
 
@@ -298,6 +313,8 @@ class _Handler(BaseHTTPRequestHandler):
         for branch, commit in repo.commits.items():
             if commit == rev:
                 return commit, repo.branches[branch]
+        if rev in repo.snapshots:
+            return rev, repo.snapshots[rev]
         self._send_error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         return None
 
@@ -311,6 +328,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch()
 
+    def do_PUT(self) -> None:
+        self._dispatch()
+
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
         self.hub.requests.append((self.command, url.path, self.headers.get("Range")))
@@ -318,6 +338,8 @@ class _Handler(BaseHTTPRequestHandler):
         resolve = _RESOLVE_RE.match(url.path)
         cdn = _CDN_RE.match(url.path)
         try:
+            if _upload_route(self, url.path):
+                return
             if cdn:
                 self._cdn(cdn.group("sha"))
             elif api:
@@ -338,13 +360,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         return True
 
-    def _api(self, repo_id: str, what: str, rest: str, query: dict[str, list[str]]) -> None:
+    def _api(self, repo_id: str, what: str | None, rest: str, query: dict[str, list[str]]) -> None:
         repo = self._repo(repo_id)
         if repo is None or self._redirect_loop(f"api:{what}"):
             return
         if what == "refs" and repo.raw_refs is not None:
             self._send_raw(repo.raw_refs)
             return
+        if what is None:  # repo_info without a revision: the default branch
+            what, rest = "revision", "main"
         if what == "refs":
             branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c} for b, c in repo.commits.items()]
             tags = [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": c} for t, c in repo.tags.items()]
@@ -368,8 +392,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _tree(self, repo: Repo, rev: str, commit: str, files: dict[str, ServedFile], sub_path: str,
               query: dict[str, list[str]]) -> None:
-        branch = next(b for b, c in repo.commits.items() if c == commit)
-        if branch in repo.raw_trees:
+        branch = next((b for b, c in repo.commits.items() if c == commit), None)
+        if branch is not None and branch in repo.raw_trees:
             self._send_raw(repo.raw_trees[branch])
             return
         recursive = query.get("recursive", ["False"])[0].lower() in {"1", "true"}
@@ -550,6 +574,222 @@ class _Handler(BaseHTTPRequestHandler):
                 if sent == 0:
                     raise ConnectionResetError("client went away")
                 offset += sent
+
+# -- the upload side ----------------------------------------------------------------------------------
+_WRITE_RE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/(?P<what>branch|preupload|commit|xet-write-token)"
+                       r"(?:/(?P<rev>.*))?$")
+_BATCH_RE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch$")
+_LFS_RE = re.compile(r"^/lfs-(?P<what>upload|verify)/(?P<oid>[0-9a-f]{64})$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+#: What a repository holds right after ``create_repo`` on the Hub.
+INITIAL_GITATTRIBUTES = (b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+                         b"*.bin filter=lfs diff=lfs merge=lfs -text\n")
+XET_REFUSAL = ("this test Hub speaks only the LFS basic transfer, not Xet: set HF_HUB_DISABLE_XET=1 for the "
+               "uploading process")
+
+
+def _upload_route(handler: _Handler, path: str) -> bool:
+    """Answer an upload-side request; False when ``path`` is not one (the download routes take it).
+
+    The body is read first, whatever the answer, so the connection stays usable for the next request."""
+    lfs, batch, write = _LFS_RE.match(path), _BATCH_RE.match(path), _WRITE_RE.match(path)
+    known = path in ("/api/validate-yaml", "/api/repos/create") or lfs or batch or write
+    if not known or handler.command not in ("POST", "PUT", "GET"):
+        return False
+    if write and write.group("what") == "xet-write-token":
+        handler._send_error(501, None, XET_REFUSAL)
+        return True
+    if handler.command == "GET":
+        return False
+    body = _read_body(handler)
+    if path == "/api/validate-yaml":
+        handler._send_json({"errors": [], "warnings": []})
+    elif lfs:
+        (_lfs_upload if lfs.group("what") == "upload" else _lfs_verify)(handler, lfs.group("oid"), body)
+    elif not _authorized(handler):
+        pass
+    elif path == "/api/repos/create":
+        _create_repo(handler, body)
+    else:
+        repo = handler.hub.repos.get((batch or write).group("repo"))  # type: ignore[union-attr]
+        if repo is None:
+            handler._send_error(404, "RepoNotFound", "Repository not found")
+        elif batch:
+            _lfs_batch(handler, body)
+        else:
+            rev = unquote(write.group("rev") or "main")  # type: ignore[union-attr]
+            routes = {"branch": _create_branch, "preupload": _preupload, "commit": _commit}
+            routes[write.group("what")](handler, repo, rev, body)  # type: ignore[union-attr]
+    return True
+
+
+def _read_body(handler: _Handler) -> bytes:
+    """The request body, plain (``Content-Length``) or chunked (httpx streams a file object that way)."""
+    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        chunks = []
+        while True:
+            size = int(handler.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                while handler.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(chunks)
+            chunks.append(handler.rfile.read(size))
+            handler.rfile.readline()
+    length = int(handler.headers.get("Content-Length") or 0)
+    return handler.rfile.read(length) if length else b""
+
+
+def _authorized(handler: _Handler) -> bool:
+    token = handler.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if token in handler.hub.tokens:
+        return True
+    handler._send_error(401, None, "Invalid credentials in Authorization header" if token else
+                        "You must be authenticated to write to this repository")
+    return False
+
+
+def _create_repo(handler: _Handler, body: bytes) -> None:
+    payload = json.loads(body or b"{}")
+    repo_id = f"{payload.get('organization')}/{payload.get('name')}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", repo_id):
+        handler._send_error(400, None, f"invalid repository name {repo_id!r}")
+        return
+    url = f"{handler.hub.endpoint}/{repo_id}"
+    with handler.hub._lock:
+        if repo_id in handler.hub.repos:  # the Hub names the repository in its 409 (create_repo reads it)
+            message = "You already created this model repo"
+            handler._send_json({"error": message, "url": url}, 409, {"X-Error-Message": message})
+            return
+        handler.hub.add_repo(repo_id, {"main": {".gitattributes": INITIAL_GITATTRIBUTES}})
+    handler._send_json({"url": url, "name": repo_id, "id": repo_id})
+
+
+def _create_branch(handler: _Handler, repo: Repo, branch: str, body: bytes) -> None:
+    payload = json.loads(body or b"{}")
+    start = payload.get("startingPoint") or "main"
+    with handler.hub._lock:
+        if branch in repo.branches:
+            handler._send_error(409, None, f"Branch {branch} already exists")
+            return
+        found = next(((c, files) for b, files in repo.branches.items() for c in [repo.commits[b]]
+                      if start in (b, c)), None)
+        if found is None:
+            handler._send_error(404, "RevisionNotFound", f"Invalid rev id: {start}")
+            return
+        repo.branches[branch] = dict(found[1])
+        repo.commits[branch] = found[0]
+    handler._send_json({})
+
+
+def _lfs_mode(path: str, size: int) -> bool:
+    return size > 0 and (path.endswith(LFS_SUFFIXES) or size >= LFS_MIN_SIZE)
+
+
+def _preupload(handler: _Handler, repo: Repo, rev: str, body: bytes) -> None:
+    payload = json.loads(body or b"{}")
+    files = repo.branches.get(rev)
+    if files is None:
+        handler._send_error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        return
+    answer = []
+    for item in payload.get("files", []):
+        lfs = _lfs_mode(item["path"], int(item["size"]))
+        current = files.get(item["path"])
+        oid = None if current is None else (current.sha256 if lfs else current.git_oid)
+        answer.append({"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                       "oid": oid})
+    handler._send_json({"files": answer, "commitOid": repo.commits[rev]})
+
+
+def _lfs_batch(handler: _Handler, body: bytes) -> None:
+    payload = json.loads(body or b"{}")
+    if "basic" not in payload.get("transfers", ["basic"]):
+        handler._send_error(422, None, "this test Hub offers only the basic transfer")
+        return
+    objects = []
+    for item in payload.get("objects", []):
+        oid, size = item.get("oid"), item.get("size")
+        entry: dict[str, Any] = {"oid": oid, "size": size}
+        if not isinstance(oid, str) or not _SHA256_RE.match(oid) or not isinstance(size, int) or size < 0:
+            entry["error"] = {"code": 422, "message": "oid must be a sha256 and size a byte count"}
+        elif oid not in handler.hub.lfs_objects:
+            base = handler.hub.endpoint
+            entry["authenticated"] = True
+            entry["actions"] = {"upload": {"href": f"{base}/lfs-upload/{oid}", "header": {}},
+                                "verify": {"href": f"{base}/lfs-verify/{oid}", "header": {}}}
+        objects.append(entry)
+    handler._send_json({"transfer": "basic", "objects": objects})
+
+
+def _lfs_upload(handler: _Handler, oid: str, data: bytes) -> None:
+    if handler.command != "PUT":
+        handler._send_error(405, None, "PUT the object")
+        return
+    if hashlib.sha256(data).hexdigest() != oid:
+        handler._send_error(400, None, f"the uploaded bytes do not have sha256 {oid}")
+        return
+    with handler.hub._lock:
+        handler.hub.lfs_objects[oid] = data
+    handler._send_json({})
+
+
+def _lfs_verify(handler: _Handler, oid: str, body: bytes) -> None:
+    payload = json.loads(body or b"{}")
+    stored = handler.hub.lfs_objects.get(oid)
+    if stored is None or payload.get("size") != len(stored):
+        handler._send_error(404, None, f"object {oid} of size {payload.get('size')} was not uploaded")
+        return
+    handler._send_json({})
+
+
+def _commit(handler: _Handler, repo: Repo, rev: str, body: bytes) -> None:
+    lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+    header = next((line["value"] for line in lines if line.get("key") == "header"), {})
+    with handler.hub._lock:
+        files = repo.branches.get(rev)
+        if files is None:
+            handler._send_error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            return
+        if header.get("parentCommit") not in (None, repo.commits[rev]):
+            handler._send_error(412, None, "parentCommit is not the head of the branch")
+            return
+        updated, problem = _apply_operations(handler.hub, dict(files), lines)
+        if problem:
+            handler._send_error(422, None, problem)
+            return
+        parent = repo.commits[rev]
+        repo.snapshots[parent] = files
+        listing = json.dumps(sorted((f.path, f.git_oid) for f in updated.values()))
+        commit = hashlib.sha1(f"{repo.repo_id}\0{rev}\0{parent}\0{listing}".encode()).hexdigest()
+        repo.branches[rev], repo.commits[rev] = updated, commit
+        paths = [line["value"]["path"] for line in lines if line.get("key") != "header"]
+        handler.hub.commits_made.append({"repo": repo.repo_id, "branch": rev, "header": header, "paths": paths})
+    handler._send_json({"commitUrl": f"{handler.hub.endpoint}/{repo.repo_id}/commit/{commit}", "commitOid": commit,
+                        "pullRequestUrl": None, "success": True})
+
+
+def _apply_operations(hub: HubServer, files: dict[str, ServedFile],
+                      lines: list[dict[str, Any]]) -> tuple[dict[str, ServedFile], str | None]:
+    import base64
+
+    for line in lines:
+        key, value = line.get("key"), line.get("value", {})
+        if key == "file":
+            files[value["path"]] = make_file(value["path"], base64.b64decode(value["content"]), lfs=False)
+        elif key == "lfsFile":
+            data = hub.lfs_objects.get(value.get("oid", ""))
+            if data is None:
+                return files, f"{value.get('path')}: LFS object {value.get('oid')} was never uploaded"
+            files[value["path"]] = make_file(value["path"], data, lfs=True)
+        elif key == "deletedFile":
+            files.pop(value["path"], None)
+        elif key == "deletedFolder":
+            prefix = value["path"].rstrip("/") + "/"
+            for path in [p for p in files if p.startswith(prefix)]:
+                del files[path]
+        elif key != "header":
+            return files, f"unsupported commit operation {key!r}"
+    return files, None
 
 
 def main(argv: list[str] | None = None) -> int:

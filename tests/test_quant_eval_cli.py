@@ -92,3 +92,25 @@ def test_text_and_calibration_exclude_each_other(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit) as exc:
         main(["eval", "m", "--text", "a.txt", "--calibration", "b.txt"])
     assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_save_keeps_the_result_in_the_model_folder(models: tuple[Path, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from gptq_tools.checkpoint.eval_results import read_eval_results
+
+    fp16, _ = models
+    folder = tmp_path / "model"
+    shutil.copytree(fp16, folder)
+    (tmp_path / "eval.txt").write_text((fp16 / "eval.txt").read_text()[:6000])
+    argv = ["eval", str(folder), "--text", str(tmp_path / "eval.txt"), "--seqlen", "64", "--max-tokens", "640"]
+    assert main([*argv, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert not (folder / "eval.json").exists()  # only with --save
+    assert main([*argv, "--save"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"saved to {folder / 'eval.json'}"
+    saved = read_eval_results(folder)
+    assert len(saved) == 1 and saved[0]["perplexity"] == pytest.approx(printed["perplexity"])
+    assert main([*argv, "--save"]) == 0  # the same measurement again replaces it
+    assert len(read_eval_results(folder)) == 1

@@ -28,6 +28,7 @@ from ..progress import set_progress
 #: Modules that register sub-commands, in the order their commands appear in ``--help``.
 COMMAND_MODULES: tuple[str, ...] = (
     "gptq_tools.cli.download",
+    "gptq_tools.cli.publish",
     "gptq_tools.cli.files",
     "gptq_tools.cli.verify",
     "gptq_tools.cli.quantize",

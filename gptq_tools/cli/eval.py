@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--against", metavar="FP16_DIR", help="the fp16 model folder to compare with (KL)")
     parser.add_argument("--seqlen", type=int, help="tokens per window (default: the model's maximum, at most 2048)")
     parser.add_argument("--max-tokens", type=int, help="use only the first N tokens of the file")
+    parser.add_argument("--save", action="store_true",
+                        help="also keep the result in MODEL_DIR/eval.json (written atomically; a new measurement of "
+                             "the same file replaces the old one), which `gptq-tools publish` shows in the model card")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=run_eval)
 
@@ -40,4 +43,10 @@ def run_eval(args: argparse.Namespace) -> int:
     report = evaluate_model(args.model, args.text or args.calibration, against=args.against, seqlen=args.seqlen,
                             max_tokens=args.max_tokens)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    if args.save:
+        from ..checkpoint.eval_results import save_eval_result
+
+        saved = save_eval_result(args.model, report.to_dict())
+        if not args.json:
+            print(f"saved to {saved}")
     return 0

@@ -51,7 +51,7 @@ from .pipeline import (
     run_pipeline,
     sha256_file,
 )
-from .safetensors_format import build_header, read_header, require_regular
+from .safetensors_format import SafetensorsHeader, build_header, read_header, require_regular
 
 logger = logging.getLogger(__name__)
 
@@ -295,26 +295,12 @@ def reshard_file(path: str | os.PathLike[str], output_dir: str | os.PathLike[str
     source = require_file(path, what="the safetensors file to reshard")
     limit = parse_size(max_shard_size, what="--max-shard-size")
     _input_size(source)
-    header = read_header(source)
     out = Path(output_dir)
+    layout = _reshard_layout(source, limit, force=force)
     _make_folder(out, out / INDEX_NAME)
     remove_stale_temp_dirs(out, "reshard")
-    ordered = sorted(header.tensors.values(), key=lambda e: e.begin)
-    plan = plan_shards([(e.name, e.nbytes) for e in ordered], limit)
-    check_part_count(len(plan), what=f"{source}: resharding at --max-shard-size {limit}", force=force,
-                     open_at_once=True)
-    names = shard_names(len(plan))
-    metadata = {"format": "pt", **header.metadata}
-    prefixes, segments = [], []
-    for tensor_names in plan:
-        entries = [header.tensors[n] for n in tensor_names]
-        blob, _ = build_header([(e.name, e.dtype, e.shape) for e in entries], metadata)
-        prefixes.append(blob)
-        begin = entries[0].begin if entries else header.data_start
-        segments.append(Segment(source, begin, sum(e.nbytes for e in entries)))
-    weight_map = {tensor: name for name, tensors in zip(names, plan) for tensor in tensors}
-    index = {"metadata": {"total_size": sum(s.length for s in segments)}, "weight_map": weight_map}
-    index_bytes = (json.dumps(index, indent=2) + "\n").encode()
+    header, plan, names, prefixes, segments, index_bytes = (layout.header, layout.plan, layout.names,
+                                                            layout.prefixes, layout.segments, layout.index_bytes)
     result = ReshardResult(tuple(out / n for n in names), out / INDEX_NAME, out / MANIFEST_NAME, header.file_size)
     if not force:
         _check_not_the_source(source, [*result.shards, result.index])
@@ -345,6 +331,92 @@ def reshard_file(path: str | os.PathLike[str], output_dir: str | os.PathLike[str
         shutil.rmtree(work, ignore_errors=True)
     logger.info("%s: resharded into %d file(s) in %s, verified against the source", source, len(names), out)
     return result
+
+
+@dataclass(frozen=True)
+class _ReshardLayout:
+    """What resharding a file gives: which tensors go where, each shard's header, and the index."""
+
+    header: SafetensorsHeader
+    plan: list[list[str]]
+    names: list[str]
+    prefixes: list[bytes]
+    segments: list[Segment]
+    index_bytes: bytes
+
+
+def _reshard_layout(source: Path, limit: int, *, force: bool) -> _ReshardLayout:
+    header = read_header(source)
+    ordered = sorted(header.tensors.values(), key=lambda e: e.begin)
+    plan = plan_shards([(e.name, e.nbytes) for e in ordered], limit)
+    check_part_count(len(plan), what=f"{source}: resharding at --max-shard-size {limit}", force=force,
+                     open_at_once=True)
+    names = shard_names(len(plan))
+    metadata = {"format": "pt", **header.metadata}
+    prefixes, segments = [], []
+    for tensor_names in plan:
+        entries = [header.tensors[n] for n in tensor_names]
+        blob, _ = build_header([(e.name, e.dtype, e.shape) for e in entries], metadata)
+        prefixes.append(blob)
+        begin = entries[0].begin if entries else header.data_start
+        segments.append(Segment(source, begin, sum(e.nbytes for e in entries)))
+    weight_map = {tensor: name for name, tensors in zip(names, plan) for tensor in tensors}
+    index = {"metadata": {"total_size": sum(s.length for s in segments)}, "weight_map": weight_map}
+    return _ReshardLayout(header, plan, names, prefixes, segments, (json.dumps(index, indent=2) + "\n").encode())
+
+
+@dataclass(frozen=True)
+class PlannedOutput:
+    """A file a split or reshard would write: its name, size and SHA256 (computed without writing it)."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+def plan_split(path: str | os.PathLike[str], *, max_size: int,
+               progress: bool | None = None) -> tuple[list[PlannedOutput], str]:
+    """The parts :func:`split_file` would write for ``path`` at ``max_size``, and the whole file's SHA256,
+    from one read of the file and nothing written.
+
+    Raises:
+        UsageError: ``max_size`` is not positive, or the file already fits in one part.
+    """
+    source = require_file(path, what="the file to split")
+    size = _input_size(source)
+    if max_size <= 0 or size <= max_size:
+        raise UsageError(f"{source}: {size} bytes at a part size of {max_size}: nothing to split")
+    count = math.ceil(size / max_size)
+    check_part_count(count, what=f"{source}: splitting {size} bytes at {max_size}", force=False)
+    segments = [Segment(source, i * max_size, min(max_size, size - i * max_size)) for i in range(count)]
+    whole, per_part = WholeHasher(), SegmentHasher(count)
+    with byte_bar(size, f"hash {source.name}", enabled=progress) as bar:
+        run_pipeline(segments, [whole, per_part, CallbackConsumer(bar.update)])
+    outputs = [PlannedOutput(name, segment.length, digest)
+               for name, segment, digest in zip(part_names(source.name, count), segments, per_part.hexdigests())]
+    return outputs, whole.hexdigest()
+
+
+def plan_reshard(path: str | os.PathLike[str], *, max_shard_size: int,
+                 progress: bool | None = None) -> tuple[list[PlannedOutput], bytes]:
+    """The shards :func:`reshard_file` would write for ``path`` (sizes and SHA256 from one read of the
+    tensors, nothing written) and the bytes of its index."""
+    source = require_file(path, what="the safetensors file to reshard")
+    layout = _reshard_layout(source, max_shard_size, force=False)
+    digests = _planned_digests(layout.prefixes, layout.segments, progress)
+    outputs = [PlannedOutput(name, len(prefix) + segment.length, digest)
+               for name, prefix, segment, digest in zip(layout.names, layout.prefixes, layout.segments, digests)]
+    return outputs, layout.index_bytes
+
+
+def largest_shard_overhead(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(the largest tensor's bytes, an upper bound on a shard header's bytes) of safetensors file ``path``:
+    a shard is at most its tensors plus that header, so resharding under a file-size cap can be checked
+    before anything is written. A shard's header lists a subset of the file's tensors, so the file's own
+    header length (plus the ``format`` metadata a shard adds, and padding) bounds it."""
+    header = read_header(require_file(path, what="the safetensors file to reshard"))
+    largest = max((entry.nbytes for entry in header.tensors.values()), default=0)
+    return largest, header.data_start + 64
 
 
 def _check_not_the_source(source: Path, targets: list[Path]) -> None:
