@@ -39,7 +39,7 @@ _EXPORTS: dict[str, str] = {
     "inspect_path": "checkpoint.inspect",
     # hub download
     "download": "hub", "plan_download": "hub", "resolve_repo": "hub", "DownloadResult": "hub",
-    "DownloadPlan": "hub", "TransferOptions": "hub",
+    "DownloadPlan": "hub", "TransferOptions": "hub", "publish": "hub.publish", "PublishResult": "hub.publish",
     # plan / load / generate
     "plan_placement": "runtime.plan", "parse_max_memory": "runtime.plan", "parse_gpus": "runtime.plan",
     "PlanOptions": "runtime.plan", "Placement": "runtime.plan", "load_quantized": "runtime.load",

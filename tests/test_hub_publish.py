@@ -65,6 +65,21 @@ def test_dry_run_lists_path_size_and_sha256_and_sends_nothing(model: Path, hub: 
     assert snapshot(model) == before
 
 
+def test_parts_beside_their_whole_file_are_not_published_twice(model: Path, hub: HubServer) -> None:
+    """A downloaded folder keeps the parts beside the joined file (unless --delete-parts): publish sends the
+    whole file once (split again only when it is over the cap), never the old parts as well."""
+    data = (model / WEIGHTS).read_bytes()
+    third = len(data) // 3 + 1
+    parts = [f"gptq_model-4bit-32g.JOINBEFOREUSE.split-{c}.safetensors" for c in "abc"]
+    for index, name in enumerate(parts):
+        (model / name).write_bytes(data[index * third:(index + 1) * third])
+    sent = [f.path_in_repo for f in publish(model, "me/opt-gptq", dry_run=True).plan.files]
+    assert WEIGHTS in sent and not set(parts) & set(sent)
+    (model / WEIGHTS).unlink()  # parts alone: they are what there is to publish
+    sent = [f.path_in_repo for f in publish(model, "me/opt-gptq", dry_run=True).plan.files]
+    assert set(parts) <= set(sent)
+
+
 def test_split_keeps_every_file_under_the_cap_and_lists_the_joined_hash(model: Path, hub: HubServer, tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     weights = model / WEIGHTS

@@ -186,7 +186,7 @@ def publish(folder: str | os.PathLike[str], repo: str, *, revision: str | None =
     if oversize not in OVERSIZE_CHOICES:
         raise UsageError(f"--oversize {oversize!r}: use reshard or split")
     staging = _staging_folder(root, staging_dir)
-    sources = _source_files(root)
+    sources = _without_parts_of_present_files(_source_files(root))
     _check_publishable(root, sources)
     if dry_run:
         return PublishResult(_plan(root, repo_id, branch, sources, staging, limit, oversize, overwrite_card,
@@ -244,6 +244,21 @@ def _source_files(root: Path) -> list[tuple[str, Path, int]]:
                                  f"and . _ - + = @ ,); rename the file or move it out of the folder")
             found.append((relative, path, path.stat().st_size))
     return sorted(found)
+
+
+def _without_parts_of_present_files(sources: list[tuple[str, Path, int]]) -> list[tuple[str, Path, int]]:
+    """Drop the parts of a file that is in the folder too (what ``download`` keeps beside a joined file unless
+    ``--delete-parts``): the whole file is published, split again only if it is over the cap."""
+    names = {name for name, _, _ in sources}
+    kept = []
+    for name, path, size in sources:
+        part = parse_part_name(Path(name).name)
+        whole = part and (Path(name).parent / part.output_name).as_posix().removeprefix("./")
+        if whole in names:
+            logger.info("%s: skipped, a part of %s, which is published whole", name, whole)
+            continue
+        kept.append((name, path, size))
+    return kept
 
 
 def _refuse_link(path: Path) -> None:
