@@ -8,6 +8,7 @@ during a long download cannot mix two versions of a repository.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import re
@@ -18,6 +19,7 @@ from typing import TypeVar
 from urllib.parse import quote
 
 from ..checkpoint.presets import Preset, parse_model_spec
+from ..constants import HUB_METADATA_MAX_BYTES
 from ..errors import (
     GptqToolsError,
     HubAuthError,
@@ -39,6 +41,9 @@ _MAX_FILE_SIZE = 1 << 62
 #: More entries than this in one listing (the Hub advises under 100,000 files per repository) is a server
 #: paginating without end.
 MAX_LISTED_ENTRIES = 1_000_000
+#: More answers than this to one listing request is a server paginating without end, even when its pages are
+#: empty (the Hub sends 1,000 entries a page, so 1,000 pages hold the largest listing accepted).
+MAX_LISTING_PAGES = 10_000
 #: Folders a Hub repository cannot contain (huggingface_hub's FORBIDDEN_FOLDERS) and where local state lives.
 _RESERVED_SEGMENTS = (".git", ".cache")
 _LEGACY_STATE_FOLDER = ".gptq-tools"
@@ -163,12 +168,18 @@ METADATA_BACKOFF_S = 0.5
 
 
 @contextlib.contextmanager
-def bounded_session(timeouts: tuple[float, float]) -> Iterator[None]:
-    """Give huggingface_hub's shared HTTP client connect and read timeouts for the block.
+def bounded_session(timeouts: tuple[float, float], *, endpoint: str = "") -> Iterator[None]:
+    """Give huggingface_hub's shared HTTP client connect and read timeouts, and bounds on API answers, for
+    the block.
 
     Its default client waits forever (``timeout=None``): an endpoint or proxy that accepts a connection
-    and never answers would hang ``download`` and ``verify --remote`` with no message. The client's own
-    timeout is put back afterwards, so a caller's configuration outlives the call.
+    and never answers would hang ``download`` and ``verify --remote`` with no message. It also reads a whole
+    body into memory before parsing it, so an answer that never ends (or a 50 GB one) would fill memory.
+    In the block, each ``/api/`` request asks for an uncompressed answer (a compressed one could inflate
+    far past any cap), and its answer is read through :class:`~gptq_tools.hub.http.CappedStream` (at most
+    :data:`HUB_METADATA_MAX_BYTES`); more than :data:`MAX_LISTING_PAGES` answers (a listing paginating
+    without end, even with empty pages) is refused too. The client's own timeout and hooks are put back
+    afterwards, so a caller's configuration outlives the call.
     """
     import httpx2
     from huggingface_hub.utils import get_session
@@ -176,10 +187,59 @@ def bounded_session(timeouts: tuple[float, float]) -> Iterator[None]:
     session = get_session()
     saved = session.timeout
     session.timeout = httpx2.Timeout(timeouts[1], connect=timeouts[0], pool=None)
+    answers = itertools.count(1)
+    hooks = {"request": _ask_uncompressed,
+             "response": functools.partial(_bound_api_answer, endpoint=endpoint, answers=answers)}
+    for kind, hook in hooks.items():
+        session.event_hooks[kind].append(hook)
     try:
         yield
     finally:
         session.timeout = saved
+        for kind, hook in hooks.items():
+            with contextlib.suppress(ValueError):
+                session.event_hooks[kind].remove(hook)
+
+
+def _is_api(url: object) -> bool:
+    return "/api/" in getattr(url, "path", "")  # file bytes have their own bounds (the listed size)
+
+
+def _ask_uncompressed(request: object) -> None:
+    """Request hook: an API answer must come uncompressed, so that the byte cap bounds what is parsed."""
+    if _is_api(getattr(request, "url", None)):
+        request.headers["Accept-Encoding"] = "identity"  # type: ignore[attr-defined]
+
+
+def _bound_api_answer(response: object, *, endpoint: str, answers: Iterator[int]) -> None:
+    """Response hook: refuse an API answer that is compressed, declares more than the cap, or is one page too
+    many; cap what is read of the others."""
+    import httpx2
+
+    from .http import CappedStream
+
+    if not isinstance(response, httpx2.Response) or not _is_api(response.request.url):
+        return
+    limit = HUB_METADATA_MAX_BYTES
+    url = str(response.request.url.copy_with(query=None))
+    where = endpoint or "the Hub"
+    if next(answers) > MAX_LISTING_PAGES:
+        raise HubError(f"{where}: {url} is answer {MAX_LISTING_PAGES + 1:,} to one listing request; the server is "
+                       f"paginating without end: check HF_ENDPOINT (or a proxy)")
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise HubError(f"{where}: the answer to {url} comes compressed ({encoding}) though it was asked for "
+                       f"uncompressed, so its size cannot be bounded; check HF_ENDPOINT (or a proxy)")
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(url, endpoint, limit, f"declares {int(declared):,} bytes")
+    response.stream = CappedStream(response.stream, limit=limit,
+                                   on_excess=lambda: _too_large(url, endpoint, limit, "goes on past that"))
+
+
+def _too_large(url: str, endpoint: str, limit: int, how: str) -> HubError:
+    return HubError(f"{endpoint or 'the Hub'}: the answer to {url} {how}, more than the {limit:,} bytes a Hub "
+                    f"listing may take; the server is not answering like the Hub: check HF_ENDPOINT (or a proxy)")
 
 
 def _retrying(call: Callable[[], T], *, what: str) -> T:
@@ -223,10 +283,10 @@ def resolve_repo(spec: RepoSpec, *, endpoint: str | None = None, token: str | bo
     timeouts = timeouts or METADATA_TIMEOUTS
     where = f"{spec.repo_id}@{spec.revision}"
     with hub_errors(spec.repo_id, spec.revision, endpoint=base), _expect_shape(where, "list of branches", base), \
-            bounded_session(timeouts):
+            bounded_session(timeouts, endpoint=base):
         commit = _retrying(lambda: _resolve_commit(api, spec), what=f"{base}: branches of {spec.repo_id}")
     with hub_errors(spec.repo_id, commit, endpoint=base), _expect_shape(where, "file listing", base), \
-            bounded_session(timeouts):
+            bounded_session(timeouts, endpoint=base):
         listed = _retrying(lambda: list(itertools.islice(api.list_repo_tree(spec.repo_id, revision=commit,
                                                                             recursive=True), MAX_LISTED_ENTRIES + 1)),
                            what=f"{base}: file listing of {where}")
