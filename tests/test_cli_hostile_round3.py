@@ -134,3 +134,58 @@ def test_interactive_prompt_line_is_bounded(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(UsageError, match=f"a prompt line is longer than {cli_generate.MAX_PROMPT_CHARS} characters"):
         next(cli_generate._stdin_prompts())
     assert endless.served == cli_generate.MAX_PROMPT_CHARS + 1
+
+
+# -- items 1 and 2 of issue 19 round 3 (helper A): disk offload of every module; configs that need code -----------
+def _tiny_with_tokenizer(folder: Path, model_type: str):
+    from tests.test_runtime_generate import save_tokenizer
+    from tests.tiny_gptq import build_tiny_checkpoint
+
+    built = build_tiny_checkpoint(folder, model_type, desc_act=True)
+    save_tokenizer(built.folder)
+    return built
+
+
+@pytest.mark.parametrize("model_type", ["opt", "bloom"])
+def test_generate_with_every_module_offloaded_to_disk_equals_the_in_memory_run(
+        model_type: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A tied head sent to disk with everything else used to die with ``KeyError: 'lm_head.weight'`` in accelerate."""
+    import torch
+
+    from gptq_tools.runtime.load import load_quantized
+
+    checkpoint = _tiny_with_tokenizer(tmp_path / "ckpt", model_type)
+    args = ["generate", str(checkpoint.folder), "--prompt", "w1 w5 w9", "--max-new-tokens", "5", "--dtype", "float32",
+            "--json"]
+    assert main([*args, "--max-memory", "cpu=1GiB"]) == 0
+    in_memory = json.loads(capsys.readouterr().out)
+    offload = tmp_path / "offload"
+    assert main([*args, "--max-memory", "cpu=0GiB", "--offload-folder", str(offload)]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err, captured.err
+    assert json.loads(captured.out)["token_ids"] == in_memory["token_ids"]
+    # the head's weights are the embedding's file under the head's name, not a second copy
+    embedding = {"opt": "model.decoder.embed_tokens", "bloom": "transformer.word_embeddings"}[model_type]
+    assert os.path.samefile(offload / "lm_head.weight.dat", offload / f"{embedding}.weight.dat")
+
+    ids = torch.tensor([[4, 8, 12, 5]])
+    reference = load_quantized(checkpoint.folder, dtype=torch.float32, max_memory={"cpu": "1GiB"})(ids).logits
+    on_disk = load_quantized(checkpoint.folder, dtype=torch.float32, max_memory={"cpu": 0},
+                             offload_folder=tmp_path / "offload2")
+    assert set(on_disk.gptq_placement.device_map.values()) == {"disk"}
+    torch.testing.assert_close(on_disk(ids).logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_tied_head_alone_on_disk_is_written_from_its_owner(tmp_path: Path) -> None:
+    """An explicit map that sends only the tied head to disk: its weights are taken from the CPU embedding."""
+    import torch
+
+    from gptq_tools.runtime.load import load_quantized
+
+    checkpoint = _tiny_with_tokenizer(tmp_path / "ckpt", "opt")
+    ids = torch.tensor([[4, 8, 12, 5]])
+    reference = load_quantized(checkpoint.folder, dtype=torch.float32, device_map="cpu")(ids).logits
+    model = load_quantized(checkpoint.folder, dtype=torch.float32, offload_folder=tmp_path / "off",
+                           device_map={"": "cpu", "lm_head": "disk"})
+    torch.testing.assert_close(model(ids).logits, reference, rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "off" / "lm_head.weight.dat").is_file()

@@ -133,6 +133,7 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
         _verify_weights(files, expected_sha256=expected_sha256, preset=preset)
     offload_index = _stream_weights(model, files, modules_map, dtype=dtype, offload_folder=offload_folder)
     model.tie_weights()
+    _offload_tied_followers(model, modules_map, offload_folder, offload_index)
     _check_nothing_missing(model, modules_map, folder)
     _place_computed_buffers(model, modules_map)
     _dispatch(model, modules_map, offload_folder, offload_index)
@@ -422,6 +423,37 @@ def _module_complete(model: nn.Module, module_name: str, device: DeviceKey,
             full = f"{module_name}.{attribute}" if module_name else attribute
             offload_weight(tensor.detach(), full, str(offload_folder), index=offload_index)
             _assign(model, full, torch.empty_like(tensor, device="meta"))
+
+
+def _offload_tied_followers(model: nn.Module, modules_map: Mapping[str, DeviceKey],
+                            offload_folder: str | os.PathLike[str] | None, offload_index: dict[str, Any]) -> None:
+    """Give each disk-placed tied tensor (a tied ``lm_head.weight``) its own entry in the offload folder.
+
+    accelerate's hook for a disk module looks its tensors up by their own names (``lm_head.weight``), but
+    a tied follower is never read from the checkpoint, so only its owner (``...embed_tokens.weight``) was
+    offloaded: with everything on disk the head's first call died with ``KeyError: 'lm_head.weight'``.
+    The owner's file is hard-linked under the follower's name (no second copy of the embedding on disk),
+    copied where the filesystem has no hard links, or written from the owner when the owner is not on disk.
+    """
+    for follower, owner in tied_names(model).items():
+        if follower in offload_index or _device_for(follower, modules_map) != "disk":
+            continue
+        folder = Path(os.fspath(offload_folder))
+        if owner in offload_index:
+            target = folder / f"{follower}.dat"
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
+            try:
+                os.link(folder / f"{owner}.dat", target)
+            except OSError:
+                import shutil
+
+                shutil.copyfile(folder / f"{owner}.dat", target)
+            offload_index[follower] = dict(offload_index[owner])
+        else:
+            from accelerate.utils import offload_weight
+
+            offload_weight(model.get_parameter(owner).detach(), follower, str(folder), index=offload_index)
 
 
 def _check_scales(module_name: str, scales: torch.Tensor) -> None:
