@@ -189,3 +189,85 @@ def test_tied_head_alone_on_disk_is_written_from_its_owner(tmp_path: Path) -> No
                            device_map={"": "cpu", "lm_head": "disk"})
     torch.testing.assert_close(model(ids).logits, reference, rtol=1e-4, atol=1e-4)
     assert (tmp_path / "off" / "lm_head.weight.dat").is_file()
+
+
+REMOTE_CODE_CASES = {
+    "unknown_model_type": ({"model_type": "frobnicator"},
+                           "config.json: model_type 'frobnicator' is unknown to transformers"),
+    "auto_map": ({"auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}},
+                 "config.json: model_type 'opt' names remote code (auto_map); gptq-tools never runs code from a "
+                 "repository: if this is a stock opt model, delete auto_map from the config"),
+    "auto_map_unknown_type": ({"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}},
+                              "config.json: model_type 'evil' names remote code (auto_map); gptq-tools never runs "
+                              "code from a repository: gptq-tools supports the model types bloom,"),
+    "trust_remote_code": ({"trust_remote_code": True},
+                          "config.json: model_type 'opt' names remote code (trust_remote_code); gptq-tools never "
+                          "runs code from a repository"),
+}
+
+
+def _folder_needing_code(tmp_path: Path, change: dict[str, object]) -> tuple[Path, Path]:
+    """A checkpoint whose config asks for ``change``, with a module that leaves a mark if it is ever imported."""
+    from tests.helpers import write_fake_gptq_checkpoint
+
+    folder = write_fake_gptq_checkpoint(tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(change)
+    (folder / "config.json").write_text(json.dumps(config))
+    mark = tmp_path / "code-ran"
+    (folder / "configuration_evil.py").write_text(f"open({str(mark)!r}, 'w').close()\n")
+    return folder, mark
+
+
+@pytest.mark.parametrize("case", sorted(REMOTE_CODE_CASES))
+@pytest.mark.parametrize("command", ["plan", "generate"])
+def test_config_naming_code_transformers_lacks_is_one_line(case: str, command: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    change, message = REMOTE_CODE_CASES[case]
+    folder, mark = _folder_needing_code(tmp_path, change)
+    before = (folder / "config.json").read_bytes()
+    extra = ["--max-memory", "cpu=1GiB"] if command == "plan" else ["--prompt", "w1"]
+    code = main([command, str(folder), *extra])
+    one_line(code, capsys.readouterr().err, f"{folder / message}")
+    assert not mark.exists()
+    assert (folder / "config.json").read_bytes() == before
+
+
+def test_preset_model_config_naming_remote_code_is_refused_by_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    shipped = REPO_ROOT / "configs" / "presets" / "bloomz-176b-gptq.json"
+    preset = json.loads(shipped.read_text(encoding="utf-8"))
+    preset["model_config"]["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Evil"}
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "bloomz-176b-gptq.json").write_text(json.dumps(preset), encoding="utf-8")
+    monkeypatch.setenv("GPTQ_TOOLS_CONFIGS", str(tmp_path))
+    code = main(["plan", "bloomz-176b-gptq", "--gpus", "8x80GB"])
+    one_line(code, capsys.readouterr().err, "preset bloomz-176b-gptq model_config: model_type 'bloom' names remote "
+                                            "code (auto_map); gptq-tools never runs code from a repository")
+
+
+def test_trust_remote_code_option_is_gone(capsys: pytest.CaptureFixture[str]) -> None:
+    """There is no way to ask gptq-tools to run a repository's code."""
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", "x", "--max-memory", "cpu=1GiB", "--trust-remote-code"])
+    assert exited.value.code == 2
+    assert "--trust-remote-code" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+def test_quantize_and_eval_refuse_a_config_naming_remote_code(command: str, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    folder, mark = _folder_needing_code(tmp_path, REMOTE_CODE_CASES["auto_map"][0])
+    text = tmp_path / "text.txt"
+    text.write_text("some calibration text\n" * 20)
+    if command == "quantize":  # an fp16 model folder: the same config without its quantization settings
+        config = json.loads((folder / "config.json").read_text())
+        del config["quantization_config"]
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "quantize_config.json").unlink()
+        code = main(["quantize", str(folder), "-o", str(tmp_path / "out"), "--calibration", str(text)])
+    else:
+        code = main(["eval", str(folder), "--text", str(text)])
+    one_line(code, capsys.readouterr().err, f"{folder / REMOTE_CODE_CASES['auto_map'][1]}")
+    assert not mark.exists()
+    assert not (tmp_path / "out").exists()

@@ -46,8 +46,6 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float16", help="float16 (default), bfloat16 or float32")
     parser.add_argument("--cuda-context", default="1GiB", help="memory the CUDA context takes per GPU (default 1GiB)")
     parser.add_argument("--offload-folder", help="allow modules that fit nowhere else on disk, in this folder")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow model code shipped with the checkpoint (off by default)")
 
 
 def options_from_args(args: argparse.Namespace) -> PlanOptions:

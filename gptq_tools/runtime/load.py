@@ -66,9 +66,8 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
                    device_map: str | Mapping[str, DeviceKey] = "auto", dtype: torch.dtype = torch.float16,
                    offload_folder: str | os.PathLike[str] | None = None, kernel: str = "auto",
                    batch_size: int = 1, seq_len: int = 2048, cuda_context: str | int = "1GiB",
-                   verify_hash: bool = True,
-                   expected_sha256: str | None = None, preset: str | None = None, allow_pickle: bool = False,
-                   trust_remote_code: bool = False) -> nn.Module:
+                   verify_hash: bool = True, expected_sha256: str | None = None, preset: str | None = None,
+                   allow_pickle: bool = False) -> nn.Module:
     """Load the GPTQ checkpoint in ``path`` as a transformers model ready for ``generate``.
 
     Args:
@@ -94,7 +93,6 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
         expected_sha256: the SHA256 of the (joined) weight file.
         preset: a preset whose published hash applies to the weight file.
         allow_pickle: accept pickled weights when there are no safetensors (unsafe; off by default).
-        trust_remote_code: allow model code shipped with the checkpoint (off by default).
 
     Returns:
         The model (in eval mode), with ``gptq_placement`` holding the plan when ``device_map="auto"`` and
@@ -112,7 +110,6 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
     started = time.perf_counter()
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     model, arch, settings, files = build_checkpoint_model(folder, dtype=dtype, kernel=kernel,
-                                                          trust_remote_code=trust_remote_code,
                                                           allow_pickle=allow_pickle)
     placement = None
     if isinstance(device_map, str) and device_map == "auto":
