@@ -271,3 +271,88 @@ def test_quantize_and_eval_refuse_a_config_naming_remote_code(command: str, tmp_
     one_line(code, capsys.readouterr().err, f"{folder / REMOTE_CODE_CASES['auto_map'][1]}")
     assert not mark.exists()
     assert not (tmp_path / "out").exists()
+
+
+# -- quantize's work files: no link written through (item 5) ------------------------------------------------
+QUANT_ARGS = ["--group-size", "32", "--nsamples", "4", "--seqlen", "32"]
+
+
+@pytest.fixture(scope="module")
+def tiny_opt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from gptq_tools.checkpoint.tiny import TinySpec, build_tiny_model
+
+    spec = TinySpec(hidden=64, layers=3, heads=2, vocab_size=256, seqlen=32, batch=4, steps=2)
+    return build_tiny_model("opt", tmp_path_factory.mktemp("tiny") / "opt", spec=spec)
+
+
+def interrupted_quantize(model: Path, output: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A quantize run stopped right after layer 0 is committed; returns its work folder."""
+    from gptq_tools.quant import driver
+
+    real = driver._commit_layer
+
+    def commit_then_stop(*args: object, **kwargs: object) -> None:
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(driver, "_commit_layer", commit_then_stop)
+        assert main(["quantize", str(model), "-o", str(output), "--calibration", str(model / "train.txt"),
+                     *QUANT_ARGS]) == 130
+    work = driver._staging_folder(output) / driver.WORK_DIR
+    assert sorted(p.name for p in work.iterdir()) == ["inputs-00001.safetensors", "layer-00000.safetensors",
+                                                      "state.json"]
+    return work
+
+
+def test_symlinks_planted_at_the_next_quantize_work_files_are_replaced_not_written_through(
+        tiny_opt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Links at the names a resumed run writes next (its layer file, the next layer's inputs) are replaced
+    by the files (rename), as for every file published; their targets stay as they were, and the result is
+    the uninterrupted run's, byte for byte."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    calibration = ["--calibration", str(tiny_opt / "train.txt")]
+    assert main(["quantize", str(tiny_opt), "-o", str(straight), *calibration, *QUANT_ARGS]) == 0
+    work = interrupted_quantize(tiny_opt, resumed, monkeypatch)
+    victims = {name: tmp_path / f"victim-{name}" for name in ("layer-00001.safetensors", "inputs-00002.safetensors")}
+    for name, victim in victims.items():
+        victim.write_bytes(b"precious bytes that must survive\n")
+        os.symlink(victim, work / name)
+    os.symlink(tmp_path / "created-outside", work / "layer-00002.safetensors")  # dangling
+    assert main(["quantize", str(tiny_opt), "-o", str(resumed), *calibration, *QUANT_ARGS, "--resume"]) == 0
+    assert all(victim.read_bytes() == b"precious bytes that must survive\n" for victim in victims.values())
+    assert not os.path.lexists(tmp_path / "created-outside")
+    assert (resumed / "SHA256SUMS").read_bytes() == (straight / "SHA256SUMS").read_bytes()
+
+
+def test_symlink_swapped_in_for_a_quantize_work_temporary_is_not_written_through(
+        tiny_opt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The temporary a work file is written to swapped for a link after it was created (a race another user of
+    the folder can win): the write fails in one line naming it, nothing reaches the link's target or the work
+    file's name, and the run can still be resumed."""
+    from gptq_tools.files import fileio
+
+    output = tmp_path / "out"
+    work = interrupted_quantize(tiny_opt, output, monkeypatch)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious bytes that must survive\n")
+    real_temp_path_for = fileio.temp_path_for
+    swapped: list[Path] = []
+
+    def temp_then_link(final: Path) -> Path:
+        temp = real_temp_path_for(final)
+        if final.name == "layer-00001.safetensors":
+            temp.unlink()
+            os.symlink(victim, temp)
+            swapped.append(temp)
+        return temp
+
+    monkeypatch.setattr(fileio, "temp_path_for", temp_then_link)
+    args = ["quantize", str(tiny_opt), "-o", str(output), "--calibration", str(tiny_opt / "train.txt"), *QUANT_ARGS,
+            "--resume"]
+    code = main(args)
+    one_line(code, capsys.readouterr().err, f"{swapped[0]}: is a symbolic link")
+    assert victim.read_bytes() == b"precious bytes that must survive\n"
+    assert not os.path.lexists(work / "layer-00001.safetensors") and not os.path.lexists(swapped[0])
+    monkeypatch.setattr(fileio, "temp_path_for", real_temp_path_for)
+    assert main(args) == 0 and (output / "SHA256SUMS").is_file()
