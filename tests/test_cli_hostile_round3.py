@@ -356,3 +356,30 @@ def test_symlink_swapped_in_for_a_quantize_work_temporary_is_not_written_through
     assert not os.path.lexists(work / "layer-00001.safetensors") and not os.path.lexists(swapped[0])
     monkeypatch.setattr(fileio, "temp_path_for", real_temp_path_for)
     assert main(args) == 0 and (output / "SHA256SUMS").is_file()
+
+
+@pytest.mark.parametrize("fault", ["unreachable", "listing-redirect-loop", "listing-too-large", "file-overlong"])
+def test_credentials_in_hf_endpoint_never_appear_in_error_lines(fault: str, hub: HubServer, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Messages name the endpoint and the URL that failed, never the ``user:password@`` in ``HF_ENDPOINT``."""
+    import socket
+
+    endpoint = hub.endpoint
+    if fault == "unreachable":
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+        monkeypatch.setattr("gptq_tools.hub.remote.METADATA_BACKOFF_S", 0.01)
+    elif fault == "listing-redirect-loop":
+        hub.add_fault("redirect_loop", "api:tree", times=None)
+    elif fault == "listing-too-large":
+        monkeypatch.setattr("gptq_tools.hub.remote.HUB_METADATA_MAX_BYTES", 1024)
+        hub.add_fault("endless_body", "api:tree")
+    else:  # the file's URL is named
+        hub.add_fault("overlong", "model.safetensors", times=None)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", endpoint.replace("http://", "http://alice:s3cret-pass@"))
+    code = main(["download", "org/m", "--local-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    one_line(code, err, endpoint.removeprefix("http://"))
+    assert "s3cret-pass" not in err and "alice" not in err

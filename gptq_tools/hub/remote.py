@@ -111,6 +111,7 @@ def hub_errors(repo_id: str, revision: str | None = None, *, endpoint: str = "")
     from huggingface_hub import errors as hf_errors
 
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
+    endpoint = without_credentials(endpoint)  # an HF_ENDPOINT's user:password never reaches a message
     try:
         yield
     except hf_errors.GatedRepoError as exc:
@@ -132,27 +133,32 @@ def hub_errors(repo_id: str, revision: str | None = None, *, endpoint: str = "")
         if status in (401, 403):
             raise HubAuthError(f"{where}: access refused (HTTP {status}); {LOGIN_HINT} with a token that "
                                f"can read this repository") from None
-        raise HubError(f"{where}: the Hub answered HTTP {status}: {str(exc).strip().splitlines()[0]}; "
+        raise HubError(f"{where}: the Hub answered HTTP {status}: {_scrub(str(exc).strip().splitlines()[0])}; "
                        f"try again later") from None
     except httpx2.TooManyRedirects as exc:
-        raise HubError(f"{where}: {exc.request.url} redirects in a loop ({exc}); the server or a proxy is "
-                       f"misconfigured, check HF_ENDPOINT") from None
+        raise HubError(f"{where}: {_request_url(exc)} redirects in a loop ({_scrub(str(exc))}); the server or a "
+                       f"proxy is misconfigured, check HF_ENDPOINT") from None
     except httpx2.TimeoutException as exc:
         raise HubError(f"{where}: {endpoint or 'the Hub'} did not answer in time ({type(exc).__name__} at "
                        f"{_request_url(exc)}, {METADATA_ATTEMPTS} attempts); check the network, a proxy, and "
                        f"HF_ENDPOINT") from None
     except httpx2.TransportError as exc:
-        raise HubError(f"{where}: cannot reach {endpoint or 'the Hub'} ({type(exc).__name__}: {exc}); check "
-                       f"the network and HF_ENDPOINT") from None
+        raise HubError(f"{where}: cannot reach {endpoint or 'the Hub'} ({type(exc).__name__}: "
+                       f"{_scrub(str(exc))}); check the network and HF_ENDPOINT") from None
+
+
+def _scrub(text: str) -> str:
+    """``text`` (an exception's message, which may quote a URL) with any ``user:password@`` taken out."""
+    return re.sub(r"(?<=//)[^/@\s]+@", "", text)
 
 
 def _request_url(exc: Exception) -> str:
-    """The URL of the request behind an httpx error, without its query (where it is known)."""
+    """The URL of the request behind an httpx error, without its query or credentials (where it is known)."""
     try:
         request = exc.request  # type: ignore[attr-defined]
     except (AttributeError, RuntimeError):  # httpx raises RuntimeError when no request is attached
         return "an unknown address"
-    return str(request.url.copy_with(query=None))
+    return str(request.url.copy_with(query=None, userinfo=b""))
 
 
 def _status(exc: Exception) -> int | None:
@@ -221,7 +227,7 @@ def _bound_api_answer(response: object, *, endpoint: str, answers: Iterator[int]
     if not isinstance(response, httpx2.Response) or not _is_api(response.request.url):
         return
     limit = HUB_METADATA_MAX_BYTES
-    url = str(response.request.url.copy_with(query=None))
+    url = str(response.request.url.copy_with(query=None, userinfo=b""))
     where = endpoint or "the Hub"
     if next(answers) > MAX_LISTING_PAGES:
         raise HubError(f"{where}: {url} is answer {MAX_LISTING_PAGES + 1:,} to one listing request; the server is "
@@ -279,19 +285,20 @@ def resolve_repo(spec: RepoSpec, *, endpoint: str | None = None, token: str | bo
     from huggingface_hub import HfApi, constants
 
     base = (endpoint or constants.ENDPOINT).rstrip("/")
+    shown = without_credentials(base)  # what messages name: never an HF_ENDPOINT's user:password
     api = HfApi(endpoint=base, token=token)
     timeouts = timeouts or METADATA_TIMEOUTS
     where = f"{spec.repo_id}@{spec.revision}"
-    with hub_errors(spec.repo_id, spec.revision, endpoint=base), _expect_shape(where, "list of branches", base), \
-            bounded_session(timeouts, endpoint=base):
-        commit = _retrying(lambda: _resolve_commit(api, spec), what=f"{base}: branches of {spec.repo_id}")
-    with hub_errors(spec.repo_id, commit, endpoint=base), _expect_shape(where, "file listing", base), \
-            bounded_session(timeouts, endpoint=base):
+    with hub_errors(spec.repo_id, spec.revision, endpoint=shown), _expect_shape(where, "list of branches", shown), \
+            bounded_session(timeouts, endpoint=shown):
+        commit = _retrying(lambda: _resolve_commit(api, spec), what=f"{shown}: branches of {spec.repo_id}")
+    with hub_errors(spec.repo_id, commit, endpoint=shown), _expect_shape(where, "file listing", shown), \
+            bounded_session(timeouts, endpoint=shown):
         listed = _retrying(lambda: list(itertools.islice(api.list_repo_tree(spec.repo_id, revision=commit,
                                                                             recursive=True), MAX_LISTED_ENTRIES + 1)),
-                           what=f"{base}: file listing of {where}")
+                           what=f"{shown}: file listing of {where}")
         if len(listed) > MAX_LISTED_ENTRIES:
-            raise HubError(f"{where}: the file listing from {base} goes on past {MAX_LISTED_ENTRIES} entries; the "
+            raise HubError(f"{where}: the file listing from {shown} goes on past {MAX_LISTED_ENTRIES} entries; the "
                            f"server is paginating without end, check HF_ENDPOINT")
         entries = [e for e in listed if hasattr(e, "blob_id")]
         raw = [(e.path, e.size, e.blob_id, e.lfs.sha256 if e.lfs is not None else None,
