@@ -19,9 +19,9 @@ COPY_FILE_RANGE_MAX = 1024 * 1024 * 1024
 #: anything larger (``/dev/zero``, a weights file given by mistake) is refused before it fills memory.
 MANIFEST_MAX_BYTES = 64 * 1024 * 1024
 
-#: Largest body of one Hub metadata response (the refs, one page of the tree listing): 64 MiB, about
-#: 200,000 listed files where the Hub sends 1,000 a page. A listing answered at ``HF_ENDPOINT`` is untrusted:
-#: a larger (or endless) body is refused as it arrives, before it fills memory.
+#: Largest body of one Hub metadata answer (the refs, one page of the tree listing): 64 MiB, where a Hub
+#: page of 1,000 entries is well under 1 MiB. A listing answered at ``HF_ENDPOINT`` is untrusted: a larger (or
+#: endless) body is refused as it arrives, before it fills memory.
 HUB_METADATA_MAX_BYTES = 64 * 1024 * 1024
 
 
