@@ -19,6 +19,11 @@ COPY_FILE_RANGE_MAX = 1024 * 1024 * 1024
 #: anything larger (``/dev/zero``, a weights file given by mistake) is refused before it fills memory.
 MANIFEST_MAX_BYTES = 64 * 1024 * 1024
 
+#: Largest body of one Hub metadata answer (the refs, one page of the tree listing): 64 MiB, where a Hub
+#: page of 1,000 entries is well under 1 MiB. A listing answered at ``HF_ENDPOINT`` is untrusted: a larger (or
+#: endless) body is refused as it arrives, before it fills memory.
+HUB_METADATA_MAX_BYTES = 64 * 1024 * 1024
+
 
 def _env_flag(name: str) -> bool | None:
     value = os.environ.get(name)

@@ -110,7 +110,7 @@ class PlacementError(GptqToolsError, ValueError):
 
 
 class UnsafeCheckpointError(GptqToolsError, ValueError):
-    """Loading would require unpickling or remote code that was not explicitly allowed."""
+    """Loading would require unpickling that was not explicitly allowed, or code from the repository (never run)."""
 
 
 class UnsafeNameError(GptqToolsError, ValueError):

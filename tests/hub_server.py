@@ -18,7 +18,10 @@ NUL or a file/folder clash, malformed oids, fields of the wrong type (:func:`tre
 entries). ``ServedFile.listed_size`` makes the listing lie about a file's size while the real bytes are
 served; the ``redirect_loop`` fault answers every matching request with a redirect to itself
 (``api:tree``, ``api:refs``... match the API routes); the ``overlong`` fault sends a whole file plus
-trailing bytes, unframed (no ``Content-Length``); ``Repo.endless_tree`` paginates the listing forever.
+trailing bytes, unframed (no ``Content-Length``); ``Repo.endless_tree`` paginates the listing forever;
+the ``endless_body`` fault (``api:tree``, ``api:refs``) answers with a JSON listing that never ends (unframed,
+or with a ``Content-Length`` of ``declared_bytes``, a ``Content-Encoding`` of ``content_encoding`` when those are
+set), until the client hangs up.
 Byte-identical files in one branch are served as they are (same LFS oid, two paths).
 
 The upload side answers what ``HfApi.create_repo``, ``create_branch`` and ``create_commit``/``upload_folder``
@@ -55,7 +58,7 @@ if TYPE_CHECKING:
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".model")
 LFS_MIN_SIZE = 10 * 1024 * 1024
 FAULT_KINDS = ("drop", "error500", "rate_limit", "ignore_range", "corrupt", "stall", "slow", "redirect_loop",
-               "overlong")
+               "overlong", "endless_body")
 
 
 @dataclass
@@ -107,6 +110,8 @@ class Fault:
     seconds: float = 30.0
     rate: int = 1024 * 1024
     hits: int = 0
+    declared_bytes: int | None = None  # endless_body: the Content-Length it claims (None: unframed)
+    content_encoding: str | None = None  # endless_body: the Content-Encoding it claims (None: none)
 
 
 @dataclass
@@ -174,6 +179,7 @@ class HubServer:
         self.requests: list[tuple[str, str, str | None]] = []
         self.lfs_objects: dict[str, bytes] = {}  # uploaded LFS objects, by sha256
         self.commits_made: list[dict[str, Any]] = []  # each accepted commit: repo, branch, header, paths
+        self.api_request_headers: list[dict[str, str]] = []  # lower-cased headers of each /api/ request
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -337,6 +343,8 @@ class _Handler(BaseHTTPRequestHandler):
         api = _API_RE.match(url.path)
         resolve = _RESOLVE_RE.match(url.path)
         cdn = _CDN_RE.match(url.path)
+        if api:
+            self.hub.api_request_headers.append({k.lower(): v for k, v in self.headers.items()})
         try:
             if _upload_route(self, url.path):
                 return
@@ -360,9 +368,29 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         return True
 
+    def _endless_body(self, pattern_path: str) -> bool:
+        """Hostile: a JSON list of tree entries that never ends (until the client goes or the server stops)."""
+        fault = self.hub.take_fault(pattern_path, ("endless_body",))
+        if fault is None:
+            return False
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        if fault.declared_bytes is not None:
+            self.send_header("Content-Length", str(fault.declared_bytes))
+        if fault.content_encoding is not None:
+            self.send_header("Content-Encoding", fault.content_encoding)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        entry = json.dumps(tree_entry("x" * 200, 1, "0" * 40)).encode() + b","
+        self.wfile.write(b"[")
+        while not self.hub.stopping.is_set():
+            self.wfile.write(entry * 256)  # raises BrokenPipeError once the client has hung up
+        return True
+
     def _api(self, repo_id: str, what: str | None, rest: str, query: dict[str, list[str]]) -> None:
         repo = self._repo(repo_id)
-        if repo is None or self._redirect_loop(f"api:{what}"):
+        if repo is None or self._redirect_loop(f"api:{what}") or self._endless_body(f"api:{what}"):
             return
         if what == "refs" and repo.raw_refs is not None:
             self._send_raw(repo.raw_refs)

@@ -98,3 +98,115 @@ def test_lock_file_planted_as_a_symlink_is_not_followed(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="symbolic link"), work_lock(tmp_path / "lock", what="test"):
         pass
     assert victim.read_text() == "keep"
+
+
+# -- --wait-lock: a second run waits for the first instead of refusing -----------------------------------------
+def hold_lock(lock: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding ``lock`` for ``seconds`` (it prints ``held`` once it has it), then exiting."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from gptq_tools.files.fileio import work_lock\n"
+         f"with work_lock({str(lock)!r}, what='x'):\n"
+         f"    print('held', flush=True); time.sleep({seconds})"],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_wait_lock_download_waits_for_the_first_run_and_does_not_fetch_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real first download (slowed to ~1.5 s); the second waits, logging periodically, then plans again and
+    finds everything there: the file is fetched once."""
+    monkeypatch.setattr("gptq_tools.files.fileio.LOCK_WAIT_LOG_SECONDS", 0.4)
+    out = tmp_path / "out"
+    data = blob(150_000, 62)
+    with HubServer() as hub:
+        monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", hub.endpoint)
+        hub.add_repo("org/m", {"main": {"model.safetensors": data}})
+        hub.add_fault("slow", "model.safetensors", rate=100_000, times=None)
+        first = subprocess.Popen([sys.executable, "-m", "gptq_tools", "download", "org/m", "--local-dir", str(out),
+                                  "--max-workers", "1"], env={**os.environ, "PYTHONPATH": str(REPO_ROOT),
+                                                               "HF_ENDPOINT": hub.endpoint},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_for(out / STATE_DIR / LOCK_NAME, first)
+            code = main(["download", "org/m", "--local-dir", str(out), "--wait-lock", "60"])
+            captured = capsys.readouterr()
+            assert first.wait(timeout=60) == 0, first.communicate()
+        finally:
+            first.kill()
+            first.wait()
+        gets = [r for r in hub.resolve_requests("model.safetensors") if r[0] == "GET"]
+    assert code == 0, captured.err
+    waiting = [line for line in captured.err.splitlines() if "waiting for it (up to" in line]
+    assert len(waiting) >= 2, captured.err  # the wait is said at once, then again every LOCK_WAIT_LOG_SECONDS
+    assert f"another gptq-tools process (pid {first.pid}) is running the download into {out} here" in waiting[0]
+    assert "already complete" in captured.out and len(gets) == 1  # planned again after the wait
+    assert (out / "model.safetensors").read_bytes() == data
+
+
+def test_wait_lock_download_past_the_timeout_fails_with_the_same_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    with HubServer() as hub:
+        monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", hub.endpoint)
+        hub.add_repo("org/m", {"main": {"model.safetensors": DATA}})
+        (out / STATE_DIR).mkdir(parents=True)
+        holder = hold_lock(out / STATE_DIR / LOCK_NAME, 60)
+        try:
+            started = time.monotonic()
+            code = main(["download", "org/m", "--local-dir", str(out), "--wait-lock", "1"])
+            elapsed = time.monotonic() - started
+        finally:
+            holder.kill()
+            holder.wait()
+        assert not hub.resolve_requests()
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"gptq-tools: error: {out / STATE_DIR}: another gptq-tools process (pid {holder.pid}) is already running the "
+        f"download into {out} here (waited 1 s); wait for it to finish, or stop it, then run again")
+    assert 1 <= elapsed < 20
+    assert not (out / "model.safetensors").exists()
+
+
+def test_wait_lock_quantize_proceeds_once_the_lock_is_released(tmp_path: Path) -> None:
+    """The holder lets go after ~1 s: the waiting run goes on to its next step (here: finding no model)."""
+    from gptq_tools.errors import GptqToolsError
+    from gptq_tools.quant.driver import quantize_model
+
+    holder = hold_lock(tmp_path / ".q.gptq-tools-lock", 1)
+    started = time.monotonic()
+    with pytest.raises(GptqToolsError) as caught:
+        quantize_model(tmp_path / "no-model", tmp_path / "q", calibration=tmp_path / "none.txt", wait_lock=30)
+    elapsed = time.monotonic() - started
+    holder.wait()
+    assert not isinstance(caught.value, OutputExistsError), caught.value
+    assert "no-model" in str(caught.value)
+    assert 0.5 <= elapsed < 25
+
+
+def test_wait_lock_quantize_past_the_timeout_fails_with_the_same_line(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    holder = hold_lock(tmp_path / ".q.gptq-tools-lock", 60)
+    try:
+        code = main(["quantize", str(tmp_path / "no-model"), "-o", str(tmp_path / "q"), "--calibration",
+                     str(tmp_path / "none.txt"), "--wait-lock", "0.5"])
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"gptq-tools: error: {tmp_path}: another gptq-tools process (pid {holder.pid}) is already running the "
+        f"quantization into {tmp_path / 'q'} here (waited 0.5 s); wait for it to finish, or stop it, then run again")
+    assert "waiting for it (up to" in err
+
+
+@pytest.mark.parametrize(("value", "message"), [("org/m", "'org/m' is not a number of seconds"),
+                                                ("-1", "'-1' must be 0 seconds or more"),
+                                                ("nan", "'nan' must be 0 seconds or more")])
+def test_wait_lock_value_refusals(value: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["download", "--wait-lock", value, "org/m"])
+    assert exited.value.code == 2
+    assert f"argument --wait-lock: {message}" in capsys.readouterr().err

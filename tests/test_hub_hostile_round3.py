@@ -203,3 +203,72 @@ def test_preset_pin_mismatch_names_the_preset_not_the_sha256_option(tmp_path: Pa
             download("bloomz-176b-gptq", local_dir=tmp_path / "out", endpoint=server.endpoint,
                      options=TransferOptions(max_workers=2, **FAST))
     assert "--sha256" not in str(caught.value)
+
+
+# -- Hub listings bounded by bytes ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("route", "declared"), [("api:tree", None), ("api:refs", None), ("api:tree", 1 << 40)],
+                         ids=["endless-tree", "endless-refs", "declared-1TiB-tree"])
+def test_hub_listing_over_the_byte_cap_is_one_line_naming_the_endpoint(
+        hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        route: str, declared: int | None) -> None:
+    """A listing (or list of branches) that never ends, or declares a terabyte, is cut off at the cap (made
+    small here) as it arrives: one line naming the endpoint and the URL, nothing downloaded."""
+    from huggingface_hub.utils import get_session
+
+    monkeypatch.setattr("gptq_tools.hub.remote.HUB_METADATA_MAX_BYTES", 256 * 1024)
+    hooks_before = list(get_session().event_hooks["response"])
+    hub.add_fault("endless_body", route, declared_bytes=declared)
+    code = main(["download", "org/m", "--local-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    what = "tree/" if route == "api:tree" else "refs"
+    assert last.startswith(f"gptq-tools: error: {hub.endpoint}: the answer to {hub.endpoint}/api/models/org/m/{what}")
+    assert ("declares 1,099,511,627,776 bytes" if declared else "goes on past that") in last
+    assert "more than the 262,144 bytes a Hub listing may take" in last and "check HF_ENDPOINT" in last
+    assert not hub.resolve_requests()  # refused before any file was asked for
+    assert get_session().event_hooks["response"] == hooks_before  # the shared client is left as it was
+
+
+def test_hub_listing_sent_compressed_is_refused_unbounded_size(hub: HubServer, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A compressed answer could inflate far past the cap, so it is asked for uncompressed and refused if not."""
+    hub.add_fault("endless_body", "api:tree", content_encoding="gzip")
+    code = main(["download", "org/m", "--local-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(
+        f"gptq-tools: error: {hub.endpoint}: the answer to {hub.endpoint}/api/models/org/m/tree/")
+    assert "comes compressed (gzip) though it was asked for uncompressed" in err
+    assert hub.api_request_headers
+    assert all(headers.get("accept-encoding") == "identity" for headers in hub.api_request_headers)
+
+
+def test_hub_listing_paginating_forever_with_empty_pages_is_one_line(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Empty pages never reach the entry count bound; the number of answers is bounded instead."""
+    monkeypatch.setattr("gptq_tools.hub.remote.MAX_LISTING_PAGES", 20)
+    with HubServer() as server:
+        monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", server.endpoint)
+        server.add_repo("org/empty", {"main": {}}).endless_tree = True
+        code = main(["download", "org/empty", "--local-dir", str(tmp_path / "out")])
+        pages = [r for r in server.requests if "/api/models/org/empty/tree/" in r[1]]
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert "is answer 21 to one listing request; the server is paginating without end" in err
+    assert len(pages) == 21
+
+
+def test_hub_listing_under_the_byte_cap_downloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cap is on each answer, not the whole listing: 3 pages of under 2 KiB each (4.5 KiB in all) pass a
+    3 KiB cap."""
+    monkeypatch.setattr("gptq_tools.hub.remote.HUB_METADATA_MAX_BYTES", 3 * 1024)
+    files = {f"folder/file-{i:03d}.txt": f"{i}\n".encode() for i in range(40)}
+    with HubServer(page_size=16) as server:
+        monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", server.endpoint)
+        server.add_repo("org/many", {"main": files})
+        download("org/many", local_dir=tmp_path / "out", endpoint=server.endpoint,
+                 options=TransferOptions(max_workers=2, **FAST))
+    assert {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out" / "folder").iterdir()} == \
+        {f"folder/{name.rpartition('/')[2]}" for name in files}

@@ -218,7 +218,8 @@ def test_remote_code_is_off_by_default(tmp_path: Path) -> None:
     config.update(model_type="my_custom_model", auto_map={"AutoConfig": "configuration_custom.CustomConfig"})
     (checkpoint.folder / "config.json").write_text(json.dumps(config))
     (checkpoint.folder / "configuration_custom.py").write_text("raise SystemExit('remote code ran')\n")
-    with pytest.raises(ValueError, match="trust_remote_code"):
+    with pytest.raises(ValueError, match=r"names remote code \(auto_map\); gptq-tools never runs code from a "
+                                         r"repository"):
         load_quantized(checkpoint.folder)
 
 

@@ -5,7 +5,9 @@ A config is untrusted input: a lying one (``"num_hidden_layers": 1000000``, zero
 gigabytes before anything noticed. :func:`validate_model_config` checks types and ranges of the fields
 that size a model, and :func:`check_config_against_headers` checks what they imply (layer count,
 embedding shape) against the safetensors headers, both before anything is built: the work done
-before a lie is rejected is bounded by the config's and the headers' own sizes.
+before a lie is rejected is bounded by the config's and the headers' own sizes. A config that names
+code of its own (``auto_map``, ``trust_remote_code``) or a ``model_type`` transformers has no code for is
+refused there too (:func:`check_model_code`): gptq-tools never runs code from a repository.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import CheckpointError
-from .architectures import ArchSpec
+from ..errors import CheckpointError, UnsafeCheckpointError, UnsupportedArchitectureError
+from .architectures import ArchSpec, supported_model_types
 
 #: Integer fields that size a model: (names the families use, smallest, largest accepted). The limits are
 #: far above any real model (BLOOM-176B: hidden 14336, 70 layers, 112 heads, vocab 250880) and far below
@@ -48,6 +50,7 @@ def validate_model_config(config: Mapping[str, Any], *, source: str) -> None:
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise CheckpointError(f"{source}: model_type must be a non-empty string, got {_show(model_type)}")
+    check_model_code(config, source=source)
     for names, low, high in SIZE_FIELDS:
         for name in names:
             if name not in config or (config[name] is None and name in NULLABLE):
@@ -66,6 +69,42 @@ def validate_model_config(config: Mapping[str, Any], *, source: str) -> None:
     if heads is not None and isinstance(kv_heads, int) and heads % kv_heads:
         raise CheckpointError(f"{source}: num_attention_heads={heads} is not a multiple of "
                               f"num_key_value_heads={kv_heads}")
+
+
+#: Config keys that make transformers import Python files from the repository (with ``trust_remote_code``).
+REMOTE_CODE_KEYS = ("auto_map", "trust_remote_code")
+
+
+def check_model_code(config: Mapping[str, Any], *, source: str) -> None:
+    """Refuse a config whose model would need code that transformers does not ship.
+
+    gptq-tools never passes ``trust_remote_code`` to transformers, so such a config could only fail later,
+    deep inside transformers (a ``ValueError`` about an unknown ``model_type``), or, for a built-in
+    ``model_type`` that also names remote code, load transformers' own class in place of the one the config
+    asks for. Both are refused here in one line naming the config and its ``model_type``.
+
+    Raises:
+        UnsafeCheckpointError: the config names remote code (``auto_map``, a true ``trust_remote_code``).
+        UnsupportedArchitectureError: transformers has no code for the ``model_type``.
+    """
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    builtin = model_type in CONFIG_MAPPING
+    named = [key for key in REMOTE_CODE_KEYS if config.get(key)]
+    supported = ", ".join(supported_model_types())
+    if named:
+        keys = " and ".join(named)
+        advice = (f"if this is a stock {model_type} model, delete {keys} from the config and run again" if builtin
+                  else f"gptq-tools supports the model types {supported}")
+        raise UnsafeCheckpointError(f"{source}: model_type {_show(model_type)} names remote code ({keys}); "
+                                    f"gptq-tools never runs code from a repository: {advice}")
+    if not builtin:
+        import transformers
+
+        raise UnsupportedArchitectureError(
+            f"{source}: model_type {_show(model_type)} is unknown to transformers {transformers.__version__}; "
+            f"gptq-tools supports the model types {supported}")
 
 
 def check_config_against_headers(config: Mapping[str, Any], arch: ArchSpec, entries: Mapping[str, Any], *,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,8 +47,6 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float16", help="float16 (default), bfloat16 or float32")
     parser.add_argument("--cuda-context", default="1GiB", help="memory the CUDA context takes per GPU (default 1GiB)")
     parser.add_argument("--offload-folder", help="allow modules that fit nowhere else on disk, in this folder")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow model code shipped with the checkpoint (off by default)")
 
 
 def options_from_args(args: argparse.Namespace) -> PlanOptions:
@@ -163,3 +162,22 @@ def report_checks(results: list[Any], *, as_json: bool, check_type: type) -> int
     if unreadable:
         print(f"gptq-tools: WARNING: {unreadable} listed file(s) could not be read", file=sys.stderr)
     return 1 if failed else 0
+
+
+def add_wait_lock_argument(parser: argparse.ArgumentParser, *, what: str) -> None:
+    """``--wait-lock [SECONDS]``: wait for another run holding the working folder's lock instead of refusing."""
+    parser.add_argument("--wait-lock", nargs="?", type=_wait_seconds, const=math.inf, default=0.0, metavar="SECONDS",
+                        help=f"if another {what} is running, wait for it to finish (at most SECONDS; without a "
+                             f"number, as long as it takes) instead of stopping at once")
+
+
+def _wait_seconds(text: str) -> float:
+    """A ``--wait-lock`` value: seconds, 0 or more (``inf`` is accepted)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds; write the option after the "
+                                         f"positional arguments, or as --wait-lock=SECONDS") from None
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 seconds or more")
+    return value

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..units import format_size
+from .common import add_wait_lock_argument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -36,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
     parser.add_argument("--dry-run", action="store_true", help="show what would be fetched and whether it fits")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout (for CI)")
+    add_wait_lock_argument(parser, what="download into the same folder")
     parser.set_defaults(func=run_download)
 
 
@@ -53,7 +55,7 @@ def run_download(args: argparse.Namespace) -> int:
     result = download(args.repo, local_dir=local_dir, revision=args.revision, include=args.include,
                       exclude=args.exclude, max_workers=args.max_workers, join=args.join, sha256=args.sha256,
                       force=args.force, delete_parts=args.delete_parts, check_space=args.check_space,
-                      dry_run=args.dry_run, token=args.token)
+                      dry_run=args.dry_run, token=args.token, wait_lock=args.wait_lock)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     elif args.dry_run:

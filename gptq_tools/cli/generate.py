@@ -95,7 +95,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     model, tokenizer = load_for_generation(
         args.path, max_memory=caps_from_args(args, required=False), dtype=parse_dtype(args.dtype),
-        offload_folder=args.offload_folder, trust_remote_code=args.trust_remote_code, kernel=args.kernel,
+        offload_folder=args.offload_folder, kernel=args.kernel,
         batch_size=args.batch_size, seq_len=args.seq_len, cuda_context=args.cuda_context,
         verify_hash=not args.no_verify, allow_pickle=args.allow_pickle)
     if not args.interactive:

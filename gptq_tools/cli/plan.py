@@ -44,8 +44,7 @@ def run_plan(args: argparse.Namespace) -> int:
         return _run_vllm_plan(args)
     caps = caps_from_args(args, required=True) or {}
     options = options_from_args(args)
-    layout, _ = load_layout(args.source, options=options, branch=args.branch,
-                            trust_remote_code=args.trust_remote_code)
+    layout, _ = load_layout(args.source, options=options, branch=args.branch)
     placement = place_layout(layout, caps, options)
     if args.json:
         print(json.dumps(placement.to_json(), indent=2))
@@ -66,7 +65,7 @@ def _run_vllm_plan(args: argparse.Namespace) -> int:
                              cuda_context_bytes=parse_size(args.cuda_context,
                                                            what="--cuda-context"))
     plan = plan_serving(args.source, gpus=args.gpus, nodes=args.nodes, options=options, branch=args.branch,
-                        model_ref=args.model_ref, trust_remote_code=args.trust_remote_code)
+                        model_ref=args.model_ref)
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_serving_plan(plan))
     return 0 if plan.fits else 1
 

@@ -7,6 +7,8 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
+from .common import add_wait_lock_argument
+
 if TYPE_CHECKING:  # the quantizer pulls in torch: import it only when the command runs
     from ..quant.config import QuantizeConfig
     from ..quant.driver import QuantizeSummary
@@ -59,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--scale-search", choices=("minmax", "mse"), default=None,
                         help="group scales: minmax range (default), or an MSE search over clipping ranges")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    add_wait_lock_argument(parser, what="quantization into the same OUT")
     parser.set_defaults(func=_run)
 
 
@@ -69,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = quantize_model(args.model_dir, args.output, calibration=args.calibration, config=config,
                              nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, resume=args.resume,
                              max_shard_size=args.max_shard_size, single_file=args.single_file,
-                             autogptq_name=args.autogptq_name, seed=args.seed)
+                             autogptq_name=args.autogptq_name, seed=args.seed, wait_lock=args.wait_lock)
     if summary.rank == 0:  # distributed runs (torchrun): rank 0 wrote the output and reports for all
         print(format_summary(summary))
     return 0

@@ -384,8 +384,13 @@ def write_all(sink: int | BinaryIO, data: bytes | bytearray | memoryview, *, off
         raise
 
 
+#: While waiting for another run's lock: seconds between checks, and between the log lines saying so.
+LOCK_POLL_SECONDS = 0.2
+LOCK_WAIT_LOG_SECONDS = 30.0
+
+
 @contextlib.contextmanager
-def work_lock(lock_path: str | os.PathLike[str], *, what: str, wait: bool = False) -> Iterator[None]:
+def work_lock(lock_path: str | os.PathLike[str], *, what: str, wait_seconds: float = 0.0) -> Iterator[bool]:
     """Hold an advisory lock (``flock``) on ``lock_path`` for the ``with`` block: one run per working folder.
 
     The lock file holds the holder's PID, for the message a second run gets. A process that dies drops
@@ -396,24 +401,44 @@ def work_lock(lock_path: str | os.PathLike[str], *, what: str, wait: bool = Fals
     Args:
         lock_path: the lock file (created, never followed if it is a link).
         what: the work, for the message (``"download into /x"``).
-        wait: wait for the other run instead of refusing.
+        wait_seconds: how long to wait for another run to release the lock (0: refuse at once; ``math.inf``:
+            without limit); a warning says so when the wait starts and every :data:`LOCK_WAIT_LOG_SECONDS`.
+
+    Yields:
+        Whether another run held the lock first (what was planned before it may be stale).
 
     Raises:
-        OutputExistsError: another live process holds the lock (the message names its PID) and not ``wait``.
+        OutputExistsError: another live process still holds the lock after ``wait_seconds`` (the message
+            names its PID).
     """
     import fcntl
+    import math
+    import time
 
     lock_path = Path(lock_path)
+    deadline = time.monotonic() + wait_seconds
+    waited, next_log = False, 0.0
     while True:
         fd = open_nofollow(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
-            raise OutputExistsError(f"{lock_path.parent}: another gptq-tools process (pid {holder}) is already "
-                                    f"running the {what} here; wait for it to finish, or stop it, then run "
-                                    f"again") from None
+            now = time.monotonic()
+            if now >= deadline:
+                waited_for = f" (waited {wait_seconds:g} s)" if waited else ""
+                raise OutputExistsError(f"{lock_path.parent}: another gptq-tools process (pid {holder}) is already "
+                                        f"running the {what} here{waited_for}; wait for it to finish, or stop it, "
+                                        f"then run again") from None
+            if now >= next_log:
+                left = "without limit" if math.isinf(wait_seconds) else f"up to {deadline - now:.0f} s more"
+                logger.warning("%s: another gptq-tools process (pid %s) is running the %s here; waiting for it "
+                               "(%s)", lock_path.parent, holder, what, left)
+                next_log = now + LOCK_WAIT_LOG_SECONDS
+            waited = True
+            time.sleep(min(LOCK_POLL_SECONDS, max(deadline - now, 0.0)))
+            continue
         except BaseException:
             os.close(fd)
             raise
@@ -427,7 +452,7 @@ def work_lock(lock_path: str | os.PathLike[str], *, what: str, wait: bool = Fals
     try:
         os.ftruncate(fd, 0)
         write_all(fd, f"{os.getpid()}\n".encode(), offset=0, target=lock_path)
-        yield
+        yield waited
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock_path)

@@ -147,7 +147,8 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
              exclude: list[str] | None = None, max_workers: int = 8, join: bool = True,
              sha256: list[str] | None = None, force: bool = False, delete_parts: bool = False,
              check_space: bool = True, dry_run: bool = False, endpoint: str | None = None,
-             token: str | bool | None = None, options: TransferOptions | None = None) -> DownloadResult:
+             token: str | bool | None = None, options: TransferOptions | None = None,
+             wait_lock: float = 0.0) -> DownloadResult:
     """Download a repository branch into ``local_dir``: every file verified, split parts joined on arrival.
 
     Args:
@@ -158,6 +159,8 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
         check_space: refuse to start when download plus join cannot fit on the disk.
         dry_run: plan only.
         options: transfer tuning (chunk size, retries, timeouts).
+        wait_lock: seconds to wait for another run downloading into ``local_dir`` to finish (0: refuse at
+            once; ``math.inf``: without limit); what it fetched is then planned again, not fetched twice.
 
     Returns:
         What was downloaded and joined.
@@ -170,8 +173,14 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
         raise UsageError(f"--max-workers must be at least 1, got {max_workers}")
     started = time.monotonic()
     timeouts = (options.connect_timeout, options.stall_timeout) if options is not None else None
-    plan = plan_download(spec, local_dir=local_dir, revision=revision, include=include, exclude=exclude, join=join,
-                         sha256=sha256, force=force, endpoint=endpoint, token=token, timeouts=timeouts)
+    if wait_lock < 0:
+        raise UsageError(f"--wait-lock must be 0 seconds or more, got {wait_lock:g}")
+
+    def make_plan() -> DownloadPlan:
+        return plan_download(spec, local_dir=local_dir, revision=revision, include=include, exclude=exclude,
+                             join=join, sha256=sha256, force=force, endpoint=endpoint, token=token, timeouts=timeouts)
+
+    plan = make_plan()
     if dry_run:
         return DownloadResult(plan, (), (), 0, time.monotonic() - started, dry_run=True)
     todo = [f for f in plan.files if f.status != "present"]
@@ -180,7 +189,12 @@ def download(spec: str, *, local_dir: str | Path, revision: str | None = None, i
     plan.local_dir.mkdir(parents=True, exist_ok=True)
     state = LocalState(plan.local_dir)
     state.prepare()  # the .gitignore is there before the first partial file
-    with work_lock(state.folder / LOCK_NAME, what=f"download into {plan.local_dir}"):
+    with work_lock(state.folder / LOCK_NAME, what=f"download into {plan.local_dir}",
+                   wait_seconds=wait_lock) as waited:
+        if waited:  # the run we waited for fetched files this plan counts as missing
+            plan = make_plan()
+            todo = [f for f in plan.files if f.status != "present"]
+            _check_can_start(plan, todo, check_space=check_space, delete_parts=delete_parts)
         return _transfer(plan, state, todo, options=options, token=token, force=force, delete_parts=delete_parts,
                          started=started)
 

@@ -9,7 +9,7 @@ a third. Everything else (TLS, redirects, proxies from the environment, timeouts
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import httpcore2
@@ -77,6 +77,28 @@ class _LargeReadTransport(httpx2.HTTPTransport):
             ssl_context=httpx2.create_ssl_context(), max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
             network_backend=_LargeReadBackend())
+
+
+class CappedStream(httpx2.SyncByteStream):
+    """A response body that raises ``on_excess()`` once more than ``limit`` bytes have arrived.
+
+    httpx2 reads a body whole before it is parsed; a body that is larger than anything its endpoint
+    should send (or never ends) is cut off as it arrives, not after it has filled memory.
+    """
+
+    def __init__(self, inner: httpx2.SyncByteStream, *, limit: int, on_excess: Callable[[], Exception]) -> None:
+        self._inner, self._limit, self._on_excess = inner, limit, on_excess
+
+    def __iter__(self) -> Iterator[bytes]:
+        seen = 0
+        for chunk in self._inner:
+            seen += len(chunk)
+            if seen > self._limit:
+                raise self._on_excess()
+            yield chunk
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 def make_client(headers: dict[str, str], *, connections: int, read_timeout: float,

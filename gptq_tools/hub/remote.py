@@ -8,6 +8,7 @@ during a long download cannot mix two versions of a repository.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import re
@@ -18,6 +19,7 @@ from typing import TypeVar
 from urllib.parse import quote
 
 from ..checkpoint.presets import Preset, parse_model_spec
+from ..constants import HUB_METADATA_MAX_BYTES
 from ..errors import (
     GptqToolsError,
     HubAuthError,
@@ -39,6 +41,9 @@ _MAX_FILE_SIZE = 1 << 62
 #: More entries than this in one listing (the Hub advises under 100,000 files per repository) is a server
 #: paginating without end.
 MAX_LISTED_ENTRIES = 1_000_000
+#: More answers than this to one listing request is a server paginating without end, even when its pages are
+#: empty (the Hub sends 1,000 entries a page, so 1,000 pages hold the largest listing accepted).
+MAX_LISTING_PAGES = 10_000
 #: Folders a Hub repository cannot contain (huggingface_hub's FORBIDDEN_FOLDERS) and where local state lives.
 _RESERVED_SEGMENTS = (".git", ".cache")
 _LEGACY_STATE_FOLDER = ".gptq-tools"
@@ -106,6 +111,7 @@ def hub_errors(repo_id: str, revision: str | None = None, *, endpoint: str = "")
     from huggingface_hub import errors as hf_errors
 
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
+    endpoint = without_credentials(endpoint)  # an HF_ENDPOINT's user:password never reaches a message
     try:
         yield
     except hf_errors.GatedRepoError as exc:
@@ -127,27 +133,32 @@ def hub_errors(repo_id: str, revision: str | None = None, *, endpoint: str = "")
         if status in (401, 403):
             raise HubAuthError(f"{where}: access refused (HTTP {status}); {LOGIN_HINT} with a token that "
                                f"can read this repository") from None
-        raise HubError(f"{where}: the Hub answered HTTP {status}: {str(exc).strip().splitlines()[0]}; "
+        raise HubError(f"{where}: the Hub answered HTTP {status}: {_scrub(str(exc).strip().splitlines()[0])}; "
                        f"try again later") from None
     except httpx2.TooManyRedirects as exc:
-        raise HubError(f"{where}: {exc.request.url} redirects in a loop ({exc}); the server or a proxy is "
-                       f"misconfigured, check HF_ENDPOINT") from None
+        raise HubError(f"{where}: {_request_url(exc)} redirects in a loop ({_scrub(str(exc))}); the server or a "
+                       f"proxy is misconfigured, check HF_ENDPOINT") from None
     except httpx2.TimeoutException as exc:
         raise HubError(f"{where}: {endpoint or 'the Hub'} did not answer in time ({type(exc).__name__} at "
                        f"{_request_url(exc)}, {METADATA_ATTEMPTS} attempts); check the network, a proxy, and "
                        f"HF_ENDPOINT") from None
     except httpx2.TransportError as exc:
-        raise HubError(f"{where}: cannot reach {endpoint or 'the Hub'} ({type(exc).__name__}: {exc}); check "
-                       f"the network and HF_ENDPOINT") from None
+        raise HubError(f"{where}: cannot reach {endpoint or 'the Hub'} ({type(exc).__name__}: "
+                       f"{_scrub(str(exc))}); check the network and HF_ENDPOINT") from None
+
+
+def _scrub(text: str) -> str:
+    """``text`` (an exception's message, which may quote a URL) with any ``user:password@`` taken out."""
+    return re.sub(r"(?<=//)[^/@\s]+@", "", text)
 
 
 def _request_url(exc: Exception) -> str:
-    """The URL of the request behind an httpx error, without its query (where it is known)."""
+    """The URL of the request behind an httpx error, without its query or credentials (where it is known)."""
     try:
         request = exc.request  # type: ignore[attr-defined]
     except (AttributeError, RuntimeError):  # httpx raises RuntimeError when no request is attached
         return "an unknown address"
-    return str(request.url.copy_with(query=None))
+    return str(request.url.copy_with(query=None, userinfo=b""))
 
 
 def _status(exc: Exception) -> int | None:
@@ -163,12 +174,18 @@ METADATA_BACKOFF_S = 0.5
 
 
 @contextlib.contextmanager
-def bounded_session(timeouts: tuple[float, float]) -> Iterator[None]:
-    """Give huggingface_hub's shared HTTP client connect and read timeouts for the block.
+def bounded_session(timeouts: tuple[float, float], *, endpoint: str = "") -> Iterator[None]:
+    """Give huggingface_hub's shared HTTP client connect and read timeouts, and bounds on API answers, for
+    the block.
 
     Its default client waits forever (``timeout=None``): an endpoint or proxy that accepts a connection
-    and never answers would hang ``download`` and ``verify --remote`` with no message. The client's own
-    timeout is put back afterwards, so a caller's configuration outlives the call.
+    and never answers would hang ``download`` and ``verify --remote`` with no message. It also reads a whole
+    body into memory before parsing it, so an answer that never ends (or a 50 GB one) would fill memory.
+    In the block, each ``/api/`` request asks for an uncompressed answer (a compressed one could inflate
+    far past any cap), and its answer is read through :class:`~gptq_tools.hub.http.CappedStream` (at most
+    :data:`HUB_METADATA_MAX_BYTES`); more than :data:`MAX_LISTING_PAGES` answers (a listing paginating
+    without end, even with empty pages) is refused too. The client's own timeout and hooks are put back
+    afterwards, so a caller's configuration outlives the call.
     """
     import httpx2
     from huggingface_hub.utils import get_session
@@ -176,10 +193,59 @@ def bounded_session(timeouts: tuple[float, float]) -> Iterator[None]:
     session = get_session()
     saved = session.timeout
     session.timeout = httpx2.Timeout(timeouts[1], connect=timeouts[0], pool=None)
+    answers = itertools.count(1)
+    hooks = {"request": _ask_uncompressed,
+             "response": functools.partial(_bound_api_answer, endpoint=endpoint, answers=answers)}
+    for kind, hook in hooks.items():
+        session.event_hooks[kind].append(hook)
     try:
         yield
     finally:
         session.timeout = saved
+        for kind, hook in hooks.items():
+            with contextlib.suppress(ValueError):
+                session.event_hooks[kind].remove(hook)
+
+
+def _is_api(url: object) -> bool:
+    return "/api/" in getattr(url, "path", "")  # file bytes have their own bounds (the listed size)
+
+
+def _ask_uncompressed(request: object) -> None:
+    """Request hook: an API answer must come uncompressed, so that the byte cap bounds what is parsed."""
+    if _is_api(getattr(request, "url", None)):
+        request.headers["Accept-Encoding"] = "identity"  # type: ignore[attr-defined]
+
+
+def _bound_api_answer(response: object, *, endpoint: str, answers: Iterator[int]) -> None:
+    """Response hook: refuse an API answer that is compressed, declares more than the cap, or is one page too
+    many; cap what is read of the others."""
+    import httpx2
+
+    from .http import CappedStream
+
+    if not isinstance(response, httpx2.Response) or not _is_api(response.request.url):
+        return
+    limit = HUB_METADATA_MAX_BYTES
+    url = str(response.request.url.copy_with(query=None, userinfo=b""))
+    where = endpoint or "the Hub"
+    if next(answers) > MAX_LISTING_PAGES:
+        raise HubError(f"{where}: {url} is answer {MAX_LISTING_PAGES + 1:,} to one listing request; the server is "
+                       f"paginating without end: check HF_ENDPOINT (or a proxy)")
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise HubError(f"{where}: the answer to {url} comes compressed ({encoding}) though it was asked for "
+                       f"uncompressed, so its size cannot be bounded; check HF_ENDPOINT (or a proxy)")
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(url, endpoint, limit, f"declares {int(declared):,} bytes")
+    response.stream = CappedStream(response.stream, limit=limit,
+                                   on_excess=lambda: _too_large(url, endpoint, limit, "goes on past that"))
+
+
+def _too_large(url: str, endpoint: str, limit: int, how: str) -> HubError:
+    return HubError(f"{endpoint or 'the Hub'}: the answer to {url} {how}, more than the {limit:,} bytes a Hub "
+                    f"listing may take; the server is not answering like the Hub: check HF_ENDPOINT (or a proxy)")
 
 
 def _retrying(call: Callable[[], T], *, what: str) -> T:
@@ -219,19 +285,20 @@ def resolve_repo(spec: RepoSpec, *, endpoint: str | None = None, token: str | bo
     from huggingface_hub import HfApi, constants
 
     base = (endpoint or constants.ENDPOINT).rstrip("/")
+    shown = without_credentials(base)  # what messages name: never an HF_ENDPOINT's user:password
     api = HfApi(endpoint=base, token=token)
     timeouts = timeouts or METADATA_TIMEOUTS
     where = f"{spec.repo_id}@{spec.revision}"
-    with hub_errors(spec.repo_id, spec.revision, endpoint=base), _expect_shape(where, "list of branches", base), \
-            bounded_session(timeouts):
-        commit = _retrying(lambda: _resolve_commit(api, spec), what=f"{base}: branches of {spec.repo_id}")
-    with hub_errors(spec.repo_id, commit, endpoint=base), _expect_shape(where, "file listing", base), \
-            bounded_session(timeouts):
+    with hub_errors(spec.repo_id, spec.revision, endpoint=shown), _expect_shape(where, "list of branches", shown), \
+            bounded_session(timeouts, endpoint=shown):
+        commit = _retrying(lambda: _resolve_commit(api, spec), what=f"{shown}: branches of {spec.repo_id}")
+    with hub_errors(spec.repo_id, commit, endpoint=shown), _expect_shape(where, "file listing", shown), \
+            bounded_session(timeouts, endpoint=shown):
         listed = _retrying(lambda: list(itertools.islice(api.list_repo_tree(spec.repo_id, revision=commit,
                                                                             recursive=True), MAX_LISTED_ENTRIES + 1)),
-                           what=f"{base}: file listing of {where}")
+                           what=f"{shown}: file listing of {where}")
         if len(listed) > MAX_LISTED_ENTRIES:
-            raise HubError(f"{where}: the file listing from {base} goes on past {MAX_LISTED_ENTRIES} entries; the "
+            raise HubError(f"{where}: the file listing from {shown} goes on past {MAX_LISTED_ENTRIES} entries; the "
                            f"server is paginating without end, check HF_ENDPOINT")
         entries = [e for e in listed if hasattr(e, "blob_id")]
         raw = [(e.path, e.size, e.blob_id, e.lfs.sha256 if e.lfs is not None else None,

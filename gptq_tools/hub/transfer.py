@@ -37,6 +37,7 @@ from ..errors import (
 )
 from ..files.fileio import ensure_folder, fsync_dir, open_nofollow, replace, unlink, write_all
 from .http import MAX_REDIRECTS, make_client
+from .remote import without_credentials
 from .state import start_hasher
 
 logger = logging.getLogger(__name__)
@@ -378,7 +379,8 @@ def _status_error(job: _FileJob, response: Any) -> BaseException:
     if status in (401, 403):
         return HubAuthError(f"{job.task.path}: download refused (HTTP {status}); log in with `hf auth login` or "
                             f"set HF_TOKEN to a token that can read this repository")
-    return HubError(f"{job.task.path}: the server answered HTTP {status} for {job.task.url}; check the repository "
+    return HubError(f"{job.task.path}: the server answered HTTP {status} for {without_credentials(job.task.url)}; "
+                    f"check the repository "
                     f"and revision")
 
 
@@ -405,11 +407,11 @@ def _fetch_chunk(job: _FileJob, start: int, end: int, generation: int, client: A
             logger.warning("%s: %s at byte %d; retrying in %.1fs", job.task.path, progress.cause, position, delay)
             sched.cancelled.wait(delay)
         except httpx2.InvalidURL as exc:
-            raise HubError(f"{job.task.url}: invalid URL ({exc})") from None
+            raise HubError(f"{without_credentials(job.task.url)}: invalid URL ({exc})") from None
         except httpx2.TooManyRedirects as exc:
-            raise HubError(f"{job.task.path}: {exc.request.url} redirects in a loop (more than {MAX_REDIRECTS} "
-                           f"redirects from {job.task.url}); the server or a proxy is misconfigured, report it or try "
-                           f"again later") from None
+            raise HubError(f"{job.task.path}: {without_credentials(str(exc.request.url))} redirects in a loop (more "
+                           f"than {MAX_REDIRECTS} redirects from {without_credentials(job.task.url)}); the server or a "
+                           f"proxy is misconfigured, report it or try again later") from None
 
 
 class _PartialProgress(Exception):
@@ -537,8 +539,8 @@ def _check_content_length(job: _FileJob, response: Any) -> None:
 
 def _size_lie(job: _FileJob, what: str) -> HubError:
     return HubError(f"{job.task.path}: the Hub listing says {job.task.size} bytes but the server {what} "
-                    f"({job.task.url}); the listing and the file disagree, so it was not saved. Report it to the "
-                    f"repository owner")
+                    f"({without_credentials(job.task.url)}); the listing and the file disagree, so it was not saved. "
+                    f"Report it to the repository owner")
 
 
 def _worker(sched: _Scheduler, client: Any) -> None:

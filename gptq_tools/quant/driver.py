@@ -404,7 +404,7 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
                    config: QuantizeConfig | None = None, nsamples: int = 128, seqlen: int | None = None,
                    device: str = "cpu", resume: bool = False, max_shard_size: int | str = "5GB",
                    single_file: bool = False, autogptq_name: bool = False, seed: int = 0, method: str | None = None,
-                   on_layer_done: Callable[[int], None] | None = None) -> QuantizeSummary:
+                   on_layer_done: Callable[[int], None] | None = None, wait_lock: float = 0.0) -> QuantizeSummary:
     """Quantize a Hugging Face causal LM with GPTQ, layer by layer, into an AutoGPTQ checkpoint folder.
 
     Args:
@@ -425,6 +425,8 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
             full-precision model's outputs, see :mod:`.fp_target`), or ``"rtn"`` for a round-to-nearest
             baseline checkpoint (all in the same format; ``meta.method`` records which).
         on_layer_done: called with each layer index once it is persisted.
+        wait_lock: seconds to wait for another run quantizing into ``output_dir`` to finish (0: refuse at
+            once; ``math.inf``: without limit).
 
     Returns:
         A :class:`QuantizeSummary` (per-linear errors, files, time).
@@ -440,12 +442,14 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
             raise UsageError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}")
         config = replace(config, method=method)
     method = config.method
+    if wait_lock < 0:
+        raise UsageError(f"--wait-lock must be 0 seconds or more, got {wait_lock:g}")
     model_dir, output = Path(model_dir), Path(output_dir)
-    finished = finished_checkpoint(output) if resume and not _staging_folder(output).exists() else None
-    if finished is not None:
-        logger.info("%s: already quantized (every file matches its SHA256SUMS); nothing to resume", output)
-        return QuantizeSummary(output, config, (), finished, time.perf_counter() - started, already_done=True)
-    with _staging_lock(output):
+    if (done := _already_done(output, config, resume=resume, started=started)) is not None:
+        return done
+    with _staging_lock(output, wait_seconds=wait_lock) as waited:
+        if waited and (done := _already_done(output, config, resume=resume, started=started)) is not None:
+            return done  # the run we waited for finished this very checkpoint
         run, compute = distributed.start(check_compute_device(device))
         try:
             return _quantize(run, model_dir, output, calibration=calibration, config=config, nsamples=nsamples,
@@ -456,15 +460,26 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, *, calibration
             distributed.stop(run)
 
 
-def _staging_lock(output: Path) -> contextlib.AbstractContextManager[None]:
+def _already_done(output: Path, config: QuantizeConfig, *, resume: bool, started: float) -> QuantizeSummary | None:
+    """With ``resume``, the summary of an output that is already complete (None: there is work to do)."""
+    finished = finished_checkpoint(output) if resume and not _staging_folder(output).exists() else None
+    if finished is None:
+        return None
+    logger.info("%s: already quantized (every file matches its SHA256SUMS); nothing to resume", output)
+    return QuantizeSummary(output, config, (), finished, time.perf_counter() - started, already_done=True)
+
+
+def _staging_lock(output: Path, *, wait_seconds: float = 0.0) -> contextlib.AbstractContextManager[bool]:
     """One run per output: two ``--resume`` on one output would race on its staging folder. Rank 0 (or the
-    single process) holds it; without the output's parent folder there is nothing to lock yet."""
+    single process) holds it; without the output's parent folder there is nothing to lock yet. The context
+    gives whether another run held it first."""
     from ..constants import distributed_env
 
     env = distributed_env()
     if (env is not None and env["rank"] != 0) or not output.parent.is_dir():
-        return contextlib.nullcontext()
-    return work_lock(output.parent / f".{output.name}.gptq-tools-lock", what=f"quantization into {output}")
+        return contextlib.nullcontext(False)
+    return work_lock(output.parent / f".{output.name}.gptq-tools-lock", what=f"quantization into {output}",
+                     wait_seconds=wait_seconds)
 
 
 def _quantize(run: distributed.DistributedRun | None, model_dir: Path, output: Path, *, calibration: str | Path,
@@ -556,7 +571,7 @@ def _calibration_ids(source: SourceModel, calibration: str | Path, *, nsamples: 
     tokenizer = None
     if Path(calibration).suffix.lower() not in (".safetensors", ".pt", ".pth"):
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source.folder)
+            tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise CalibrationError(f"{source.folder}: no usable tokenizer for text calibration ({exc}); "
                                    f"pass tokenized .safetensors calibration instead") from exc

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.config_check import validate_model_config
 from ..checkpoint.packing import dequantize
 from ..errors import CheckpointError, UsageError
 
@@ -61,11 +62,12 @@ def load_for_eval(folder: str | Path) -> torch.nn.Module:
 
     folder = Path(folder)
     raw = json.loads((folder / "config.json").read_text())
+    validate_model_config(raw, source=str(folder / "config.json"))  # refuses remote code before transformers sees it
     quant = raw.get("quantization_config")
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     state = _read_state_dict(folder, quant)
     own = model.state_dict()
     if "embed_out.weight" in state and "embed_out.weight" not in own:  # GPT-NeoX head, renamed in transformers 5
@@ -137,7 +139,7 @@ def folder_perplexity(folder: str | Path, text: str, *, seqlen: int, max_tokens:
     """Perplexity of the model in ``folder`` on ``text`` (tokenized with the folder's tokenizer)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     if max_tokens is not None:
         ids = ids[:max_tokens]

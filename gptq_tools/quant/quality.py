@@ -111,13 +111,13 @@ def _tokenizer(model_dir: Path, against: str | Path | None) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model_dir)
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         if against is None:
             raise UsageError(f"{model_dir}: no tokenizer ({exc}); copy the tokenizer files into the folder, or "
                              f"give --against the fp16 folder that has them") from None
         logger.info("%s: no tokenizer here, using the one in %s", model_dir, against)
-        return AutoTokenizer.from_pretrained(against)
+        return AutoTokenizer.from_pretrained(against, trust_remote_code=False)
 
 
 def _default_seqlen(model: torch.nn.Module) -> int:

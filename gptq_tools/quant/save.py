@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,40 +70,30 @@ def single_file_name(bits: int, group_size: int, *, autogptq: bool = False) -> s
 
 
 def _save_safetensors(tensors: Mapping[str, torch.Tensor] | Sequence[TensorRef], path: Path) -> None:
-    """Write a safetensors file atomically: a dict of tensors at once, or ``TensorRef`` s streamed one by one.
+    """Write a safetensors file atomically, tensor by tensor: a dict of tensors in memory (quantize's work files)
+    or ``TensorRef`` s loaded one at a time (the checkpoint's shards).
 
-    Both give the same bytes as ``safetensors.torch.save_file``.
+    The bytes are those ``safetensors.torch.save_file`` writes, but the temporary is opened here with
+    :func:`~gptq_tools.files.fileio.open_nofollow`: ``save_file`` opens its path by name and would write
+    through a link put in the temporary's place (the staging folder may be one others can write).
+
+    Raises:
+        UnsafePathError: a link was put where the temporary is written.
+        InsufficientSpaceError: the disk filled up (or a file-size limit was hit) while writing.
     """
-    from safetensors.torch import save_file
-
+    if isinstance(tensors, Mapping):
+        tensors = [TensorRef(name, tensor.numel() * tensor.element_size(), lambda tensor=tensor: tensor,
+                             dtype=_SAFETENSORS_DTYPES[tensor.dtype], shape=tuple(tensor.shape))
+                   for name, tensor in tensors.items()]
     try:
-        with atomic_path(path, force=True) as temp:
-            if isinstance(tensors, Mapping):
-                _save_file_mapped(save_file, tensors, temp)
-                with open(temp, "rb+") as handle:
-                    os.fsync(handle.fileno())
-            else:
-                with open(open_nofollow(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as handle:
-                    _stream_safetensors(tensors, handle)
-                    handle.flush()
-                    os.fsync(handle.fileno())
+        with atomic_path(path, force=True) as temp, \
+                open(open_nofollow(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as handle:
+            _stream_safetensors(tensors, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
     except OSError as exc:
         raise_if_no_space(exc, path)
         raise
-
-
-def _save_file_mapped(save_file: Any, tensors: Mapping[str, torch.Tensor], temp: Path) -> None:
-    """``save_file`` with its I/O errors as ``OSError`` (safetensors reports a full disk as ``SafetensorError``
-    carrying only the text "os error 28"), so a full disk or a file-size limit is one line, not a traceback."""
-    from safetensors import SafetensorError
-
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp), metadata={"format": "pt"})
-    except SafetensorError as exc:
-        code = re.search(r"os error (\d+)", str(exc))
-        if code is None:
-            raise
-        raise OSError(int(code.group(1)), str(exc), str(temp)) from exc
 
 
 def _stream_safetensors(refs: Sequence[TensorRef], handle: Any) -> None:

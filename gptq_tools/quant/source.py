@@ -42,10 +42,10 @@ class SourceModel:
         _refuse_quantized(folder, raw_config)
         validate_model_config(raw_config, source=str(folder / "config.json"))  # before sizing a model from it
         self.spec: ArchSpec = get_arch(raw_config.get("model_type"), source=str(folder))
-        self.config = AutoConfig.from_pretrained(folder)
+        self.config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         self.dtype = dtype
         with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype, trust_remote_code=False)
         self.model.eval()
         self._weight_map = self._read_weight_map()
         self._handles: dict[str, Any] = {}

@@ -35,7 +35,7 @@ class GenerationResult:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def load_tokenizer(folder: str | os.PathLike[str], *, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(folder: str | os.PathLike[str]) -> Any:
     """The tokenizer saved with the checkpoint in ``folder``.
 
     Raises:
@@ -48,7 +48,7 @@ def load_tokenizer(folder: str | os.PathLike[str], *, trust_remote_code: bool = 
     if not any((folder / name).is_file() for name in names):
         raise CheckpointError(f"{folder}: no tokenizer files ({', '.join(names)}); copy the original model's "
                               f"tokenizer into the checkpoint folder")
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -173,7 +173,7 @@ def generate_each(model: nn.Module, tokenizer: Any, prompts: Iterable[str], *, m
 
 def load_for_generation(path: str | os.PathLike[str], *, max_memory: str | Mapping[Any, Any] | None = None,
                         dtype: torch.dtype = torch.float16, offload_folder: str | os.PathLike[str] | None = None,
-                        trust_remote_code: bool = False, **load_options: Any) -> tuple[nn.Module, Any]:
+                        **load_options: Any) -> tuple[nn.Module, Any]:
     """Load the tokenizer and the model of ``path``: a checkpoint folder, or ``PRESET[:BRANCH]`` /
     ``NAMESPACE/NAME[:BRANCH]`` standing for the folder ``gptq-tools download`` put it in.
 
@@ -186,25 +186,27 @@ def load_for_generation(path: str | os.PathLike[str], *, max_memory: str | Mappi
     """
     from ..checkpoint.presets import resolve_model
     from .load import load_quantized
+    from .plan import read_model_config
 
     resolved = resolve_model(path, need_folder=True)
     folder = resolved.folder if resolved.folder is not None else Path(path)
     if resolved.spec is not None and resolved.spec.preset is not None:
         load_options.setdefault("preset", resolved.spec.preset.name)
-    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+    read_model_config(folder)  # a config transformers cannot load is refused before the tokenizer reads it
+    tokenizer = load_tokenizer(folder)
     model = load_quantized(folder, max_memory=max_memory, dtype=dtype, offload_folder=offload_folder,
-                           trust_remote_code=trust_remote_code, **load_options)
+                           **load_options)
     return model, tokenizer
 
 
 def generate(path: str | os.PathLike[str], prompt: str, *, max_new_tokens: int = 64,
              max_memory: str | Mapping[Any, Any] | None = None, dtype: torch.dtype = torch.float16,
              offload_folder: str | os.PathLike[str] | None = None, sampling: Sampling | None = None,
-             on_text: Callable[[str], None] | None = None, trust_remote_code: bool = False,
+             on_text: Callable[[str], None] | None = None,
              **load_options: Any) -> GenerationResult:
     """Load the model of ``path`` (see :func:`load_for_generation`) and generate a continuation of ``prompt``
     (one call, one answer). Other keyword arguments go to :func:`gptq_tools.runtime.load.load_quantized`.
     """
     model, tokenizer = load_for_generation(path, max_memory=max_memory, dtype=dtype, offload_folder=offload_folder,
-                                           trust_remote_code=trust_remote_code, **load_options)
+                                           **load_options)
     return generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text)

@@ -66,9 +66,8 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
                    device_map: str | Mapping[str, DeviceKey] = "auto", dtype: torch.dtype = torch.float16,
                    offload_folder: str | os.PathLike[str] | None = None, kernel: str = "auto",
                    batch_size: int = 1, seq_len: int = 2048, cuda_context: str | int = "1GiB",
-                   verify_hash: bool = True,
-                   expected_sha256: str | None = None, preset: str | None = None, allow_pickle: bool = False,
-                   trust_remote_code: bool = False) -> nn.Module:
+                   verify_hash: bool = True, expected_sha256: str | None = None, preset: str | None = None,
+                   allow_pickle: bool = False) -> nn.Module:
     """Load the GPTQ checkpoint in ``path`` as a transformers model ready for ``generate``.
 
     Args:
@@ -94,7 +93,6 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
         expected_sha256: the SHA256 of the (joined) weight file.
         preset: a preset whose published hash applies to the weight file.
         allow_pickle: accept pickled weights when there are no safetensors (unsafe; off by default).
-        trust_remote_code: allow model code shipped with the checkpoint (off by default).
 
     Returns:
         The model (in eval mode), with ``gptq_placement`` holding the plan when ``device_map="auto"`` and
@@ -112,7 +110,6 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
     started = time.perf_counter()
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     model, arch, settings, files = build_checkpoint_model(folder, dtype=dtype, kernel=kernel,
-                                                          trust_remote_code=trust_remote_code,
                                                           allow_pickle=allow_pickle)
     placement = None
     if isinstance(device_map, str) and device_map == "auto":
@@ -133,6 +130,7 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
         _verify_weights(files, expected_sha256=expected_sha256, preset=preset)
     offload_index = _stream_weights(model, files, modules_map, dtype=dtype, offload_folder=offload_folder)
     model.tie_weights()
+    _offload_tied_followers(model, modules_map, offload_folder, offload_index)
     _check_nothing_missing(model, modules_map, folder)
     _place_computed_buffers(model, modules_map)
     _dispatch(model, modules_map, offload_folder, offload_index)
@@ -422,6 +420,37 @@ def _module_complete(model: nn.Module, module_name: str, device: DeviceKey,
             full = f"{module_name}.{attribute}" if module_name else attribute
             offload_weight(tensor.detach(), full, str(offload_folder), index=offload_index)
             _assign(model, full, torch.empty_like(tensor, device="meta"))
+
+
+def _offload_tied_followers(model: nn.Module, modules_map: Mapping[str, DeviceKey],
+                            offload_folder: str | os.PathLike[str] | None, offload_index: dict[str, Any]) -> None:
+    """Give each disk-placed tied tensor (a tied ``lm_head.weight``) its own entry in the offload folder.
+
+    accelerate's hook for a disk module looks its tensors up by their own names (``lm_head.weight``), but
+    a tied follower is never read from the checkpoint, so only its owner (``...embed_tokens.weight``) was
+    offloaded: with everything on disk the head's first call died with ``KeyError: 'lm_head.weight'``.
+    The owner's file is hard-linked under the follower's name (no second copy of the embedding on disk),
+    copied where the filesystem has no hard links, or written from the owner when the owner is not on disk.
+    """
+    for follower, owner in tied_names(model).items():
+        if follower in offload_index or _device_for(follower, modules_map) != "disk":
+            continue
+        folder = Path(os.fspath(offload_folder))
+        if owner in offload_index:
+            target = folder / f"{follower}.dat"
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
+            try:
+                os.link(folder / f"{owner}.dat", target)
+            except OSError:
+                import shutil
+
+                shutil.copyfile(folder / f"{owner}.dat", target)
+            offload_index[follower] = dict(offload_index[owner])
+        else:
+            from accelerate.utils import offload_weight
+
+            offload_weight(model.get_parameter(owner).detach(), follower, str(folder), index=offload_index)
 
 
 def _check_scales(module_name: str, scales: torch.Tensor) -> None:

@@ -175,8 +175,7 @@ def config_from_dict(model_config: dict[str, Any]) -> Any:
 
 
 def build_meta_model(config: Any, settings: QuantizeSettings, *, dtype: torch.dtype = torch.float16,
-                     quantized: set[str] | None = None, kernel: str = "auto",
-                     trust_remote_code: bool = False) -> tuple[nn.Module, ArchSpec, list[str]]:
+                     quantized: set[str] | None = None, kernel: str = "auto") -> tuple[nn.Module, ArchSpec, list[str]]:
     """The model on the meta device, with its target linears replaced by meta :class:`QuantLinear`.
 
     Args:
@@ -185,7 +184,6 @@ def build_meta_model(config: Any, settings: QuantizeSettings, *, dtype: torch.dt
         dtype: dtype of the floating-point tensors.
         quantized: names of the linears to quantize (default: every target linear of the architecture).
         kernel: the QuantLinear kernel.
-        trust_remote_code: allow model code from the checkpoint folder (off by default).
 
     Returns:
         (model, architecture, names of the replaced linears).
@@ -195,7 +193,7 @@ def build_meta_model(config: Any, settings: QuantizeSettings, *, dtype: torch.dt
 
     arch = get_arch(getattr(config, "model_type", None))
     with init_empty_weights():  # parameters on meta; small buffers (rotary tables) stay real
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     model.tie_weights()  # init_empty_weights re-creates each parameter, which unties a tied head
     layers = model.get_submodule(arch.layers_path)
     replaced = []
@@ -610,8 +608,7 @@ def _label(key: DeviceKey) -> str:
 
 # ------------------------------------------------------------------------------------------ sources
 def plan_placement(source: str | Path, *, max_memory: str | Mapping[Any, Any],
-                   options: PlanOptions | None = None, branch: str | None = None,
-                   trust_remote_code: bool = False) -> Placement:
+                   options: PlanOptions | None = None, branch: str | None = None) -> Placement:
     """Plan the placement of a checkpoint folder or a preset on the devices of ``max_memory``.
 
     Reads only ``config.json``, the quantization settings and the safetensors headers (a preset without
@@ -622,7 +619,6 @@ def plan_placement(source: str | Path, *, max_memory: str | Mapping[Any, Any],
         max_memory: caps per device (``"0=60GiB,1=79GiB"`` or a dict; bare numbers are bytes).
         options: batch size, sequence length, dtype, CUDA context size, kernel, disk offload.
         branch: the preset branch whose quantization settings apply (default: the preset's default).
-        trust_remote_code: allow model code shipped with the checkpoint (off by default).
 
     Returns:
         The :class:`Placement` (``fits`` tells whether it fits; nothing raises for a misfit).
@@ -633,12 +629,12 @@ def plan_placement(source: str | Path, *, max_memory: str | Mapping[Any, Any],
         CheckpointError: the config and the checkpoint's tensors disagree, missing shards, ...
     """
     options = options or PlanOptions()
-    layout, _ = load_layout(source, options=options, branch=branch, trust_remote_code=trust_remote_code)
+    layout, _ = load_layout(source, options=options, branch=branch)
     return place_layout(layout, parse_max_memory(max_memory), options)
 
 
-def load_layout(source: str | Path, *, options: PlanOptions, branch: str | None = None,
-                trust_remote_code: bool = False) -> tuple[ModelLayout, CheckpointFiles | None]:
+def load_layout(source: str | Path, *, options: PlanOptions,
+                branch: str | None = None) -> tuple[ModelLayout, CheckpointFiles | None]:
     """The :class:`ModelLayout` of a checkpoint folder, a preset (``PRESET[:BRANCH]``) or a downloaded
     repository (``NAMESPACE/NAME[:BRANCH]``), and the folder's files (None for a preset).
 
@@ -651,8 +647,7 @@ def load_layout(source: str | Path, *, options: PlanOptions, branch: str | None 
     resolved = resolve_model(source, revision=branch, need_folder=False)
     if resolved.folder is not None:
         folder = resolved.folder
-        model, arch, settings, files = build_checkpoint_model(folder, dtype=options.dtype, kernel=options.kernel,
-                                                              trust_remote_code=trust_remote_code)
+        model, arch, settings, files = build_checkpoint_model(folder, dtype=options.dtype, kernel=options.kernel)
         return layout_from_model(model, arch, settings, source=str(folder), kernel=options.kernel), files
     spec = resolved.spec
     preset = spec.preset if spec is not None else None
@@ -670,21 +665,32 @@ def load_layout(source: str | Path, *, options: PlanOptions, branch: str | None 
     return layout_from_model(model, arch, settings, source=f"preset {preset.name}", kernel=options.kernel), None
 
 
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """``folder``'s ``config.json``, checked (sizes, model code) before anything reads it or builds from it.
+
+    Raises:
+        CheckpointError: no config.json, or one with impossible sizes.
+        UnsafeCheckpointError, UnsupportedArchitectureError: see
+            :func:`gptq_tools.checkpoint.config_check.check_model_code`.
+    """
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json; the folder is not a model checkpoint")
+    raw_config = read_json(folder / "config.json")
+    validate_model_config(raw_config, source=str(folder / "config.json"))
+    return raw_config
+
+
 def build_checkpoint_model(folder: Path, *, dtype: torch.dtype, kernel: str = "auto",
-                           trust_remote_code: bool = False, allow_pickle: bool = False
+                           allow_pickle: bool = False
                            ) -> tuple[nn.Module, ArchSpec, QuantizeSettings, CheckpointFiles]:
     """Meta model for the checkpoint in ``folder``, checked against its safetensors headers."""
     from transformers import AutoConfig
 
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder}: no config.json; the folder is not a model checkpoint")
-    # Check the config's sizes (and against the headers) before a model is built from them.
-    raw_config = read_json(folder / "config.json")
-    validate_model_config(raw_config, source=str(folder / "config.json"))
+    raw_config = read_model_config(folder)  # sizes and model code checked before a model is built from them
     settings = read_quantize_settings(folder)
     files = find_checkpoint_files(folder, base_name=settings.model_file_base_name, allow_pickle=allow_pickle)
     try:  # parsing only: nothing is sized from the config yet
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (TypeError, KeyError) as exc:
         raise CheckpointError(f"{folder / 'config.json'}: transformers cannot read it ({exc}); the config is "
                               f"corrupt") from None
@@ -698,8 +704,7 @@ def build_checkpoint_model(folder: Path, *, dtype: torch.dtype, kernel: str = "a
         if not quantized:
             raise CheckpointError(f"{folder}: no quantized linear (no '*.qweight' tensor) in the checkpoint; "
                                   f"it is not a GPTQ checkpoint")
-    model, arch, _ = build_meta_model(config, settings, dtype=dtype, quantized=quantized, kernel=kernel,
-                                      trust_remote_code=trust_remote_code)
+    model, arch, _ = build_meta_model(config, settings, dtype=dtype, quantized=quantized, kernel=kernel)
     if files.layout != "pickle":
         check_against_checkpoint(model, files, tied=set(tied_names(model)))
     return model, arch, settings, files

@@ -219,8 +219,7 @@ def stage_memory(layout: ModelLayout, sizes: _Sizes, tp: int, pp: int, options: 
 
 # ---------------------------------------------------------------------------------------- planning
 def plan_serving(source: str, *, gpus: str, nodes: int = 1, options: ServingOptions | None = None,
-                 branch: str | None = None, model_ref: str | None = None,
-                 trust_remote_code: bool = False) -> ServingPlan:
+                 branch: str | None = None, model_ref: str | None = None) -> ServingPlan:
     """Choose vLLM's TP and PP sizes for ``source`` on ``nodes`` nodes of ``gpus`` each, with the commands.
 
     Args:
@@ -230,7 +229,6 @@ def plan_serving(source: str, *, gpus: str, nodes: int = 1, options: ServingOpti
         options: vLLM's memory-related settings.
         branch: the preset branch whose quantization settings apply.
         model_ref: what ``vllm serve`` is given (default: the folder, or the preset's repository id).
-        trust_remote_code: allow model code shipped with the checkpoint.
 
     Returns:
         A :class:`ServingPlan`; ``fits`` False carries the reason and the smallest change that fits.
@@ -239,7 +237,7 @@ def plan_serving(source: str, *, gpus: str, nodes: int = 1, options: ServingOpti
         UsageError: mixed GPU sizes, a bad node count or memory utilization.
         CheckpointError: the checkpoint and its config disagree.
     """
-    layout, _ = load_layout(source, options=PlanOptions(), branch=branch, trust_remote_code=trust_remote_code)
+    layout, _ = load_layout(source, options=PlanOptions(), branch=branch)
     target = ServingTarget(model_ref) if model_ref else serving_target(source, layout, branch=branch)
     plan = plan_for_layout(layout, _model_config(source, layout), gpus=gpus, nodes=nodes, options=options,
                            model_ref=target.model, revision=target.revision)
