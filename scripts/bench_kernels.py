@@ -561,6 +561,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="OPT-30B 7168x7168 only, no end-to-end run")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per case (median; default 5)")
     parser.add_argument("--gpu-only", action="store_true", help="only the GPU rows (make gpu-check)")
+    parser.add_argument("--decode-only", action="store_true", help="only the CPU (and GPU) decode rows")
+    parser.add_argument("--shapes", help="decode shapes IN:OUT[,IN:OUT...] instead of the default ones "
+                        "(e.g. 7168:7168,14336:57344, the issue's two)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -573,16 +576,22 @@ def main() -> int:
     rows: list[dict] = []
     results: dict = {"threads": THREADS, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
     decode_shapes = DECODE_SHAPES[:1] if args.quick else DECODE_SHAPES
+    if args.shapes:
+        try:
+            decode_shapes = [(int(a), int(b)) for a, b in (item.split(":") for item in args.shapes.split(","))]
+        except ValueError:
+            parser.error(f"--shapes {args.shapes!r}: write IN:OUT pairs separated by commas, e.g. 7168:7168")
     prefill_shapes = PREFILL_SHAPES[:1] if args.quick else PREFILL_SHAPES
     print(f"torch {torch.__version__}, {THREADS} threads, CPU {results['cpu']}; medians of {args.repeats}", flush=True)
     if not args.gpu_only:
         results["read_bandwidth_gb_s"] = bandwidth = read_bandwidth(THREADS)
         print(f"read bandwidth ({THREADS} threads, 512 MiB sum): {bandwidth:.1f} GB/s", flush=True)
         cpu_decode(rows, decode_shapes, args.repeats, bandwidth)
-        cpu_fallbacks(rows, args.repeats)
-        cpu_prefill(rows, prefill_shapes, max(3, args.repeats // 2))
+        if not args.decode_only:
+            cpu_fallbacks(rows, args.repeats)
+            cpu_prefill(rows, prefill_shapes, max(3, args.repeats // 2))
     gpu_section(rows, decode_shapes, args.repeats * 4)
-    if not args.quick and not args.gpu_only:
+    if not args.quick and not args.gpu_only and not args.decode_only:
         end_to_end(rows, results)
     results["rows"] = rows
     failures = missed(rows)
