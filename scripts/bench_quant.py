@@ -184,6 +184,8 @@ def main() -> int:
     parser.add_argument("--no-gptqmodel", action="store_true")
     parser.add_argument("--arch", nargs="+", default=list(ARCHS))
     parser.add_argument("--quick", action="store_true", help="3- and 4-bit group-128 rows only")
+    parser.add_argument("--cases", help="BITS:GROUP[,BITS:GROUP...] to run instead (e.g. 2:128,3:-1); their rows "
+                        "replace the same cells of an earlier results.json of the same models, the others are kept")
     parser.add_argument("--steps", type=int, default=BENCH_SPEC.steps,
                         help=f"training steps of the tiny models (default {BENCH_SPEC.steps}; fewer builds faster)")
     args = parser.parse_args()
@@ -193,17 +195,34 @@ def main() -> int:
     # absolute, not resolved: GPTQModel runs with another working folder, and a venv's python is a symlink
     gptqmodel = None if args.no_gptqmodel or args.gptqmodel is None else args.gptqmodel.absolute()
     cases = QUICK if args.quick else tuple((bits, group) for bits in BITS for group in GROUPS)
+    if args.cases:
+        try:
+            cases = tuple((int(b), int(g)) for b, g in (item.split(":") for item in args.cases.split(",")))
+        except ValueError:
+            parser.error(f"--cases {args.cases!r}: write BITS:GROUP pairs separated by commas, e.g. 2:128,3:-1")
     spec = replace(BENCH_SPEC, steps=args.steps)
     # case by case across the models (the 3-bit rows of every model first), saved after each case
-    results = [{"arch": arch, "train_steps": spec.steps, "rows": []} for arch in args.arch]
+    results = _earlier_results(args.out / "results.json", args.arch, spec.steps) if args.cases else \
+        [{"arch": arch, "train_steps": spec.steps, "rows": []} for arch in args.arch]
     for bits, group_size in cases:
         for result in results:
             rows = bench_case(result["arch"], args.out, bits=bits, group_size=group_size, nsamples=args.nsamples,
                               gptqmodel=gptqmodel, spec=spec)
-            result["rows"] += rows if not result["rows"] else rows[1:]  # the fp16 row once
+            kept = [row for row in result["rows"] if (row.get("bits"), row.get("group_size")) != (bits, group_size)]
+            result["rows"] = kept + (rows if not kept else rows[1:])  # the fp16 row once
             (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    print(_table(results, cases))
+    measured = sorted({(row["bits"], row["group_size"]) for result in results for row in result["rows"]
+                       if "bits" in row}, key=lambda case: (case[0], case[1] != -1, case[1]))
+    print(_table(results, tuple(measured)))
     return 0
+
+
+def _earlier_results(path: Path, archs: list[str], steps: int) -> list[dict]:
+    """The results of an earlier run on the same models (same training), to add cells to; empty ones else."""
+    earlier = {}
+    if path.is_file():
+        earlier = {r["arch"]: r for r in json.loads(path.read_text()) if r.get("train_steps") == steps}
+    return [earlier.get(arch, {"arch": arch, "train_steps": steps, "rows": []}) for arch in archs]
 
 
 if __name__ == "__main__":
