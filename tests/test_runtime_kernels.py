@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -145,6 +146,44 @@ def test_cpu_int4_compile_failure_falls_back_to_eager(monkeypatch: pytest.Monkey
     assert [r.getMessage() for r in caplog.records] == [
         "cpu-int4: torch.compile failed (RuntimeError: InductorError: no working C++ compiler found); prefill "
         "runs the eager dequantization, about 3x slower on that step (set GPTQ_TOOLS_NO_COMPILE=1 to skip trying)"]
+
+
+def test_cpu_int4_compiled_loop_returning_nan_is_caught_and_eager_takes_over(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A compiled kernel loaded from a stale TorchInductor cache once returned NaN weights here: the first
+    compiled result is checked against the eager form, and a disagreement switches to eager, with a warning."""
+    def stale(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, split: bool) -> torch.Tensor:
+        weight = cpu_int4._dequantize_blocks(packed, scales, zeros, split).clone()
+        weight[0, 0] = float("nan")
+        return weight
+
+    monkeypatch.setattr(cpu_int4, "_FUSED", {"compiled": stale})
+    monkeypatch.delenv("GPTQ_TOOLS_NO_COMPILE", raising=False)
+    tensors = random_layer_tensors(4, 128, act_order=False, checkpoint_format="gptq", sym=True)
+    layer = quant_layer(tensors, 4, 128, checkpoint_format="gptq", kernel="cpu-int4", dtype=torch.float32)
+    x = torch.randn(cpu_int4.PREFILL_TOKENS, IN_FEATURES, generator=torch.Generator().manual_seed(4))
+    with caplog.at_level("WARNING", logger="gptq_tools"):
+        got = layer(x)
+    assert relative_error(got, reference_output(tensors, x, bits=4, checkpoint_format="gptq")) <= BF16_TOLERANCE
+    assert cpu_int4._fused_dequantizer() is None
+    assert ["disagrees with the eager one" in r.getMessage() for r in caplog.records] == [True]
+
+
+def test_cpu_int4_forced_capability_compiles_into_a_cache_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TorchInductor's cache key leaves ATEN_CPU_CAPABILITY out (an avx2-compiled kernel aborted a later plain
+    run here): a process that forces it caches apart; a plain one, or a folder the user chose, is left alone."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    cpu_int4._separate_forced_capability_cache()
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "AVX2")
+    cpu_int4._separate_forced_capability_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default_cache_dir() + "-capability-avx2"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/chosen")
+    cpu_int4._separate_forced_capability_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/chosen"
 
 
 def test_fp16_model_dtype_within_rounding() -> None:

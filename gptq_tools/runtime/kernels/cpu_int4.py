@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -193,7 +194,10 @@ def _dequantized_gemm(layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
         params = layer.int4_scales_and_zeros[:, cols].to(torch.float32)  # (groups, columns, 2)
         try:
             packed = blocks[first:last].transpose(0, 1).contiguous()  # (K, b, block / 2): a plain loop to compile
-            weight = dequantize(packed, params[..., 0].contiguous(), params[..., 1].contiguous(), layout.split)
+            scales, zeros = params[..., 0].contiguous(), params[..., 1].contiguous()
+            weight = dequantize(packed, scales, zeros, layout.split)
+            if "checked" not in _FUSED:
+                _check_against_eager(weight, _dequantize_blocks(packed, scales, zeros, layout.split))
         except Exception as exc:  # noqa: BLE001 - any compiler failure: run eager from now on
             _give_up_compiling(exc)
             return _eager_dequantized_gemm(layer, flat)
@@ -223,8 +227,37 @@ def _fused_dequantizer() -> Callable[..., torch.Tensor] | None:
     if "failed" in _FUSED or constants.compile_disabled():
         return None
     if "compiled" not in _FUSED:
+        _separate_forced_capability_cache()
         _FUSED["compiled"] = torch.compile(_dequantize_blocks, dynamic=True)
     return _FUSED["compiled"]  # type: ignore[return-value]
+
+
+def _separate_forced_capability_cache() -> None:
+    """Give a process that forces PyTorch's CPU capability (``ATEN_CPU_CAPABILITY``) a TorchInductor cache of
+    its own. TorchInductor's cache key leaves that setting out: a kernel compiled under ``avx2`` on an AVX-512
+    machine and loaded by a later plain run aborted it ("double free or corruption"), and one compiled by a
+    plain run returned NaN under ``avx2``. A cache folder the user chose (``TORCHINDUCTOR_CACHE_DIR``) is kept."""
+    forced = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    if not forced or "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}-capability-{forced}"
+    logger.debug("cpu-int4: ATEN_CPU_CAPABILITY=%s: TorchInductor caches in %s", forced,
+                 os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def _check_against_eager(fused: torch.Tensor, eager: torch.Tensor) -> None:
+    """Once a process: the compiled loop's first weights against the eager form's (both round once to bf16;
+    FMA contraction may move a value by one bf16 step). A compiled kernel loaded from a stale or damaged
+    TorchInductor cache has been seen to return NaN: that raises, and the caller runs eager from then on."""
+    difference = (fused.float() - eager.float()).abs().max()
+    bound = 2 ** -7 * eager.float().abs().max()
+    if not bool(torch.isfinite(fused).all()) or bool(difference > bound):
+        raise RuntimeError(f"the compiled dequantization disagrees with the eager one (max difference "
+                           f"{float(difference):.3g}; a stale TorchInductor cache? clear it, e.g. "
+                           f"/tmp/torchinductor_$USER)")
+    _FUSED["checked"] = True
 
 
 def _give_up_compiling(exc: BaseException) -> None:
