@@ -19,25 +19,20 @@
  * threads PyTorch's own ops use (a second pool would fight them for the cores).
  */
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
-/* L: floats a vector. ROWS_MAX: input rows a pass serves. ONE_ROW_J: nibbles one row's pass takes (8: every word
- * read once; 4 where 8 accumulators and 8 zero vectors would not fit the 16 registers). */
+/* L: floats a vector. ROWS_MAX: input rows a multi-row pass serves (one row takes one_row below). */
 #if defined(__AVX512F__)
 #define L 16
 #define ROWS_MAX 4 /* 4 rows x 4 vectors: 16 accumulators of 32 registers */
-#define ONE_ROW_J 8
 const char *const gptq_int4_build = "avx512";
 #elif defined(__AVX2__)
 #define L 8
 #define ROWS_MAX 3 /* 3 rows x 4 vectors: 12 accumulators and 4 weights of 16 registers */
-#define ONE_ROW_J 4
 const char *const gptq_int4_build = "avx2";
 #else
 #define L 4
 #define ROWS_MAX 2
-#define ONE_ROW_J 4
 const char *const gptq_int4_build = "portable";
 #endif
 
@@ -128,14 +123,12 @@ INLINE vf weights(vi words, int j, vi zs) {
 INLINE float unplace(int j) { return 1.0f / (float)(1 << place(j)); }
 
 /* Rows [r0, r0 + R) of out (m, n) = x @ W for nibbles [J0, J0 + J) of block b (columns L * J0 .. L * (J0 + J)):
- * R * J accumulators, so each unpacked weight serves R rows. One row (R = 1) keeps two sets of accumulators,
- * for even and odd rows of W, summed at the group's end: J FMA chains alone would wait on the FMA's latency. */
+ * R * J accumulators (R >= 2: enough FMA chains for the FMA's latency), so each unpacked weight serves R rows. */
 INLINE void rows_pass(const int32_t *blocks, const void *scales, const uint8_t *zeros, const float *x, float *out,
                       int64_t n, int64_t k, int64_t gs, int64_t b, int64_t r0, const int R, const int J0, const int J,
                       int scales_f32) {
     const int32_t *blk = blocks + b * k * L;
     const int64_t col0 = b * BLOCK + L * J0;
-    const int S = R == 1 ? 2 : 1; /* accumulator sets; gs is even (16+ rows) */
     for (int r = 0; r < R; r++)
         for (int j = 0; j < J; j++) store_floats(out + (r0 + r) * n + col0 + L * j, broadcast(0.0f));
     for (int64_t g0 = 0; g0 < k; g0 += gs) {
@@ -143,25 +136,21 @@ INLINE void rows_pass(const int32_t *blocks, const void *scales, const uint8_t *
         if (g0 + gs < k) prefetch_params(scales, zeros, (group + 1) * n + b * BLOCK, scales_f32);
         vi z[8];
         for (int j = 0; j < J; j++) z[j] = load_zeros(zeros + group * n + col0 + L * j) << place(J0 + j);
-        vf acc[ROWS_MAX > 2 ? ROWS_MAX : 2][8];
-        for (int r = 0; r < R * S; r++)
+        vf acc[ROWS_MAX][8];
+        for (int r = 0; r < R; r++)
             for (int j = 0; j < J; j++) acc[r][j] = broadcast(0.0f);
         const int32_t *p = blk + g0 * L;
         const float *xr = x + r0 * k + g0;
-        for (int64_t i = 0; i < gs; i += S) {
+        for (int64_t i = 0; i < gs; i++) {
             if ((i * L * 4) % 64 == 0) __builtin_prefetch((const char *)(p + i * L) + PREFETCH_BYTES);
-            for (int t = 0; t < S; t++) {
-                const vi words = load_words(p + (i + t) * L);
-                vf w[8];
-                for (int j = 0; j < J; j++) w[j] = weights(words, J0 + j, z[j]);
-                for (int r = 0; r < R; r++) {
-                    const vf xb = broadcast(xr[r * k + i + t]);
-                    for (int j = 0; j < J; j++) acc[r + t][j] += xb * w[j];
-                }
+            const vi words = load_words(p + i * L);
+            vf w[8];
+            for (int j = 0; j < J; j++) w[j] = weights(words, J0 + j, z[j]);
+            for (int r = 0; r < R; r++) {
+                const vf xb = broadcast(xr[r * k + i]);
+                for (int j = 0; j < J; j++) acc[r][j] += xb * w[j];
             }
         }
-        if (S == 2)
-            for (int j = 0; j < J; j++) acc[0][j] += acc[1][j];
         for (int j = 0; j < J; j++) {
             const vf s = load_scales(scales, group * n + col0 + L * j, scales_f32) * unplace(J0 + j);
             for (int r = 0; r < R; r++) {
@@ -177,9 +166,10 @@ INLINE void rows_pass(const int32_t *blocks, const void *scales, const uint8_t *
  * s * (acc_j - z * sum_k x_k). Per word: a mask, a conversion and an FMA per nibble, and 8 accumulators: enough
  * independent FMA chains for the FMA's latency, few enough for AVX2's 16 registers. The arithmetic is fp32
  * throughout; the sums are regrouped (the reference subtracts z from each q first), which rounds differently,
- * by about fp32's epsilon times sum |x * q * s|: far below fp16 rounding. xsum: sum_k x_k per group. */
+ * by about fp32's epsilon times sum |x * q * s|: far below fp16 rounding. sum_k x_k is accumulated in the same
+ * loop, in a vector (every lane the same), so no separate pass over x is needed. */
 INLINE void one_row(const int32_t *blocks, const void *scales, const uint8_t *zeros, const float *x,
-                    const float *xsum, float *out, int64_t n, int64_t k, int64_t gs, int64_t b, int scales_f32) {
+                    float *out, int64_t n, int64_t k, int64_t gs, int64_t b, int scales_f32) {
     const int32_t *blk = blocks + b * k * L;
     const int64_t col0 = b * BLOCK;
     vf total[8];
@@ -187,7 +177,7 @@ INLINE void one_row(const int32_t *blocks, const void *scales, const uint8_t *ze
     for (int64_t g0 = 0; g0 < k; g0 += gs) {
         const int64_t group = g0 / gs;
         if (g0 + gs < k) prefetch_params(scales, zeros, (group + 1) * n + col0, scales_f32);
-        vf acc[8];
+        vf acc[8], sx = broadcast(0.0f);
         for (int j = 0; j < 8; j++) acc[j] = broadcast(0.0f);
         const int32_t *p = blk + g0 * L;
         const float *xr = x + g0;
@@ -195,12 +185,12 @@ INLINE void one_row(const int32_t *blocks, const void *scales, const uint8_t *ze
             if ((i * L * 4) % 64 == 0) __builtin_prefetch((const char *)(p + i * L) + PREFETCH_BYTES);
             const vi words = load_words(p + i * L);
             const vf xb = broadcast(xr[i]);
+            sx += xb;
             for (int j = 0; j < 8; j++) {
                 const vi in_place = j < 7 ? words : words >> 4;
                 acc[j] += xb * __builtin_convertvector(in_place & (15 << place(j)), vf);
             }
         }
-        const vf sx = broadcast(xsum[group]);
         for (int j = 0; j < 8; j++) {
             const vf s = load_scales(scales, group * n + col0 + L * j, scales_f32) * unplace(j);
             const vf z = __builtin_convertvector(load_zeros(zeros + group * n + col0 + L * j) << place(j), vf);
@@ -210,29 +200,17 @@ INLINE void one_row(const int32_t *blocks, const void *scales, const uint8_t *ze
     for (int j = 0; j < 8; j++) store_floats(out + col0 + L * j, total[j]);
 }
 
-/* Two passes over a block, nibbles 0..3 and 4..7 (one row on AVX-512: all 8 in one pass, each word read once). */
+/* Two passes over a block of R >= 2 rows, nibbles 0..3 and 4..7 (8 nibbles of R rows would not fit the registers). */
 #define HALVES(R)                                                                                    \
     do {                                                                                             \
         rows_pass(blocks, scales, zeros, x, out, n, k, gs, b, r0, R, 0, 4, scales_f32);               \
         rows_pass(blocks, scales, zeros, x, out, n, k, gs, b, r0, R, 4, 4, scales_f32);               \
     } while (0)
 
-static void rows_block(const int32_t *blocks, const void *scales, const uint8_t *zeros, const float *x,
-                       const float *xsum, float *out, int64_t n, int64_t k, int64_t gs, int64_t b, int64_t r0, int rows,
-                       int scales_f32) {
+static void rows_block(const int32_t *blocks, const void *scales, const uint8_t *zeros, const float *x, float *out,
+                       int64_t n, int64_t k, int64_t gs, int64_t b, int64_t r0, int rows, int scales_f32) {
     switch (rows) {
-        case 1:
-            if (xsum) {
-                one_row(blocks, scales, zeros, x + r0 * k, xsum, out + r0 * n, n, k, gs, b,
-                        scales_f32);
-                break;
-            }
-#if ONE_ROW_J == 8
-            rows_pass(blocks, scales, zeros, x, out, n, k, gs, b, r0, 1, 0, 8, scales_f32);
-#else
-            HALVES(1);
-#endif
-            break;
+        case 1: one_row(blocks, scales, zeros, x + r0 * k, out + r0 * n, n, k, gs, b, scales_f32); break;
 #if ROWS_MAX >= 4
         case 4: HALVES(4); break;
 #endif
@@ -243,33 +221,18 @@ static void rows_block(const int32_t *blocks, const void *scales, const uint8_t 
     }
 }
 
-/* out (m, n) fp32, columns of blocks [b0, b1): x (m, k) fp32 times the dequantized weight. */
+/* out (m, n) fp32, columns of blocks [b0, b1): x (m, k) fp32 times the dequantized weight. A lone last row
+ * (m % ROWS_MAX == 1: one token, decode) takes the one-row pass, the others the multi-row passes. */
 void gptq_int4_gemm(const int32_t *blocks, const void *scales, const uint8_t *zeros, const float *x,
                     float *out, int64_t m, int64_t n, int64_t k, int64_t gs, int64_t b0, int64_t b1,
                     int64_t scales_f32, int64_t threads) {
-    /* A lone last row (m % ROWS_MAX == 1: one token, decode) takes the one-row pass, which needs that row's sum
-     * of x per group; the rows before it take the multi-row passes. Without memory for the sums it takes the
-     * multi-row code too. */
-    const int64_t groups = k / gs, last_row = m - 1;
-    float *xsum = m % ROWS_MAX == 1 ? malloc(sizeof(float) * (size_t)groups) : NULL;
-    if (xsum)
-        for (int64_t g = 0; g < groups; g++) {
-            const float *xg = x + last_row * k + g * gs;
-            float part[4] = {0, 0, 0, 0};
-            int64_t i = 0;
-            for (; i + 4 <= gs; i += 4)
-                for (int t = 0; t < 4; t++) part[t] += xg[i + t];
-            for (; i < gs; i++) part[0] += xg[i];
-            xsum[g] = (part[0] + part[1]) + (part[2] + part[3]);
-        }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = b0; b < b1; b++) {
         for (int64_t r0 = 0; r0 < m; r0 += ROWS_MAX) {
             const int64_t rows = m - r0 < ROWS_MAX ? m - r0 : ROWS_MAX;
-            rows_block(blocks, scales, zeros, x, xsum, out, n, k, gs, b, r0, (int)rows, (int)scales_f32);
+            rows_block(blocks, scales, zeros, x, out, n, k, gs, b, r0, (int)rows, (int)scales_f32);
         }
     }
-    free(xsum);
 }
 
 /* w (k rows, ld apart) fp32: the dequantized weight (q - z) * s of blocks [b0, b1), block b0 at column 0. */
