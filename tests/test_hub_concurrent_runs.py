@@ -33,6 +33,25 @@ def wait_for(path: Path, process: subprocess.Popen, seconds: float = 60) -> None
         time.sleep(0.05)
 
 
+def slow_download(hub: HubServer, out: Path) -> subprocess.Popen:
+    """A first ``download org/m`` into ``out`` in another process (one worker; the test slows the server)."""
+    return subprocess.Popen([sys.executable, "-m", "gptq_tools", "download", "org/m", "--local-dir", str(out),
+                             "--max-workers", "1"], env={**os.environ, "PYTHONPATH": str(REPO_ROOT),
+                                                          "HF_ENDPOINT": hub.endpoint},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def hold_lock(lock: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding ``lock`` for ``seconds`` (it prints ``held`` once it has it), then exiting."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from gptq_tools.files.fileio import work_lock\n"
+         f"with work_lock({str(lock)!r}, what='x'):\n"
+         f"    print('held', flush=True); time.sleep({seconds})"],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_two_downloads_into_one_folder_second_names_the_first_pid_then_takes_over_after_a_kill(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
@@ -41,10 +60,7 @@ def test_two_downloads_into_one_folder_second_names_the_first_pid_then_takes_ove
         monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", hub.endpoint)
         hub.add_repo("org/m", {"main": {"model.safetensors": DATA}})
         hub.add_fault("slow", "model.safetensors", rate=20_000, times=None)
-        first = subprocess.Popen([sys.executable, "-m", "gptq_tools", "download", "org/m", "--local-dir", str(out),
-                                  "--max-workers", "1"], env={**os.environ, "PYTHONPATH": str(REPO_ROOT),
-                                                               "HF_ENDPOINT": hub.endpoint},
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = slow_download(hub, out)
         try:
             wait_for(lock, first)
             code = main(["download", "org/m", "--local-dir", str(out)])
@@ -63,13 +79,8 @@ def test_two_downloads_into_one_folder_second_names_the_first_pid_then_takes_ove
 
 def test_two_quantize_runs_on_one_output_second_names_the_first_pid(tmp_path: Path) -> None:
     output = tmp_path / "q"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from gptq_tools.files.fileio import work_lock\n"
-         f"with work_lock({str(tmp_path / '.q.gptq-tools-lock')!r}, what='x'):\n"
-         "    print('held', flush=True); time.sleep(60)"],
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE, text=True)
+    holder = hold_lock(tmp_path / ".q.gptq-tools-lock", 60)
     try:
-        assert holder.stdout.readline().strip() == "held"
         from gptq_tools.quant.driver import quantize_model
 
         with pytest.raises(OutputExistsError, match=rf"another gptq-tools process \(pid {holder.pid}\) is already "
@@ -101,17 +112,6 @@ def test_lock_file_planted_as_a_symlink_is_not_followed(tmp_path: Path) -> None:
 
 
 # -- --wait-lock: a second run waits for the first instead of refusing -----------------------------------------
-def hold_lock(lock: Path, seconds: float) -> subprocess.Popen:
-    """Another process holding ``lock`` for ``seconds`` (it prints ``held`` once it has it), then exiting."""
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from gptq_tools.files.fileio import work_lock\n"
-         f"with work_lock({str(lock)!r}, what='x'):\n"
-         f"    print('held', flush=True); time.sleep({seconds})"],
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
-    return holder
-
-
 def test_wait_lock_download_waits_for_the_first_run_and_does_not_fetch_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A real first download (slowed to ~1.5 s); the second waits, logging periodically, then plans again and
@@ -123,10 +123,7 @@ def test_wait_lock_download_waits_for_the_first_run_and_does_not_fetch_again(
         monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", hub.endpoint)
         hub.add_repo("org/m", {"main": {"model.safetensors": data}})
         hub.add_fault("slow", "model.safetensors", rate=100_000, times=None)
-        first = subprocess.Popen([sys.executable, "-m", "gptq_tools", "download", "org/m", "--local-dir", str(out),
-                                  "--max-workers", "1"], env={**os.environ, "PYTHONPATH": str(REPO_ROOT),
-                                                               "HF_ENDPOINT": hub.endpoint},
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = slow_download(hub, out)
         try:
             wait_for(out / STATE_DIR / LOCK_NAME, first)
             code = main(["download", "org/m", "--local-dir", str(out), "--wait-lock", "60"])

@@ -129,12 +129,11 @@ def test_cpu_int4_fused_dequantization_equals_eager(monkeypatch: pytest.MonkeyPa
     assert relative_error(fused, eager) <= 2e-3
 
 
-def test_cpu_int4_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
-    def broken(*args: object) -> torch.Tensor:
-        raise RuntimeError("InductorError: no working C++ compiler found\nsecond line")
-
-    monkeypatch.setattr(cpu_int4, "_FUSED", {"compiled": broken})
+def prefill_with_compiled_loop(compiled: object, monkeypatch: pytest.MonkeyPatch,
+                               caplog: pytest.LogCaptureFixture) -> list[str]:
+    """One prefill through cpu-int4 with ``compiled`` standing in for the torch.compile'd dequantization: the
+    result must be the reference's (eager took over) and compiling given up; returns the warnings logged."""
+    monkeypatch.setattr(cpu_int4, "_FUSED", {"compiled": compiled})
     monkeypatch.delenv("GPTQ_TOOLS_NO_COMPILE", raising=False)
     tensors = random_layer_tensors(4, 128, act_order=False, checkpoint_format="gptq", sym=True)
     layer = quant_layer(tensors, 4, 128, checkpoint_format="gptq", kernel="cpu-int4", dtype=torch.float32)
@@ -143,7 +142,16 @@ def test_cpu_int4_compile_failure_falls_back_to_eager(monkeypatch: pytest.Monkey
         got = layer(x)
     assert relative_error(got, reference_output(tensors, x, bits=4, checkpoint_format="gptq")) <= BF16_TOLERANCE
     assert cpu_int4._fused_dequantizer() is None  # given up for the rest of the process
-    assert [r.getMessage() for r in caplog.records] == [
+    return [record.getMessage() for record in caplog.records]
+
+
+def test_cpu_int4_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args: object) -> torch.Tensor:
+        raise RuntimeError("InductorError: no working C++ compiler found\nsecond line")
+
+    warnings = prefill_with_compiled_loop(broken, monkeypatch, caplog)
+    assert warnings == [
         "cpu-int4: torch.compile failed (RuntimeError: InductorError: no working C++ compiler found); prefill "
         "runs the eager dequantization, about 3x slower on that step (set GPTQ_TOOLS_NO_COMPILE=1 to skip trying)"]
 
@@ -157,16 +165,8 @@ def test_cpu_int4_compiled_loop_returning_nan_is_caught_and_eager_takes_over(
         weight[0, 0] = float("nan")
         return weight
 
-    monkeypatch.setattr(cpu_int4, "_FUSED", {"compiled": stale})
-    monkeypatch.delenv("GPTQ_TOOLS_NO_COMPILE", raising=False)
-    tensors = random_layer_tensors(4, 128, act_order=False, checkpoint_format="gptq", sym=True)
-    layer = quant_layer(tensors, 4, 128, checkpoint_format="gptq", kernel="cpu-int4", dtype=torch.float32)
-    x = torch.randn(cpu_int4.PREFILL_TOKENS, IN_FEATURES, generator=torch.Generator().manual_seed(4))
-    with caplog.at_level("WARNING", logger="gptq_tools"):
-        got = layer(x)
-    assert relative_error(got, reference_output(tensors, x, bits=4, checkpoint_format="gptq")) <= BF16_TOLERANCE
-    assert cpu_int4._fused_dequantizer() is None
-    assert ["disagrees with the eager one" in r.getMessage() for r in caplog.records] == [True]
+    warnings = prefill_with_compiled_loop(stale, monkeypatch, caplog)
+    assert ["disagrees with the eager one" in message for message in warnings] == [True]
 
 
 def test_cpu_int4_forced_capability_compiles_into_a_cache_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
