@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -324,25 +323,32 @@ def test_native_build_failure_is_the_reason_and_auto_moves_on(fresh_native: Path
 
 
 @needs_native
-def test_native_without_openmp_runs_on_one_thread(fresh_native: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("spin_ns", [0, cpu_int4_native.POOL_SPIN_NS], ids=["sleeping", "spinning"])
+def test_native_thread_pool_gives_one_threads_bits_and_survives_fork(spin_ns: int,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's own worker threads, asleep between calls or spinning, give bit for bit the one-thread
+    result, call after call; a forked child (only its forking thread exists there) computes the same."""
     build = cpu_int4_native.BY_NAME[FIRST_CPU]
-    real = shutil.which("cc") or shutil.which("gcc")
-    compiler = tmp_path / "cc-without-openmp"
-    refuse = '{ echo "unsupported option -fopenmp" >&2; exit 1; }'
-    compiler.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {refuse}; done\nexec {real} "$@"\n')
-    compiler.chmod(0o755)
-    monkeypatch.setenv("CC", str(compiler))
-    with caplog.at_level("WARNING", logger="gptq_tools"):
-        assert not isinstance(build.library(), str)
-    assert [r.getMessage() for r in caplog.records] == [
-        f"{build.name}: built without OpenMP ({compiler} could not build int4_gemm.c: unsupported option "
-        "-fopenmp); it runs on one thread"]
+    lib = build.library()
     monkeypatch.setattr(cpu_int4_native, "THREAD_MIN_ELEMENTS", 0)
-    tensors = random_layer_tensors(4, 32, act_order=True, checkpoint_format="gptq", sym=False)
+    tensors = random_layer_tensors(4, 32, act_order=True, checkpoint_format="gptq", sym=False,
+                                   in_features=256, out_features=1024)
     layer = quant_layer(tensors, 4, 32, checkpoint_format="gptq", kernel=build.name, dtype=torch.float32)
-    x = torch.randn(5, IN_FEATURES, generator=torch.Generator().manual_seed(7))
-    assert relative_error(layer(x), reference_output(tensors, x, bits=4, checkpoint_format="gptq")) <= EXACT_TOLERANCE
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    try:
+        lib.gptq_pool_set_spin(spin_ns)
+        torch.set_num_threads(1)
+        one = layer(x)
+        torch.set_num_threads(4)
+        assert all(torch.equal(layer(x), one) for _ in range(50))
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through its exit status
+            os._exit(0 if torch.equal(layer(x), one) else 1)
+        assert os.waitpid(child, 0)[1] == 0
+    finally:
+        torch.set_num_threads(threads)
+        lib.gptq_pool_set_spin(cpu_int4_native.POOL_SPIN_NS)
 
 
 def test_native_without_a_compiler_says_so_once(fresh_native: Path, monkeypatch: pytest.MonkeyPatch,

@@ -33,7 +33,7 @@ def test_each_build_matches_a_scalar_computation(build: cpu_int4_native.Build, t
         pytest.skip("no C compiler")
     if build.cpu_reason() is not None:
         pytest.skip(f"{build.name}: {build.cpu_reason()}")
-    out = build_and_run(compiler, build.serial_flags, tmp_path / "check")
+    out = build_and_run(compiler, build.flags, tmp_path / "check")
     assert out == f"ok {build.name.removeprefix('cpu-int4-')} lanes={build.lanes} cases=36"
 
 
@@ -43,9 +43,9 @@ def test_portable_build_on_aarch64_under_qemu(tmp_path: Path) -> None:
         pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu qemu-user)")
     if platform.machine().lower() in ("aarch64", "arm64"):
         pytest.skip("this machine is aarch64: the native builds above already ran here")
-    out = build_and_run(cross, (*cpu_int4_native.PORTABLE.serial_flags, "-static"), tmp_path / "check-aarch64",
+    out = build_and_run(cross, (*cpu_int4_native.PORTABLE.flags, "-static"), tmp_path / "check-aarch64",
                         runner=(qemu,))
     assert out == "ok portable lanes=4 cases=36"
-    assembly = subprocess.run([cross, *cpu_int4_native.PORTABLE.serial_flags, "-S", "-o", "-", "-I",
+    assembly = subprocess.run([cross, *cpu_int4_native.PORTABLE.flags, "-S", "-o", "-", "-I",
                                str(_native.SOURCE_DIR), str(CHECK)], capture_output=True, text=True, check=True)
     assert "fmla\tv" in assembly.stdout  # NEON vector FMAs, not scalar code

@@ -43,6 +43,7 @@ from ..constants import IO_CHUNK_BYTES
 from ..errors import CheckpointError, ChecksumMismatchError, UsageError
 from ..progress import byte_bar
 from ..units import parse_size
+from . import decode
 from .kernels import KernelDecision, summarize
 from .plan import (
     DeviceKey,
@@ -138,6 +139,8 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
     model.gptq_placement = placement
     model.gptq_settings = settings
     model.gptq_kernels = _kernel_decisions(model)
+    for line in decode.install(model):
+        logger.info("cpu decode: %s", line)
     logger.info("loaded %s in %.1f s", folder, time.perf_counter() - started)
     return model
 

@@ -1,6 +1,7 @@
 /* Parity check of gptq_tools/runtime/kernels/csrc/int4_gemm.c on its own, for any build and any CPU (also an
  * aarch64 build under qemu-user): pack random 4-bit weights into the kernel's layout, run gptq_int4_gemm and
- * gptq_int4_dequantize, and compare with a plain scalar computation of x @ ((q - z) * s).
+ * gptq_int4_dequantize, and compare with a plain scalar computation of x @ ((q - z) * s); then the same calls on
+ * 3 threads (the pool: workers that spin, and workers that sleep between calls) must give the same bits.
  * Built by tests/test_runtime_native_c.py: cc <build flags> -I<csrc> int4_gemm_check.c. Prints
  * "ok <build> lanes=<L> cases=<n>" and exits 0, or prints the first mismatch and exits 1. */
 #include <math.h>
@@ -40,6 +41,21 @@ static int check(int m, int blocks, int k, int gs, int scales_f32) {
     gptq_int4_gemm(packed, scales, zeros, x, out, m, n, k, gs, 0, blocks, scales_f32, 1);
     gptq_int4_dequantize(packed, scales, zeros, w, n, k, gs, 0, blocks, n, scales_f32, 1);
     int bad = 0;
+    float *out3 = malloc(sizeof(float) * m * n), *w3 = malloc(sizeof(float) * k * n);
+    for (int spin = 0; spin < 2 && !bad; spin++) {
+        gptq_pool_set_spin(spin ? 1000000 : 0);
+        for (int repeat = 0; repeat < 20 && !bad; repeat++) {
+            memset(out3, 0xff, sizeof(float) * m * n);
+            memset(w3, 0xff, sizeof(float) * k * n);
+            gptq_int4_gemm(packed, scales, zeros, x, out3, m, n, k, gs, 0, blocks, scales_f32, 3);
+            gptq_int4_dequantize(packed, scales, zeros, w3, n, k, gs, 0, blocks, n, scales_f32, 3);
+            if (memcmp(out, out3, sizeof(float) * m * n) || memcmp(w, w3, sizeof(float) * k * n)) {
+                printf("3 threads (spin %d) differ from 1 thread (m=%d)\n", spin, m);
+                bad = 1;
+            }
+        }
+    }
+    free(out3); free(w3);
     for (int i = 0; i < k && !bad; i++)
         for (int c = 0; c < n; c++) {
             int g = i / gs;

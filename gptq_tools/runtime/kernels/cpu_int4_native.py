@@ -26,8 +26,10 @@ get_cpu_capability()``), so ``ATEN_CPU_CAPABILITY=avx2`` makes an AVX-512 machin
   round them) and zero points in uint8, so a weight is ``(q - z) * s`` in fp32: bit for bit the
   dequantized reference's weight;
 * few tokens (decode): per group, ``sum x * (q - z)`` in fp32 FMAs, then times ``s``, several input rows
-  at a time over each block of weights (up to 4 for AVX-512, 3 for AVX2, 2 portable), the column blocks split
-  across PyTorch's own OpenMP threads; a lone row (one token) takes ``s * (sum x * q - z * sum x)`` instead,
+  at a time over each block of weights (up to 4 for AVX-512, 3 for AVX2, 2 portable), the column blocks
+  claimed one at a time by the calling thread and the kernel's own worker threads (``torch.get_num_threads()``
+  threads in all; a call never waits for a worker that has not woken up, so a busy machine costs at most one
+  block, and idle workers spin for :data:`POOL_SPIN_NS` before they sleep); a lone row (one token) takes ``s * (sum x * q - z * sum x)`` instead,
   every word read once (regrouped, so rounded differently by about fp32's epsilon, far below fp16 rounding);
 * many tokens (prefill, from :data:`PREFILL_TOKENS`): a block of columns dequantized to fp32 at a time
   and multiplied by PyTorch's fp32 GEMM;
@@ -64,7 +66,10 @@ from ._common import (
 logger = logging.getLogger(__name__)
 
 SOURCE = "int4_gemm.c"
-COMMON_FLAGS = ("-O3", "-std=gnu11", "-ffp-contract=fast", "-fno-math-errno")
+COMMON_FLAGS = ("-O3", "-std=gnu11", "-ffp-contract=fast", "-fno-math-errno", "-pthread")
+#: How long an idle worker of the kernel's thread pool spins before it sleeps: longer than the gaps between the
+#: linear layers of a decode step (so the next layer finds it awake), short enough to leave an idle process idle.
+POOL_SPIN_NS = 1_000_000
 #: From this many tokens per call, blocks are dequantized for the fp32 GEMM instead
 #: (``scripts/bench_kernels.py``, "prefill threshold ... (native matmul)" rows: they cross between 128 and 256).
 PREFILL_TOKENS = 192
@@ -96,11 +101,6 @@ class Build:
 
     @property
     def flags(self) -> tuple[str, ...]:
-        return (*COMMON_FLAGS, *self.isa_flags, "-fopenmp")
-
-    @property
-    def serial_flags(self) -> tuple[str, ...]:
-        """Without OpenMP (a compiler that has no -fopenmp): the same loops on one thread."""
         return (*COMMON_FLAGS, *self.isa_flags)
 
     def cpu_reason(self) -> str | None:
@@ -139,19 +139,29 @@ NAMES = tuple(build.name for build in BUILDS)
 def _load(build: Build) -> ctypes.CDLL | str:
     lib = _native.load(SOURCE, build.flags)
     if isinstance(lib, str):
-        serial = _native.load(SOURCE, build.serial_flags)
-        if isinstance(serial, str):
-            return lib
-        logger.warning("%s: built without OpenMP (%s); it runs on one thread", build.name, lib)
-        lib = serial
+        return lib
+    lib.gptq_pool_set_spin.argtypes = [ctypes.c_int64]
+    lib.gptq_pool_set_spin.restype = None
+    lib.gptq_pool_set_spin(POOL_SPIN_NS)
     lib.gptq_int4_gemm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8
     lib.gptq_int4_gemm.restype = None
     lib.gptq_int4_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 8
     lib.gptq_int4_dequantize.restype = None
+    lib.gptq_f16_gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+    lib.gptq_f16_gemm.restype = None
     lanes = ctypes.c_int32.in_dll(lib, "gptq_int4_lanes").value
     if lanes != build.lanes:  # a compiler that ignored the ISA flags would pack columns this module does not expect
         return f"its library was built for {lanes} lanes, not {build.lanes} ({build_name(lib)} build)"
     return lib
+
+
+def first_library() -> tuple[Build, ctypes.CDLL] | None:
+    """The fastest build this machine runs and its library (None where none does)."""
+    for build in BUILDS:
+        lib = build.library()
+        if not isinstance(lib, str):
+            return build, lib
+    return None
 
 
 def build_name(lib: ctypes.CDLL) -> str:
@@ -215,20 +225,33 @@ def prepare(build: Build, layer: QuantLinear) -> None:
 
 
 def forward(build: Build, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """fp32 ``x @ W`` from the packed weights (see the module docs for the two paths)."""
+    """fp32 ``x @ W`` from the packed weights (see the module docs for the two paths).
+
+    Runs once per layer and token in a decode step (7 layers a block): the few-token path does no more in
+    Python than the call needs (no conversion an fp32 contiguous input does not need, no slice of an unpadded
+    output).
+    """
     require_cpu_input(layer, x, build.name)
     lib = _load(build)  # built when the layer was chosen (library()); cached, so no checks on this hot path
     if isinstance(lib, str):
         raise RuntimeError(f"{layer.name or 'QuantLinear'}: kernel {build.name!r} is unavailable: {lib}")
-    flat = permuted_input(layer, x).to(torch.float32).contiguous()  # (tokens, in)
+    flat = permuted_input(layer, x)  # (tokens, in)
+    if flat.dtype != torch.float32:
+        flat = flat.to(torch.float32)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
     if flat.shape[0] >= PREFILL_TOKENS:
         out = _dequantized_gemm(lib, layer, flat)
     else:
         out = _gemm(lib, layer, flat)
-    out = out[:, : layer.out_features]
+    if out.shape[1] != layer.out_features:
+        out = out[:, : layer.out_features]
     if layer.bias is not None:
         out = out + layer.bias.to(torch.float32)
-    return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+    if x.dtype != torch.float32:
+        out = out.to(x.dtype)
+    return out.view(*x.shape[:-1], layer.out_features) if out.is_contiguous() else \
+        out.reshape(*x.shape[:-1], layer.out_features)
 
 
 def _args(layer: QuantLinear) -> tuple[int, int, int, int, int]:
@@ -237,16 +260,32 @@ def _args(layer: QuantLinear) -> tuple[int, int, int, int, int]:
             layer.native_scales.shape[1], int(layer.native_scales.dtype == torch.int32))
 
 
+#: The pool's thread count while PyTorch's own ops run on fewer (:func:`gptq_tools.runtime.decode.decode_threads`);
+#: None: PyTorch's count.
+_pool_threads: int | None = None
+
+
+def pool_threads() -> int:
+    """Threads the native calls use: PyTorch's count, unless a decode step runs PyTorch's ops on one."""
+    return _pool_threads if _pool_threads is not None else torch.get_num_threads()
+
+
+def set_pool_threads(threads: int | None) -> None:
+    """Fix the native calls' thread count (None: follow PyTorch's again)."""
+    global _pool_threads
+    _pool_threads = threads
+
+
 def _threads(elements: int) -> int:
-    """OpenMP threads for a call over ``elements`` weights x tokens: PyTorch's count, one for small calls."""
-    return torch.get_num_threads() if elements >= THREAD_MIN_ELEMENTS else 1
+    """Threads for a call over ``elements`` weights x tokens: :func:`pool_threads`, one for small calls."""
+    return (_pool_threads or torch.get_num_threads()) if elements >= THREAD_MIN_ELEMENTS else 1
 
 
 def _gemm(lib: ctypes.CDLL, layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
     packed, scales, zeros, n, scales_f32 = _args(layer)
-    k, rows, m = layer.in_features, layer.native_group_rows, flat.shape[0]
+    k, m = layer.in_features, flat.shape[0]
     out = torch.empty(m, n, dtype=torch.float32)
-    lib.gptq_int4_gemm(packed, scales, zeros, flat.data_ptr(), out.data_ptr(), m, n, k, rows, 0,
+    lib.gptq_int4_gemm(packed, scales, zeros, flat.data_ptr(), out.data_ptr(), m, n, k, layer.native_group_rows, 0,
                        n // layer.native_block, scales_f32, _threads(k * n * m))
     return out
 

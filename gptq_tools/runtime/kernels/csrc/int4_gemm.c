@@ -14,12 +14,20 @@
  * per group, sum_k x_k * (q_k - z) is accumulated (q - z is a small integer, exact in int32 and in fp32), then
  * s times it is added to the output.
  *
- * Threads: built with -fopenmp, the loops over column blocks run on the process's OpenMP pool. PyTorch loads
- * its libgomp.so.1 first, so the dynamic loader binds this library to that same runtime: the same worker
- * threads PyTorch's own ops use (a second pool would fight them for the cores).
+ * Threads: a pool of our own (pthreads), not OpenMP's. A call is split into items (column blocks) that the
+ * calling thread and the pool's workers claim one at a time; the caller waits only for items a worker has
+ * already claimed, never for a worker that has not woken up. On a busy machine a descheduled worker therefore
+ * costs at most one item, not the whole call (an OpenMP team's barrier waits for every thread to arrive, and
+ * waking a sleeping vCPU on a VM costs tens of microseconds per call). Between calls the workers spin for a
+ * while (gptq_pool_set_spin, yielding the core to anything else runnable) so that the next call of a decode
+ * step finds them awake, then sleep. Which thread computes an item changes no bit of the result.
  */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 /* L: floats a vector. ROWS_MAX: input rows a multi-row pass serves (one row takes one_row below). */
 #if defined(__AVX512F__)
@@ -200,6 +208,139 @@ INLINE void one_row(const int32_t *blocks, const void *scales, const uint8_t *ze
     for (int j = 0; j < 8; j++) store_floats(out + col0 + L * j, total[j]);
 }
 
+/* ------------------------------------------------------------------------------------------------ the pool */
+#define POOL_MAX 255 /* workers at most: the caller is the call's first thread */
+
+typedef void (*item_fn)(const void *ctx, int64_t item);
+
+typedef struct {
+    item_fn fn;
+    const void *ctx;
+    int64_t items;
+    _Atomic int64_t next;   /* the next item to claim */
+    int helpers;            /* workers that may join */
+    int joined;             /* workers that joined (under the pool's mutex) */
+    _Atomic int active;     /* joined workers not yet done */
+} job_t;
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t wake;
+    job_t *job;               /* the job open for joining (under mu), NULL when none */
+    _Atomic uint64_t posted;  /* jobs posted so far: what a spinning worker watches */
+    int started;              /* workers running (under mu) */
+    int sleeping;             /* workers waiting on wake (under mu) */
+    int atfork;               /* the fork handler is registered */
+    _Atomic int64_t spin_ns;  /* how long an idle worker spins before it sleeps */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, 0, 1000000};
+
+static int64_t clock_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+INLINE void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static void run_items(job_t *job) {
+    int64_t item;
+    while ((item = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed)) < job->items)
+        job->fn(job->ctx, item);
+}
+
+static void *worker_main(void *unused) {
+    (void)unused;
+    pthread_mutex_lock(&pool.mu);
+    uint64_t seen = atomic_load(&pool.posted);
+    pthread_mutex_unlock(&pool.mu);
+    for (;;) {
+        /* spin (yielding the core to anything runnable) until a job is posted or the spin time is over */
+        const int64_t spin = atomic_load_explicit(&pool.spin_ns, memory_order_relaxed), start = clock_ns();
+        for (int i = 1; atomic_load_explicit(&pool.posted, memory_order_acquire) == seen; i++) {
+            cpu_relax();
+            if (i % 256 == 0) {
+                if (clock_ns() - start >= spin) break;
+                sched_yield();
+            }
+        }
+        pthread_mutex_lock(&pool.mu);
+        if (atomic_load(&pool.posted) == seen) {
+            pool.sleeping++;
+            while (atomic_load(&pool.posted) == seen) pthread_cond_wait(&pool.wake, &pool.mu);
+            pool.sleeping--;
+        }
+        seen = atomic_load(&pool.posted);
+        job_t *job = pool.job;
+        if (job != NULL && job->joined < job->helpers) {
+            job->joined++;
+            atomic_fetch_add_explicit(&job->active, 1, memory_order_relaxed);
+        } else {
+            job = NULL;
+        }
+        pthread_mutex_unlock(&pool.mu);
+        if (job != NULL) {
+            run_items(job);
+            atomic_fetch_sub_explicit(&job->active, 1, memory_order_release);
+        }
+    }
+    return NULL;
+}
+
+/* In a forked child only the forking thread exists: forget the parent's workers and start afresh. */
+static void pool_after_fork_in_child(void) {
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pool.job = NULL;
+    pool.started = 0;
+    pool.sleeping = 0;
+}
+
+/* fn(ctx, item) for every item in [0, items), on up to `threads` threads (the caller one of them). */
+static void parallel_items(item_fn fn, const void *ctx, int64_t items, int64_t threads) {
+    job_t job = {fn, ctx, items, 0, 0, 0, 0};
+    int64_t helpers = threads - 1;
+    if (helpers > items - 1) helpers = items - 1;
+    if (helpers > POOL_MAX) helpers = POOL_MAX;
+    if (helpers <= 0) {
+        run_items(&job);
+        return;
+    }
+    job.helpers = (int)helpers;
+    pthread_mutex_lock(&pool.mu);
+    if (!pool.atfork) pool.atfork = pthread_atfork(NULL, NULL, pool_after_fork_in_child) == 0;
+    while (pool.started < helpers) { /* a worker that cannot start leaves the items to the others */
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int failed = pthread_create(&thread, &attr, worker_main, NULL);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        pool.started++;
+    }
+    pool.job = &job;
+    atomic_fetch_add_explicit(&pool.posted, 1, memory_order_release);
+    if (pool.sleeping) pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
+    run_items(&job);
+    pthread_mutex_lock(&pool.mu); /* closed: no worker joins from here on */
+    pool.job = NULL;
+    pthread_mutex_unlock(&pool.mu);
+    for (int i = 1; atomic_load_explicit(&job.active, memory_order_acquire) > 0; i++) {
+        cpu_relax(); /* a joined worker is finishing its last item */
+        if (i % 256 == 0) sched_yield();
+    }
+}
+
+/* How long (nanoseconds) an idle worker spins before it sleeps: 0 sleeps at once. */
+void gptq_pool_set_spin(int64_t ns) { atomic_store(&pool.spin_ns, ns < 0 ? 0 : ns); }
+
 /* Two passes over a block of R >= 2 rows, nibbles 0..3 and 4..7 (8 nibbles of R rows would not fit the registers). */
 #define HALVES(R)                                                                                    \
     do {                                                                                             \
@@ -221,16 +362,50 @@ static void rows_block(const int32_t *blocks, const void *scales, const uint8_t 
     }
 }
 
+typedef struct {
+    const int32_t *blocks;
+    const void *scales;
+    const uint8_t *zeros;
+    const float *x;
+    float *out;
+    int64_t m, n, k, gs, b0, ld;
+    int scales_f32;
+} call_t;
+
+static void gemm_item(const void *ctx, int64_t item) {
+    const call_t *c = ctx;
+    const int64_t b = c->b0 + item;
+    for (int64_t r0 = 0; r0 < c->m; r0 += ROWS_MAX) {
+        const int64_t rows = c->m - r0 < ROWS_MAX ? c->m - r0 : ROWS_MAX;
+        rows_block(c->blocks, c->scales, c->zeros, c->x, c->out, c->n, c->k, c->gs, b, r0, (int)rows, c->scales_f32);
+    }
+}
+
 /* out (m, n) fp32, columns of blocks [b0, b1): x (m, k) fp32 times the dequantized weight. A lone last row
  * (m % ROWS_MAX == 1: one token, decode) takes the one-row pass, the others the multi-row passes. */
 void gptq_int4_gemm(const int32_t *blocks, const void *scales, const uint8_t *zeros, const float *x,
                     float *out, int64_t m, int64_t n, int64_t k, int64_t gs, int64_t b0, int64_t b1,
                     int64_t scales_f32, int64_t threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = b0; b < b1; b++) {
-        for (int64_t r0 = 0; r0 < m; r0 += ROWS_MAX) {
-            const int64_t rows = m - r0 < ROWS_MAX ? m - r0 : ROWS_MAX;
-            rows_block(blocks, scales, zeros, x, out, n, k, gs, b, r0, (int)rows, (int)scales_f32);
+    const call_t call = {blocks, scales, zeros, x, out, m, n, k, gs, b0, 0, (int)scales_f32};
+    parallel_items(gemm_item, &call, b1 - b0, threads);
+}
+
+static void dequantize_item(const void *ctx, int64_t item) {
+    const call_t *c = ctx;
+    const int64_t b = c->b0 + item, n = c->n, k = c->k, gs = c->gs;
+    const int32_t *blk = c->blocks + b * k * L;
+    for (int64_t g0 = 0; g0 < k; g0 += gs) {
+        const int64_t group = g0 / gs;
+        vf s[8];
+        vi z[8];
+        for (int j = 0; j < 8; j++) {
+            s[j] = load_scales(c->scales, group * n + b * BLOCK + L * j, c->scales_f32) * unplace(j);
+            z[j] = load_zeros(c->zeros + group * n + b * BLOCK + L * j) << place(j);
+        }
+        for (int64_t i = g0; i < g0 + gs; i++) {
+            const vi words = load_words(blk + i * L);
+            float *row = c->out + i * c->ld + item * BLOCK;
+            for (int j = 0; j < 8; j++) store_floats(row + L * j, weights(words, j, z[j]) * s[j]);
         }
     }
 }
@@ -239,22 +414,70 @@ void gptq_int4_gemm(const int32_t *blocks, const void *scales, const uint8_t *ze
 void gptq_int4_dequantize(const int32_t *blocks, const void *scales, const uint8_t *zeros, float *w,
                           int64_t n, int64_t k, int64_t gs, int64_t b0, int64_t b1, int64_t ld,
                           int64_t scales_f32, int64_t threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = b0; b < b1; b++) {
-        const int32_t *blk = blocks + b * k * L;
-        for (int64_t g0 = 0; g0 < k; g0 += gs) {
-            const int64_t group = g0 / gs;
-            vf s[8];
-            vi z[8];
-            for (int j = 0; j < 8; j++) {
-                s[j] = load_scales(scales, group * n + b * BLOCK + L * j, (int)scales_f32) * unplace(j);
-                z[j] = load_zeros(zeros + group * n + b * BLOCK + L * j) << place(j);
+    const call_t call = {blocks, scales, zeros, NULL, w, 0, n, k, gs, b0, ld, (int)scales_f32};
+    parallel_items(dequantize_item, &call, b1 - b0, threads);
+}
+
+/* ----------------------------------------------------------------------------- fp16-stored fp32 linear layers */
+/* A layer the checkpoint stores in fp16 (an untied lm_head) computed in fp32: each weight converted exactly to
+ * fp32 in registers (half the bytes of an fp32 copy, the same products), fp32 accumulation. */
+
+typedef uint16_t vh __attribute__((vector_size(L * 2)));
+typedef uint32_t vu __attribute__((vector_size(L * 4)));
+#define HALF_ROWS 4 /* output rows a pass: each x vector loaded once serves 4 weight rows */
+
+/* L fp16 values to fp32, exactly: the bits shifted into fp32 position and rescaled by 2^112 (normals and
+ * subnormals), infinities and NaN kept. Integer and multiply operations only, so every build vectorizes it. */
+INLINE vf halves_to_floats(const uint16_t *p) {
+    vh h;
+    memcpy(&h, p, sizeof h);
+    const vu bits = __builtin_convertvector(h, vu), magnitude = bits & 0x7fff;
+    vf value;
+    vu shifted = magnitude << 13;
+    memcpy(&value, &shifted, sizeof value);
+    value *= 0x1p112f;
+    vu out;
+    memcpy(&out, &value, sizeof out);
+    out |= (vu)(magnitude >= 0x7c00) & 0x7f800000u; /* exponent 31: infinity or NaN (its payload kept) */
+    out |= (bits & 0x8000) << 16;
+    memcpy(&value, &out, sizeof value);
+    return value;
+}
+
+typedef struct {
+    const uint16_t *w; /* (n, k) fp16 bits */
+    const float *x;    /* (m, k) */
+    float *out;        /* (m, n) */
+    int64_t m, n, k, rows_per_item;
+} half_call_t;
+
+static void half_item(const void *ctx, int64_t item) {
+    const half_call_t *c = ctx;
+    const int64_t k = c->k, first = item * c->rows_per_item;
+    const int64_t last = first + c->rows_per_item < c->n ? first + c->rows_per_item : c->n;
+    const int64_t vectors = k / L;
+    for (int64_t r = 0; r < c->m; r++) {
+        const float *x = c->x + r * k;
+        for (int64_t j0 = first; j0 < last; j0 += HALF_ROWS) {
+            const int rows = last - j0 < HALF_ROWS ? (int)(last - j0) : HALF_ROWS;
+            vf acc[HALF_ROWS];
+            for (int j = 0; j < HALF_ROWS; j++) acc[j] = broadcast(0.0f);
+            for (int64_t v = 0; v < vectors; v++) {
+                const vf xv = load_floats(x + v * L);
+                for (int j = 0; j < rows; j++) acc[j] += xv * halves_to_floats(c->w + (j0 + j) * k + v * L);
             }
-            for (int64_t i = g0; i < g0 + gs; i++) {
-                const vi words = load_words(blk + i * L);
-                float *row = w + i * ld + (b - b0) * BLOCK;
-                for (int j = 0; j < 8; j++) store_floats(row + L * j, weights(words, j, z[j]) * s[j]);
+            for (int j = 0; j < rows; j++) {
+                float sum = 0.0f;
+                for (int l = 0; l < L; l++) sum += acc[j][l];
+                for (int64_t i = vectors * L; i < k; i++) sum += x[i] * half_to_float(c->w[(j0 + j) * k + i]);
+                c->out[r * c->n + j0 + j] = sum;
             }
         }
     }
+}
+
+/* out (m, n) = x (m, k) @ w.T for w (n, k) in fp16, in fp32; rows of w split across threads 64 at a time. */
+void gptq_f16_gemm(const uint16_t *w, const float *x, float *out, int64_t m, int64_t n, int64_t k, int64_t threads) {
+    const half_call_t call = {w, x, out, m, n, k, 64};
+    parallel_items(half_item, &call, (n + 63) / 64, threads);
 }
