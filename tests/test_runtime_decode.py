@@ -12,6 +12,7 @@ from torch import nn
 from gptq_tools.runtime import decode
 from gptq_tools.runtime.kernels import cpu_half, cpu_int4_native
 from gptq_tools.runtime.load import load_quantized
+from gptq_tools.runtime.qlinear import QuantLinear
 
 from .tiny_gptq import build_tiny_checkpoint, reference_model
 
@@ -63,6 +64,9 @@ def test_decode_tuning_keeps_results_and_restores_threads(model_type: str, tmp_p
     checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", model_type, tie=False, desc_act=True)
     model = load_quantized(checkpoint.folder, dtype=torch.float32, device_map="cpu")
     assert isinstance(model.get_output_embeddings(), cpu_half.HalfStoredLinear)
+    # the tiny builder gives each linear its own act-order permutation: linears that read one input in different
+    # orders cannot share a call
+    assert all(m.native_shared is None for m in model.modules() if isinstance(m, QuantLinear))
     seen: list[tuple[int, int]] = []
     first_block = next(m for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "Block")))
     first_block.register_forward_pre_hook(lambda *_: seen.append((torch.get_num_threads(),
@@ -105,3 +109,34 @@ def test_decode_threads_nest(monkeypatch: pytest.MonkeyPatch) -> None:
         assert torch.get_num_threads() == 3 and cpu_int4_native._pool_threads is None
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_native
+@pytest.mark.parametrize("tokens", [1, 3, cpu_int4_native.PREFILL_TOKENS])
+def test_linears_sharing_an_input_give_their_own_bits(tokens: int, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """q, k and v (and the MLP's pair where an architecture has one) share one native call; every output is
+    bit for bit what the layer's own call gives, on the decode path, the multi-row path and the prefill path
+    (whose parameters are then columns of the group's wider ones), asked for in any order."""
+    monkeypatch.setattr(cpu_int4_native, "THREAD_MIN_ELEMENTS", 0)
+    checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "opt", group_size=16)  # one input order
+    model = load_quantized(checkpoint.folder, dtype=torch.float32, device_map="cpu")
+    attention = model.model.decoder.layers[1].self_attn
+    members = [attention.q_proj, attention.k_proj, attention.v_proj]
+    shared = members[0].native_shared
+    assert shared is not None and all(m.native_shared is shared for m in members)
+    assert members[1].native_scales.stride(0) == shared.width > members[1].native_scales.shape[1]
+    x = torch.randn(1, tokens, 64, generator=torch.Generator().manual_seed(tokens))
+    with torch.no_grad():
+        together = [attention.v_proj(x), attention.q_proj(x), attention.k_proj(x)]
+        for member in members:
+            member.native_shared = None
+        alone = [attention.v_proj(x), attention.q_proj(x), attention.k_proj(x)]
+        for member in members:
+            member.native_shared = shared
+        x.add_(1.0)  # changed in place: nothing kept from before may be returned
+        after = attention.k_proj(x)
+        for member in members:
+            member.native_shared = None
+        assert torch.equal(after, attention.k_proj(x))
+    assert all(torch.equal(a, b) for a, b in zip(together, alone))

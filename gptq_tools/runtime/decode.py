@@ -7,7 +7,9 @@ workers (tens of microseconds on a VM when they sleep, as ``OMP_WAIT_POLICY=PASS
 work than the wake-up costs. So :func:`install` wraps a CPU model's ``forward``: a call with at most
 :data:`DECODE_TOKENS` tokens runs PyTorch's ops on one thread while the native kernel keeps the caller's
 thread count on its own pool (:func:`decode_threads`). It also keeps untied fp32 ``nn.Linear`` layers whose
-weights are exactly fp16 values (the checkpoint's ``lm_head``) in fp16 (:mod:`.kernels.cpu_half`).
+weights are exactly fp16 values (the checkpoint's ``lm_head``) in fp16 (:mod:`.kernels.cpu_half`), and lets
+the quantized linears that read one input (the architecture's true-sequential groups: q, k and v; gate and up)
+share one native call for few tokens (:class:`~.kernels.cpu_int4_native.SharedInput`).
 
 Measured on the 1B LLaMA-shaped model of ``make bench-cpu-peers`` (2 threads, AMD EPYC, ms per token): see
 ``docs/kernels.md``. Nothing here changes a result's bits for the native kernels (which thread computes a
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint.architectures import ArchSpec
 from .kernels import cpu_half, cpu_int4_native
 from .qlinear import QuantLinear
 
@@ -70,7 +73,7 @@ def _tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
     return None
 
 
-def install(model: nn.Module) -> list[str]:
+def install(model: nn.Module, arch: ArchSpec | None = None) -> list[str]:
     """Tune a model loaded entirely on the CPU for decode; returns what it changed (for the log).
 
     Only where a native build runs here and every quantized layer took it; otherwise the model is left as it is.
@@ -83,6 +86,10 @@ def install(model: nn.Module) -> list[str]:
             b.device.type != "cpu" for b in model.buffers()):
         return []
     changed = _keep_fp16_linears(model, found[1])
+    if arch is not None:
+        shared = cpu_int4_native.share_inputs(_input_groups(model, arch))
+        if shared:
+            changed.append(f"{shared} groups of quantized linears that read one input share one call a token")
     forward = model.forward
 
     @functools.wraps(forward)
@@ -97,6 +104,21 @@ def install(model: nn.Module) -> list[str]:
     changed.append(f"decode steps (up to {DECODE_TOKENS} tokens) run PyTorch's ops on one thread, "
                    f"{found[0].name} on its own pool")
     return changed
+
+
+def _input_groups(model: nn.Module, arch: ArchSpec) -> list[list[QuantLinear]]:
+    """Per decoder layer, each true-sequential group of two or more quantized linears (they read one input)."""
+    try:
+        layers = model.get_submodule(arch.layers_path)
+    except AttributeError:
+        return []
+    groups = []
+    for layer in layers:
+        for names in arch.sequential:
+            members = [layer.get_submodule(name) for name in names]
+            if len(members) > 1 and all(isinstance(m, QuantLinear) for m in members):
+                groups.append(members)
+    return groups
 
 
 def _keep_fp16_linears(model: nn.Module, lib: Any) -> list[str]:

@@ -139,7 +139,7 @@ def load_quantized(path: str | os.PathLike[str], *, max_memory: str | Mapping[An
     model.gptq_placement = placement
     model.gptq_settings = settings
     model.gptq_kernels = _kernel_decisions(model)
-    for line in decode.install(model):
+    for line in decode.install(model, arch):
         logger.info("cpu decode: %s", line)
     logger.info("loaded %s in %.1f s", folder, time.perf_counter() - started)
     return model

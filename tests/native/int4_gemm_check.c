@@ -38,7 +38,7 @@ static int check(int m, int blocks, int k, int gs, int scales_f32) {
                 packed[((size_t)b * k + i) * L + l] = (int32_t)word;
             }
     const void *scales = scales_f32 ? (const void *)scales32 : (const void *)scales16;
-    gptq_int4_gemm(packed, scales, zeros, x, out, m, n, k, gs, 0, blocks, scales_f32, 1);
+    gptq_int4_gemm(packed, scales, zeros, x, out, m, n, n, k, gs, 0, blocks, scales_f32, 1);
     gptq_int4_dequantize(packed, scales, zeros, w, n, k, gs, 0, blocks, n, scales_f32, 1);
     int bad = 0;
     float *out3 = malloc(sizeof(float) * m * n), *w3 = malloc(sizeof(float) * k * n);
@@ -47,7 +47,7 @@ static int check(int m, int blocks, int k, int gs, int scales_f32) {
         for (int repeat = 0; repeat < 20 && !bad; repeat++) {
             memset(out3, 0xff, sizeof(float) * m * n);
             memset(w3, 0xff, sizeof(float) * k * n);
-            gptq_int4_gemm(packed, scales, zeros, x, out3, m, n, k, gs, 0, blocks, scales_f32, 3);
+            gptq_int4_gemm(packed, scales, zeros, x, out3, m, n, n, k, gs, 0, blocks, scales_f32, 3);
             gptq_int4_dequantize(packed, scales, zeros, w3, n, k, gs, 0, blocks, n, scales_f32, 3);
             if (memcmp(out, out3, sizeof(float) * m * n) || memcmp(w, w3, sizeof(float) * k * n)) {
                 printf("3 threads (spin %d) differ from 1 thread (m=%d)\n", spin, m);

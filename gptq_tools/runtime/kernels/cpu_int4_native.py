@@ -29,8 +29,10 @@ get_cpu_capability()``), so ``ATEN_CPU_CAPABILITY=avx2`` makes an AVX-512 machin
   at a time over each block of weights (up to 4 for AVX-512, 3 for AVX2, 2 portable), the column blocks
   claimed one at a time by the calling thread and the kernel's own worker threads (``torch.get_num_threads()``
   threads in all; a call never waits for a worker that has not woken up, so a busy machine costs at most one
-  block, and idle workers spin for :data:`POOL_SPIN_NS` before they sleep); a lone row (one token) takes ``s * (sum x * q - z * sum x)`` instead,
-  every word read once (regrouped, so rounded differently by about fp32's epsilon, far below fp16 rounding);
+  block, and idle workers spin for :data:`POOL_SPIN_NS` before they sleep); linears that read one input
+  (q, k, v) share one call (:class:`SharedInput`); a lone row (one token) takes
+  ``s * (sum x * q - z * sum x)`` instead, every word read once (regrouped, so rounded differently by about
+  fp32's epsilon, far below fp16 rounding);
 * many tokens (prefill, from :data:`PREFILL_TOKENS`): a block of columns dequantized to fp32 at a time
   and multiplied by PyTorch's fp32 GEMM;
 * groups: any size that tiles every quantization group (act-order rows already sorted by
@@ -143,7 +145,7 @@ def _load(build: Build) -> ctypes.CDLL | str:
     lib.gptq_pool_set_spin.argtypes = [ctypes.c_int64]
     lib.gptq_pool_set_spin.restype = None
     lib.gptq_pool_set_spin(POOL_SPIN_NS)
-    lib.gptq_int4_gemm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8
+    lib.gptq_int4_gemm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 9
     lib.gptq_int4_gemm.restype = None
     lib.gptq_int4_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 8
     lib.gptq_int4_dequantize.restype = None
@@ -222,6 +224,7 @@ def prepare(build: Build, layer: QuantLinear) -> None:
     layer.register_buffer("native_zeros", zeros, persistent=False)
     layer.native_group_rows = rows
     layer.native_block = block
+    layer.native_shared = None
 
 
 def forward(build: Build, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -235,6 +238,9 @@ def forward(build: Build, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     lib = _load(build)  # built when the layer was chosen (library()); cached, so no checks on this hot path
     if isinstance(lib, str):
         raise RuntimeError(f"{layer.name or 'QuantLinear'}: kernel {build.name!r} is unavailable: {lib}")
+    shared = layer.native_shared
+    if shared is not None and x.numel() < PREFILL_TOKENS * layer.in_features:
+        return shared.forward(lib, layer, x)
     flat = permuted_input(layer, x)  # (tokens, in)
     if flat.dtype != torch.float32:
         flat = flat.to(torch.float32)
@@ -244,6 +250,11 @@ def forward(build: Build, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         out = _dequantized_gemm(lib, layer, flat)
     else:
         out = _gemm(lib, layer, flat)
+    return _finish(layer, x, out)
+
+
+def _finish(layer: QuantLinear, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The kernel's fp32 (tokens, padded out) as the layer's output: unpadded, bias added, x's dtype and shape."""
     if out.shape[1] != layer.out_features:
         out = out[:, : layer.out_features]
     if layer.bias is not None:
@@ -254,10 +265,12 @@ def forward(build: Build, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         out.reshape(*x.shape[:-1], layer.out_features)
 
 
-def _args(layer: QuantLinear) -> tuple[int, int, int, int, int]:
-    """Pointers to the packed weights, scales and zeros, the padded width, and whether scales are fp32."""
-    return (layer.native_packed.data_ptr(), layer.native_scales.data_ptr(), layer.native_zeros.data_ptr(),
-            layer.native_scales.shape[1], int(layer.native_scales.dtype == torch.int32))
+def _args(layer: QuantLinear) -> tuple[int, int, int, int, int, int]:
+    """Pointers to the packed weights, scales and zeros, the padded width, the scales' and zeros' row stride
+    (wider than the layer where it shares calls), and whether scales are fp32."""
+    scales = layer.native_scales
+    return (layer.native_packed.data_ptr(), scales.data_ptr(), layer.native_zeros.data_ptr(), scales.shape[1],
+            scales.stride(0), int(scales.dtype == torch.int32))
 
 
 #: The pool's thread count while PyTorch's own ops run on fewer (:func:`gptq_tools.runtime.decode.decode_threads`);
@@ -282,16 +295,16 @@ def _threads(elements: int) -> int:
 
 
 def _gemm(lib: ctypes.CDLL, layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
-    packed, scales, zeros, n, scales_f32 = _args(layer)
+    packed, scales, zeros, n, ldp, scales_f32 = _args(layer)
     k, m = layer.in_features, flat.shape[0]
     out = torch.empty(m, n, dtype=torch.float32)
-    lib.gptq_int4_gemm(packed, scales, zeros, flat.data_ptr(), out.data_ptr(), m, n, k, layer.native_group_rows, 0,
+    lib.gptq_int4_gemm(packed, scales, zeros, flat.data_ptr(), out.data_ptr(), m, n, ldp, k, layer.native_group_rows, 0,
                        n // layer.native_block, scales_f32, _threads(k * n * m))
     return out
 
 
 def _dequantized_gemm(lib: ctypes.CDLL, layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
-    packed, scales, zeros, n, scales_f32 = _args(layer)
+    packed, scales, zeros, n, ldp, scales_f32 = _args(layer)
     k, rows, block = layer.in_features, layer.native_group_rows, layer.native_block
     per_step = max(1, PREFILL_BLOCK_ELEMENTS // (k * block))
     out = torch.empty(flat.shape[0], n, dtype=torch.float32)
@@ -300,10 +313,93 @@ def _dequantized_gemm(lib: ctypes.CDLL, layer: QuantLinear, flat: torch.Tensor) 
         last = min(first + per_step, n // block)
         width = (last - first) * block
         weight = buffer[: k * width].view(k, width)
-        lib.gptq_int4_dequantize(packed, scales, zeros, weight.data_ptr(), n, k, rows, first, last, width, scales_f32,
+        lib.gptq_int4_dequantize(packed, scales, zeros, weight.data_ptr(), ldp, k, rows, first, last, width, scales_f32,
                                  _threads(k * width))
         out[:, first * block: last * block] = flat @ weight
     return out
+
+
+class SharedInput:
+    """Quantized linears that read the same input (a true-sequential group: q, k and v; gate and up), computed by
+    one native call for few tokens.
+
+    Their packed weights, scales and zeros become slices of one tensor each (no extra memory); the first member
+    called with an input computes every member's output and keeps the others' until they are asked for with
+    that same tensor, unchanged (same object, same version counter); any other input is computed afresh. One
+    call instead of three reads the input once, wakes the pool once and gives its threads more blocks to share.
+    Every column is computed as the member's own call would: the same bits.
+    """
+
+    def __init__(self, layers: list[QuantLinear]) -> None:
+        self.layers = layers
+        self.packed = torch.cat([layer.native_packed for layer in layers])
+        self.scales = torch.cat([layer.native_scales for layer in layers], dim=1)
+        self.zeros = torch.cat([layer.native_zeros for layer in layers], dim=1)
+        self.columns: dict[QuantLinear, tuple[int, int]] = {}
+        start = 0
+        for layer in layers:
+            width = layer.native_scales.shape[1]
+            blocks = slice(start // layer.native_block, (start + width) // layer.native_block)
+            layer.register_buffer("native_packed", self.packed[blocks], persistent=False)
+            layer.register_buffer("native_scales", self.scales[:, start: start + width], persistent=False)
+            layer.register_buffer("native_zeros", self.zeros[:, start: start + width], persistent=False)
+            layer.native_shared = self
+            self.columns[layer] = (start, width)
+            start += width
+        self.width = start
+        self._input: torch.Tensor | None = None
+        self._version = -1
+        self._pending: dict[QuantLinear, torch.Tensor] = {}
+
+    @staticmethod
+    def fusable(layers: list[QuantLinear]) -> bool:
+        """Whether ``layers`` can share calls: one native build, the same input width, kernel groups, scale
+        type and input permutation."""
+        first = layers[0]
+        if len(layers) < 2 or any(layer.kernel not in BY_NAME or layer.native_shared is not None for layer in layers):
+            return False
+        same = all(layer.kernel == first.kernel and layer.in_features == first.in_features
+                   and layer.native_group_rows == first.native_group_rows
+                   and layer.native_scales.dtype == first.native_scales.dtype for layer in layers)
+        perms = [layer.input_perm for layer in layers]
+        return same and (all(p is None for p in perms) or (
+            all(p is not None for p in perms) and all(torch.equal(p, perms[0]) for p in perms)))
+
+    def forward(self, lib: ctypes.CDLL, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        if self._input is x and x._version == self._version:
+            kept = self._pending.pop(layer, None)
+            if not self._pending:
+                self._input = None
+            if kept is not None:
+                return kept
+        flat = permuted_input(layer, x)
+        if flat.dtype != torch.float32:
+            flat = flat.to(torch.float32)
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        k, m = layer.in_features, flat.shape[0]
+        out = torch.empty(m, self.width, dtype=torch.float32)
+        lib.gptq_int4_gemm(self.packed.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(), flat.data_ptr(),
+                           out.data_ptr(), m, self.width, self.width, k, layer.native_group_rows, 0,
+                           self.width // layer.native_block, int(self.scales.dtype == torch.int32),
+                           _threads(k * self.width * m))
+        outputs = {}
+        for member, (start, width) in self.columns.items():
+            columns = out[:, start: start + width]
+            outputs[member] = _finish(member, x, columns if m == 1 else columns.contiguous())
+        mine = outputs.pop(layer)
+        self._input, self._version, self._pending = x, x._version, outputs
+        return mine
+
+
+def share_inputs(groups: list[list[QuantLinear]]) -> int:
+    """Make each group of linears that read one input share native calls where they can; returns how many."""
+    shared = 0
+    for layers in groups:
+        if SharedInput.fusable(layers):
+            SharedInput(layers)
+            shared += 1
+    return shared
 
 
 def workspace_bytes(in_features: int, out_features: int, dtype: torch.dtype) -> int:

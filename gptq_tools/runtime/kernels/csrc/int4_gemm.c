@@ -133,7 +133,8 @@ INLINE float unplace(int j) { return 1.0f / (float)(1 << place(j)); }
 /* Rows [r0, r0 + R) of out (m, n) = x @ W for nibbles [J0, J0 + J) of block b (columns L * J0 .. L * (J0 + J)):
  * R * J accumulators (R >= 2: enough FMA chains for the FMA's latency), so each unpacked weight serves R rows. */
 INLINE void rows_pass(const int32_t *blocks, const void *scales, const uint8_t *zeros, const float *x, float *out,
-                      int64_t n, int64_t k, int64_t gs, int64_t b, int64_t r0, const int R, const int J0, const int J,
+                      int64_t n, int64_t ldp, int64_t k, int64_t gs, int64_t b, int64_t r0, const int R, const int J0,
+                      const int J,
                       int scales_f32) {
     const int32_t *blk = blocks + b * k * L;
     const int64_t col0 = b * BLOCK + L * J0;
@@ -141,9 +142,9 @@ INLINE void rows_pass(const int32_t *blocks, const void *scales, const uint8_t *
         for (int j = 0; j < J; j++) store_floats(out + (r0 + r) * n + col0 + L * j, broadcast(0.0f));
     for (int64_t g0 = 0; g0 < k; g0 += gs) {
         const int64_t group = g0 / gs;
-        if (g0 + gs < k) prefetch_params(scales, zeros, (group + 1) * n + b * BLOCK, scales_f32);
+        if (g0 + gs < k) prefetch_params(scales, zeros, (group + 1) * ldp + b * BLOCK, scales_f32);
         vi z[8];
-        for (int j = 0; j < J; j++) z[j] = load_zeros(zeros + group * n + col0 + L * j) << place(J0 + j);
+        for (int j = 0; j < J; j++) z[j] = load_zeros(zeros + group * ldp + col0 + L * j) << place(J0 + j);
         vf acc[ROWS_MAX][8];
         for (int r = 0; r < R; r++)
             for (int j = 0; j < J; j++) acc[r][j] = broadcast(0.0f);
@@ -160,7 +161,7 @@ INLINE void rows_pass(const int32_t *blocks, const void *scales, const uint8_t *
             }
         }
         for (int j = 0; j < J; j++) {
-            const vf s = load_scales(scales, group * n + col0 + L * j, scales_f32) * unplace(J0 + j);
+            const vf s = load_scales(scales, group * ldp + col0 + L * j, scales_f32) * unplace(J0 + j);
             for (int r = 0; r < R; r++) {
                 float *o = out + (r0 + r) * n + col0 + L * j;
                 store_floats(o, acc[r][j] * s + load_floats(o));
@@ -177,14 +178,14 @@ INLINE void rows_pass(const int32_t *blocks, const void *scales, const uint8_t *
  * by about fp32's epsilon times sum |x * q * s|: far below fp16 rounding. sum_k x_k is accumulated in the same
  * loop, in a vector (every lane the same), so no separate pass over x is needed. */
 INLINE void one_row(const int32_t *blocks, const void *scales, const uint8_t *zeros, const float *x,
-                    float *out, int64_t n, int64_t k, int64_t gs, int64_t b, int scales_f32) {
+                    float *out, int64_t ldp, int64_t k, int64_t gs, int64_t b, int scales_f32) {
     const int32_t *blk = blocks + b * k * L;
     const int64_t col0 = b * BLOCK;
     vf total[8];
     for (int j = 0; j < 8; j++) total[j] = broadcast(0.0f);
     for (int64_t g0 = 0; g0 < k; g0 += gs) {
         const int64_t group = g0 / gs;
-        if (g0 + gs < k) prefetch_params(scales, zeros, (group + 1) * n + col0, scales_f32);
+        if (g0 + gs < k) prefetch_params(scales, zeros, (group + 1) * ldp + col0, scales_f32);
         vf acc[8], sx = broadcast(0.0f);
         for (int j = 0; j < 8; j++) acc[j] = broadcast(0.0f);
         const int32_t *p = blk + g0 * L;
@@ -200,8 +201,8 @@ INLINE void one_row(const int32_t *blocks, const void *scales, const uint8_t *ze
             }
         }
         for (int j = 0; j < 8; j++) {
-            const vf s = load_scales(scales, group * n + col0 + L * j, scales_f32) * unplace(j);
-            const vf z = __builtin_convertvector(load_zeros(zeros + group * n + col0 + L * j) << place(j), vf);
+            const vf s = load_scales(scales, group * ldp + col0 + L * j, scales_f32) * unplace(j);
+            const vf z = __builtin_convertvector(load_zeros(zeros + group * ldp + col0 + L * j) << place(j), vf);
             total[j] += (acc[j] - z * sx) * s;
         }
     }
@@ -344,14 +345,15 @@ void gptq_pool_set_spin(int64_t ns) { atomic_store(&pool.spin_ns, ns < 0 ? 0 : n
 /* Two passes over a block of R >= 2 rows, nibbles 0..3 and 4..7 (8 nibbles of R rows would not fit the registers). */
 #define HALVES(R)                                                                                    \
     do {                                                                                             \
-        rows_pass(blocks, scales, zeros, x, out, n, k, gs, b, r0, R, 0, 4, scales_f32);               \
-        rows_pass(blocks, scales, zeros, x, out, n, k, gs, b, r0, R, 4, 4, scales_f32);               \
+        rows_pass(blocks, scales, zeros, x, out, n, ldp, k, gs, b, r0, R, 0, 4, scales_f32);          \
+        rows_pass(blocks, scales, zeros, x, out, n, ldp, k, gs, b, r0, R, 4, 4, scales_f32);          \
     } while (0)
 
 static void rows_block(const int32_t *blocks, const void *scales, const uint8_t *zeros, const float *x, float *out,
-                       int64_t n, int64_t k, int64_t gs, int64_t b, int64_t r0, int rows, int scales_f32) {
+                       int64_t n, int64_t ldp, int64_t k, int64_t gs, int64_t b, int64_t r0, int rows,
+                       int scales_f32) {
     switch (rows) {
-        case 1: one_row(blocks, scales, zeros, x + r0 * k, out + r0 * n, n, k, gs, b, scales_f32); break;
+        case 1: one_row(blocks, scales, zeros, x + r0 * k, out + r0 * n, ldp, k, gs, b, scales_f32); break;
 #if ROWS_MAX >= 4
         case 4: HALVES(4); break;
 #endif
@@ -368,7 +370,7 @@ typedef struct {
     const uint8_t *zeros;
     const float *x;
     float *out;
-    int64_t m, n, k, gs, b0, ld;
+    int64_t m, n, ldp, k, gs, b0, ld; /* n: out's row stride; ldp: the scales' and zeros' */
     int scales_f32;
 } call_t;
 
@@ -377,30 +379,32 @@ static void gemm_item(const void *ctx, int64_t item) {
     const int64_t b = c->b0 + item;
     for (int64_t r0 = 0; r0 < c->m; r0 += ROWS_MAX) {
         const int64_t rows = c->m - r0 < ROWS_MAX ? c->m - r0 : ROWS_MAX;
-        rows_block(c->blocks, c->scales, c->zeros, c->x, c->out, c->n, c->k, c->gs, b, r0, (int)rows, c->scales_f32);
+        rows_block(c->blocks, c->scales, c->zeros, c->x, c->out, c->n, c->ldp, c->k, c->gs, b, r0, (int)rows,
+                   c->scales_f32);
     }
 }
 
-/* out (m, n) fp32, columns of blocks [b0, b1): x (m, k) fp32 times the dequantized weight. A lone last row
+/* out (m, n) fp32, columns of blocks [b0, b1): x (m, k) fp32 times the dequantized weight; scales and zeros
+ * (groups, ldp), ldp >= n (a layer whose parameters are columns of a wider group's). A lone last row
  * (m % ROWS_MAX == 1: one token, decode) takes the one-row pass, the others the multi-row passes. */
 void gptq_int4_gemm(const int32_t *blocks, const void *scales, const uint8_t *zeros, const float *x,
-                    float *out, int64_t m, int64_t n, int64_t k, int64_t gs, int64_t b0, int64_t b1,
+                    float *out, int64_t m, int64_t n, int64_t ldp, int64_t k, int64_t gs, int64_t b0, int64_t b1,
                     int64_t scales_f32, int64_t threads) {
-    const call_t call = {blocks, scales, zeros, x, out, m, n, k, gs, b0, 0, (int)scales_f32};
+    const call_t call = {blocks, scales, zeros, x, out, m, n, ldp, k, gs, b0, 0, (int)scales_f32};
     parallel_items(gemm_item, &call, b1 - b0, threads);
 }
 
 static void dequantize_item(const void *ctx, int64_t item) {
     const call_t *c = ctx;
-    const int64_t b = c->b0 + item, n = c->n, k = c->k, gs = c->gs;
+    const int64_t b = c->b0 + item, ldp = c->ldp, k = c->k, gs = c->gs;
     const int32_t *blk = c->blocks + b * k * L;
     for (int64_t g0 = 0; g0 < k; g0 += gs) {
         const int64_t group = g0 / gs;
         vf s[8];
         vi z[8];
         for (int j = 0; j < 8; j++) {
-            s[j] = load_scales(c->scales, group * n + b * BLOCK + L * j, c->scales_f32) * unplace(j);
-            z[j] = load_zeros(c->zeros + group * n + b * BLOCK + L * j) << place(j);
+            s[j] = load_scales(c->scales, group * ldp + b * BLOCK + L * j, c->scales_f32) * unplace(j);
+            z[j] = load_zeros(c->zeros + group * ldp + b * BLOCK + L * j) << place(j);
         }
         for (int64_t i = g0; i < g0 + gs; i++) {
             const vi words = load_words(blk + i * L);
@@ -410,11 +414,12 @@ static void dequantize_item(const void *ctx, int64_t item) {
     }
 }
 
-/* w (k rows, ld apart) fp32: the dequantized weight (q - z) * s of blocks [b0, b1), block b0 at column 0. */
+/* w (k rows, ld apart) fp32: the dequantized weight (q - z) * s of blocks [b0, b1), block b0 at column 0;
+ * scales and zeros (groups, ldp). */
 void gptq_int4_dequantize(const int32_t *blocks, const void *scales, const uint8_t *zeros, float *w,
-                          int64_t n, int64_t k, int64_t gs, int64_t b0, int64_t b1, int64_t ld,
+                          int64_t ldp, int64_t k, int64_t gs, int64_t b0, int64_t b1, int64_t ld,
                           int64_t scales_f32, int64_t threads) {
-    const call_t call = {blocks, scales, zeros, NULL, w, 0, n, k, gs, b0, ld, (int)scales_f32};
+    const call_t call = {blocks, scales, zeros, NULL, w, 0, 0, ldp, k, gs, b0, ld, (int)scales_f32};
     parallel_items(dequantize_item, &call, b1 - b0, threads);
 }
 
