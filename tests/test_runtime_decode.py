@@ -139,4 +139,25 @@ def test_linears_sharing_an_input_give_their_own_bits(tokens: int, tmp_path: Pat
         for member in members:
             member.native_shared = None
         assert torch.equal(after, attention.k_proj(x))
+        for member in members:
+            member.native_shared = shared
+    with torch.inference_mode():  # inference tensors have no version counter: each member computes its own
+        y = x.clone()
+        assert all(torch.equal(member(y), alone_member) for member, alone_member in zip(
+            members, [attention.q_proj(y), attention.k_proj(y), attention.v_proj(y)]))
+        assert shared._input is not y
     assert all(torch.equal(a, b) for a, b in zip(together, alone))
+
+
+@needs_native
+def test_greedy_generation_with_shared_calls_matches_reference(tmp_path: Path) -> None:
+    """End to end through transformers' generate: q, k and v share calls, and the tokens are the reference's."""
+    checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", "opt", tie=False)
+    model = load_quantized(checkpoint.folder, dtype=torch.float32, device_map="cpu")
+    assert model.model.decoder.layers[0].self_attn.q_proj.native_shared is not None
+    prompt = torch.tensor([[4, 8, 12, 16]])
+    options = {"attention_mask": torch.ones_like(prompt), "max_new_tokens": 12, "do_sample": False}
+    with torch.no_grad():
+        got = model.generate(prompt, **options)
+        expected = reference_model(checkpoint).generate(prompt, **options)
+    assert torch.equal(got, expected)

@@ -147,7 +147,7 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, *, max_new_toke
     if on_text is not None:
         options["streamer"] = _CallbackStreamer(tokenizer, on_text)
     started = time.perf_counter()
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: its tensors have no version counter, which SharedInput needs
         output = model.generate(input_ids=input_ids, attention_mask=None if attention_mask is None else
                                 attention_mask.to(input_ids.device), **options)
     seconds = time.perf_counter() - started
