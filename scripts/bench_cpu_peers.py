@@ -11,7 +11,8 @@
    * ``llama.cpp Q4_0`` and ``Q4_K_M`` of the same fp16 weights (``make venv-llamacpp``: llama-cpp-python,
      its sdist's ``convert_hf_to_gguf.py``, ``llama_model_quantize``); skipped with the reason without it.
 3. Each measurement: prefill of a 512-token prompt (tokens/s), decode of 64 tokens after a 16-token prompt
-   (tokens/s, the prompt excluded), greedy; rounds interleaved across the peers (``--rounds``), medians.
+   (tokens/s, the prompt excluded), greedy; rounds interleaved across the peers (``--rounds``, default 5),
+   medians.
    Also the machine's read bandwidth (2 threads, a 512 MiB sum) and each peer's weight bytes read per token,
    so decode can be read as a share of the bandwidth ceiling.
 
@@ -200,7 +201,8 @@ def run_child(args: list[str], python: str = sys.executable) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llamacpp", help="python of the llama.cpp venv (make venv-llamacpp)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median; default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median; default 5: a shared VM's "
+                        "read bandwidth swings by 2x between minutes)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--method", default="rtn", help="quantize --method for the checkpoint (default rtn)")
     parser.add_argument("--vocab", type=int, default=8000, help="tokenizer size asked of sentencepiece")
