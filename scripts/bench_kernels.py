@@ -67,11 +67,15 @@ NEW_TOKENS, REFERENCE_TOKENS = 32, 3  # the reference kernel dequantizes 1.2B we
 
 def median_seconds(call: Callable[..., object], *args: object, repeats: int,
                    sync: Callable[[], None] = lambda: None) -> float:
-    """Median wall time of ``call(*args)`` after one warm-up call."""
+    """Median wall time of ``call(*args)`` after one warm-up call, over ``repeats`` calls or, for a short call,
+    as many as fill about a quarter of a second (at most 200): a 1 ms call's median of 5 on a shared VM moves by
+    a third between runs, one of 200 does not."""
+    started = time.perf_counter()
     call(*args)
     sync()
+    first = time.perf_counter() - started
     times = []
-    for _ in range(repeats):
+    for _ in range(max(repeats, min(200, int(0.25 / max(first, 1e-6))))):
         started = time.perf_counter()
         call(*args)
         sync()
