@@ -191,6 +191,7 @@ def main() -> int:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
+    args.out = args.out.absolute()  # GPTQModel runs in another working folder: a relative --out would not be found
     args.out.mkdir(parents=True, exist_ok=True)
     # absolute, not resolved: GPTQModel runs with another working folder, and a venv's python is a symlink
     gptqmodel = None if args.no_gptqmodel or args.gptqmodel is None else args.gptqmodel.absolute()

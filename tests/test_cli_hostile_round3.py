@@ -286,7 +286,8 @@ def tiny_opt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def interrupted_quantize(model: Path, output: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A quantize run stopped right after layer 0 is committed; returns its work folder."""
+    """A quantize run (default method, fp-target) stopped right after layer 0 is committed; returns its work
+    folder."""
     from gptq_tools.quant import driver
 
     real = driver._commit_layer
@@ -301,21 +302,23 @@ def interrupted_quantize(model: Path, output: Path, monkeypatch: pytest.MonkeyPa
                      *QUANT_ARGS]) == 130
     work = driver._staging_folder(output) / driver.WORK_DIR
     assert sorted(p.name for p in work.iterdir()) == ["inputs-00001.safetensors", "layer-00000.safetensors",
-                                                      "state.json"]
+                                                      "reference-00001.safetensors", "state.json"]
     return work
 
 
 def test_symlinks_planted_at_the_next_quantize_work_files_are_replaced_not_written_through(
         tiny_opt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Links at the names a resumed run writes next (its layer file, the next layer's inputs) are replaced
-    by the files (rename), as for every file published; their targets stay as they were, and the checkpoint
-    is complete (that a resumed run gives the uninterrupted run's bytes is tests/test_quant_driver.py's)."""
+    """Links at the names a resumed run writes next (its layer file, the next layer's inputs and fp-target's
+    full-precision inputs) are replaced by the files (rename), as for every file published; their targets stay
+    as they were, and the checkpoint is complete (that a resumed run gives the uninterrupted run's bytes is
+    tests/test_quant_driver.py's)."""
     from gptq_tools.quant.save import finished_checkpoint
 
     resumed = tmp_path / "resumed"
     calibration = ["--calibration", str(tiny_opt / "train.txt")]
     work = interrupted_quantize(tiny_opt, resumed, monkeypatch)
-    victims = {name: tmp_path / f"victim-{name}" for name in ("layer-00001.safetensors", "inputs-00002.safetensors")}
+    victims = {name: tmp_path / f"victim-{name}" for name in ("layer-00001.safetensors", "inputs-00002.safetensors",
+                                                              "reference-00002.safetensors")}
     for name, victim in victims.items():
         victim.write_bytes(b"precious bytes that must survive\n")
         os.symlink(victim, work / name)

@@ -52,10 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="one file named as AutoGPTQ does, gptq_model-{bits}bit-{gs}g.safetensors (implies "
                              "--single-file; transformers does not find that name)")
     parser.add_argument("--method", choices=("gptq", "fp-target", "rtn"), default=None,
-                        help="how the integer weights are chosen (same checkpoint format): gptq = plain GPTQ; "
-                             "fp-target = GPTQ solved against the full-precision model's outputs, correcting the "
-                             "error earlier layers pass on; rtn = round-to-nearest baseline (default gptq; "
-                             "measurements in docs/quantization-methods.md)")
+                        help="how the integer weights are chosen (same checkpoint format): fp-target (the "
+                             "default) = GPTQ solved against the full-precision model's outputs, correcting the "
+                             "error earlier layers pass on; gptq = plain GPTQ (--method gptq); rtn = "
+                             "round-to-nearest baseline (measurements in docs/quantization-methods.md)")
     parser.add_argument("--target-alpha", type=float, default=None,
                         help="fp-target: share of the inherited error to correct, in (0, 1] (default 1)")
     parser.add_argument("--scale-search", choices=("minmax", "mse"), default=None,
