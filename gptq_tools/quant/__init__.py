@@ -12,6 +12,10 @@ Modules:
     evaluate: perplexity of fp16 or GPTQ folders (dequantized from the checkpoint tensors).
     quality: ``gptq-tools eval``: perplexity on a file and KL divergence from the fp16 model, window by window.
 
+Method: ``fp-target`` by default (each linear solved against the full-precision model's outputs,
+:mod:`.fp_target` and :mod:`.reference`); ``QuantizeConfig(method="gptq")`` is plain GPTQ, ``"rtn"``
+round-to-nearest. All three write the same checkpoint tensors.
+
 Checkpoint format: AutoGPTQ v1 (``checkpoint_format: "gptq"``) by default. v1 stores ``zero - 1`` and
 cannot hold a zero point of 0, so asymmetric v1 quantization keeps every zero >= 1 (decided in the
 quantizer, not by clamping afterwards, so the stored values are exactly what GPTQ optimised);
