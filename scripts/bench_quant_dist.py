@@ -1,8 +1,9 @@
 """Distributed quantization benchmark: 1 rank vs 2 ranks on this machine (gloo, one thread each).
 
 For the tiny OPT and BLOOM models of ``scripts/bench_quant.py`` (trained here, 800 steps), quantizes with
-4-bit, group 32, act-order, the same 64 calibration windows, once in one process and once with
-``torchrun --nproc-per-node 2`` (``torch.distributed.run``), and prints: wall time of each, the speed-up,
+4-bit, group 32, act-order and the default method (fp-target), the same 64 calibration windows, once in one
+process and once with ``torchrun --nproc-per-node 2`` (``torch.distributed.run``), and prints: wall time of
+each, the speed-up,
 the fraction of rank 0's time spent in collectives (waiting for the other rank included), and the KL
 divergence from the fp16 model of both checkpoints with their ratio (goal: within 1.01x).
 
