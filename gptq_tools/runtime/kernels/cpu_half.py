@@ -48,8 +48,7 @@ class HalfStoredLinear(nn.Module):
         tokens = flat.shape[0]
         if tokens <= NATIVE_TOKENS and flat.device.type == "cpu":
             out = torch.empty(tokens, self.out_features, dtype=torch.float32)
-            threads = cpu_int4_native.pool_threads() if self.in_features * self.out_features >= \
-                cpu_int4_native.THREAD_MIN_ELEMENTS else 1
+            threads = cpu_int4_native.call_threads(self.in_features * self.out_features)
             self._lib.gptq_f16_gemm(self.weight_bits.data_ptr(), flat.data_ptr(), out.data_ptr(), tokens,
                                     self.out_features, self.in_features, threads)
         else:

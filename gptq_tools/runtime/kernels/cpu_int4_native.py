@@ -265,8 +265,7 @@ def _finish(layer: QuantLinear, x: torch.Tensor, out: torch.Tensor) -> torch.Ten
         out = out + layer.bias.to(torch.float32)
     if x.dtype != torch.float32:
         out = out.to(x.dtype)
-    return out.view(*x.shape[:-1], layer.out_features) if out.is_contiguous() else \
-        out.reshape(*x.shape[:-1], layer.out_features)
+    return out.reshape(*x.shape[:-1], layer.out_features)
 
 
 def _args(layer: QuantLinear) -> tuple[int, int, int, int, int, int]:
@@ -293,9 +292,9 @@ def set_pool_threads(threads: int | None) -> None:
     _pool_threads = threads
 
 
-def _threads(elements: int) -> int:
-    """Threads for a call over ``elements`` weights x tokens: :func:`pool_threads`, one for small calls."""
-    return (_pool_threads or torch.get_num_threads()) if elements >= THREAD_MIN_ELEMENTS else 1
+def call_threads(elements: int) -> int:
+    """Threads for a native call over ``elements`` weights x tokens: :func:`pool_threads`, one for small calls."""
+    return pool_threads() if elements >= THREAD_MIN_ELEMENTS else 1
 
 
 def _gemm(lib: ctypes.CDLL, layer: QuantLinear, flat: torch.Tensor) -> torch.Tensor:
@@ -303,7 +302,7 @@ def _gemm(lib: ctypes.CDLL, layer: QuantLinear, flat: torch.Tensor) -> torch.Ten
     k, m = layer.in_features, flat.shape[0]
     out = torch.empty(m, n, dtype=torch.float32)
     lib.gptq_int4_gemm(packed, scales, zeros, flat.data_ptr(), out.data_ptr(), m, n, ldp, k, layer.native_group_rows, 0,
-                       n // layer.native_block, scales_f32, _threads(k * n * m))
+                       n // layer.native_block, scales_f32, call_threads(k * n * m))
     return out
 
 
@@ -318,7 +317,7 @@ def _dequantized_gemm(lib: ctypes.CDLL, layer: QuantLinear, flat: torch.Tensor) 
         width = (last - first) * block
         weight = buffer[: k * width].view(k, width)
         lib.gptq_int4_dequantize(packed, scales, zeros, weight.data_ptr(), ldp, k, rows, first, last, width, scales_f32,
-                                 _threads(k * width))
+                                 call_threads(k * width))
         out[:, first * block: last * block] = flat @ weight
     return out
 
@@ -384,7 +383,7 @@ class SharedInput:
         lib.gptq_int4_gemm(self.packed.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(), flat.data_ptr(),
                            out.data_ptr(), m, self.width, self.width, k, layer.native_group_rows, 0,
                            self.width // layer.native_block, int(self.scales.dtype == torch.int32),
-                           _threads(k * self.width * m))
+                           call_threads(k * self.width * m))
         outputs = {}
         for member, (start, width) in self.columns.items():
             columns = out[:, start: start + width]
