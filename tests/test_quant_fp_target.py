@@ -57,6 +57,17 @@ def test_cross_term_is_two_over_n_of_the_paired_products() -> None:
         cross.cross()
 
 
+def test_cross_term_is_the_same_bits_in_any_window_order() -> None:
+    X, Xq = _streams(rows=240, inp=16)
+    forward, backward = CrossAccumulator(16), CrossAccumulator(16)
+    windows = [slice(start, start + 40) for start in range(0, 240, 40)]
+    for window in windows:
+        forward.add(X[window], Xq[window])
+    for window in reversed(windows):
+        backward.add(X[window], Xq[window])
+    assert torch.equal(forward.cross(), backward.cross())
+
+
 def test_target_is_the_ridge_least_squares_solution() -> None:
     X, Xq = _streams(inp=32)
     W = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))

@@ -151,6 +151,54 @@ def test_bad_inputs_have_clear_messages() -> None:
         accumulator.hessian()
 
 
+def _windows(count: int = 12, rows: int = 64, inp: int = 48) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    mix = torch.randn(inp, inp, generator=generator)
+    return [torch.randn(rows, inp, generator=generator) @ mix * 10.0 ** float(i % 3) for i in range(count)]
+
+
+def test_hessian_is_the_same_bits_in_any_window_order_and_any_split_over_ranks() -> None:
+    windows = _windows()
+    one = HessianAccumulator(48)
+    for window in windows:
+        one.add(window)
+    count = one.count
+    expected = one.hessian()
+    # three "ranks" with interleaved shares, each summing in reverse, reduced like torch.distributed does
+    ranks = [HessianAccumulator(48) for _ in range(3)]
+    for index in reversed(range(len(windows))):
+        ranks[index % 3].add(windows[index])
+    total = HessianAccumulator(48)
+    total.sum = ranks[2].sum + (ranks[1].sum + ranks[0].sum)
+    total.count = sum(rank.count for rank in ranks)
+    assert total.count == count
+    assert torch.equal(total.hessian(), expected)
+    # what this guards against: an fp32 running sum of the same products depends on the order
+    forward, backward = torch.zeros(48, 48), torch.zeros(48, 48)
+    for window in windows:
+        forward.addmm_(window.t(), window)
+    for window in reversed(windows):
+        backward.addmm_(window.t(), window)
+    assert not torch.equal(forward, backward)
+    exact = sum(window.double().t() @ window.double() for window in windows) * (2 / count)
+    torch.testing.assert_close(expected, exact.float(), rtol=0, atol=1e-6 * float(exact.abs().max()))
+
+
+def test_hessian_blocks_cover_every_row_and_free_the_fp64_sum(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gptq_tools.quant import gptq as gptq_module
+
+    windows = _windows(count=3, inp=40)
+    monkeypatch.setattr(gptq_module, "ACCUMULATE_BLOCK_ELEMENTS", 7 * 40)  # blocks of 7 rows, the last one 5
+    accumulator = HessianAccumulator(40)
+    for window in windows:
+        accumulator.add(window)
+    assert accumulator.sum.dtype == torch.float64
+    H = accumulator.hessian()
+    assert H.dtype == torch.float32 and accumulator.sum.numel() == 0  # the fp64 sum is gone
+    exact = sum(window.double().t() @ window.double() for window in windows) * (2 / (3 * 64))
+    torch.testing.assert_close(H, exact.float(), rtol=0, atol=1e-6 * float(exact.abs().max()))
+
+
 def test_find_params_symmetric_zero_and_fp16_scales() -> None:
     W = torch.tensor([[-1.0, 0.5, 2.0], [0.0, 0.0, 0.0]])
     for bits, sym in itertools.product((2, 3, 4, 8), (True, False)):

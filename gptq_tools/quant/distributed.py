@@ -166,7 +166,11 @@ def broadcast_object(run: DistributedRun, value: Any, *, what: str) -> Any:
 
 def reduce_hessian(run: DistributedRun, accumulator: HessianAccumulator | CrossAccumulator, owner: int, *,
                    name: str) -> None:
-    """Sum every rank's Hessian sum onto ``owner`` (in place) and every rank's row count everywhere.
+    """Sum every rank's Hessian sum onto ``owner`` (in place) and every rank's row count everywhere; the
+    other ranks' sums are freed.
+
+    The sums are fp64 sums of fp32 window products (:func:`~.gptq.add_window`), which add exactly, so the
+    owner gets the bits one process would have, for any number of ranks.
 
     fp-target's cross terms (:class:`~.fp_target.CrossAccumulator`, a sum and a row count too) reduce the same way.
     """
@@ -175,7 +179,9 @@ def reduce_hessian(run: DistributedRun, accumulator: HessianAccumulator | CrossA
     with collective(run, f"reducing the Hessian of {name} onto rank {owner}"):
         dist.reduce(summed, dst=owner, op=dist.ReduceOp.SUM)
         dist.all_reduce(count, op=dist.ReduceOp.SUM)
-    if run.rank == owner and summed is not accumulator.sum:
+    if run.rank != owner:  # this rank's partial sum is spent: free it while the owner solves
+        accumulator.sum = torch.empty(0, dtype=accumulator.sum.dtype, device=accumulator.sum.device)
+    elif summed is not accumulator.sum:
         accumulator.sum.copy_(summed)
     accumulator.count = int(count.item())
 

@@ -31,31 +31,32 @@ import torch
 
 from ..errors import QuantizationError, UsageError
 from .config import QuantizeConfig
-from .gptq import QuantResult, _inverse_hessian, _prepare, _solve, _static_params, output_error
+from .gptq import QuantResult, _inverse_hessian, _prepare, _solve, _static_params, add_window, output_error, take_mean
 
 
 class CrossAccumulator:
-    """Running fp32 sum of ``(x - x~) x~^T`` over paired rows (full-precision ``x``, quantized ``x~``) and the
-    row count; divided once, like :class:`~.gptq.HessianAccumulator` (and reduced like it across ranks)."""
+    """Sum of ``(x - x~) x~^T`` over paired rows (full-precision ``x``, quantized ``x~``) and the row count;
+    divided once, summed window by window in fp64 and reduced across ranks like
+    :class:`~.gptq.HessianAccumulator`, so one process and any number of ranks get the same bits."""
 
     def __init__(self, in_features: int, *, device: torch.device | str = "cpu") -> None:
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.count = 0
 
     def add(self, reference: torch.Tensor, inputs: torch.Tensor) -> None:
-        """Add paired rows of shape (..., in): ``reference`` from the full-precision model, ``inputs`` from the
-        quantized one (the same tokens in the same order)."""
+        """Add one window's paired rows of shape (..., in): ``reference`` from the full-precision model,
+        ``inputs`` from the quantized one (the same tokens in the same order)."""
         if reference.shape != inputs.shape:
             raise QuantizationError(f"full-precision inputs {tuple(reference.shape)} and quantized inputs "
                                     f"{tuple(inputs.shape)} do not pair up; the two streams went out of step")
         rows = inputs.reshape(-1, inputs.shape[-1]).to(device=self.sum.device, dtype=torch.float32)  # (n, in)
         full = reference.reshape(-1, reference.shape[-1]).to(device=self.sum.device, dtype=torch.float32)
         delta = full - rows  # (n, in): x - x~, a new tensor (the caller's inputs stay untouched)
-        self.sum.addmm_(delta.t(), rows)
+        add_window(self.sum, delta, rows)
         self.count += rows.shape[0]
 
     def cross(self) -> torch.Tensor:
-        """``D = 2/N sum (x - x~) x~^T`` (fp32, in x in), in place: the accumulator is used up.
+        """``D = 2/N sum (x - x~) x~^T`` (fp32, in x in); the accumulator is used up (its fp64 sum freed).
 
         Raises:
             QuantizationError: no rows were added, or the cross term was already taken.
@@ -63,9 +64,7 @@ class CrossAccumulator:
         if self.count <= 0:
             raise QuantizationError("no paired calibration rows reached this linear (or its cross term was "
                                     "already taken); check the calibration data")
-        cross = self.sum.mul_(2.0 / self.count)
-        self.count = -1
-        return cross
+        return take_mean(self)
 
 
 def corrected_target(W: torch.Tensor, D: torch.Tensor, Hinv: torch.Tensor, perm: torch.Tensor,

@@ -18,7 +18,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -34,21 +34,53 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 
+#: Elements of one fp32 block of a window's ``x^T x`` (64 MiB): the block is added to the fp64 sum and freed.
+ACCUMULATE_BLOCK_ELEMENTS = 1 << 24
+
+
+def add_window(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """``total += left^T right``: one calibration window's contribution, the same bits in any run.
+
+    The product is computed in fp32 (full GEMM speed, also on GPUs with slow fp64) a block of rows at a
+    time, and each block is added to the fp64 ``total``. A window's fp32 product depends only on that
+    window's rows, and fp64 adds fp32 values exactly unless their exponents span more than 29 bits, so the
+    sum of a run's windows does not depend on the order they are added in, nor on how they are split over
+    ranks and reduced: one process and ``torchrun`` ranks of any count get the same fp64 sum, hence the same
+    fp32 Hessian bit for bit. (An fp32 running sum rounds differently for each order; fp-target's
+    correction turned those last bits into different 3-bit scales, see docs/quantization-methods.md.)
+
+    Args:
+        total: fp64 (in, in), updated in place.
+        left, right: fp32 (n, in) rows of one window.
+    """
+    width = left.shape[1]
+    step = max(1, ACCUMULATE_BLOCK_ELEMENTS // max(1, total.shape[1]))
+    for start in range(0, width, step):
+        stop = min(width, start + step)
+        total[start:stop] += left[:, start:stop].t() @ right  # (rows, in) fp32 block, widened exactly
+
+
 class HessianAccumulator:
-    """Running fp32 sum of ``x x^T`` over calibration rows plus the row count (divide once, at the end)."""
+    """Sum of ``x x^T`` over calibration rows plus the row count (divide once, at the end).
+
+    Call :meth:`add` once per calibration window: each window's product is fp32, the running sum fp64
+    (:func:`add_window`), so the Hessian does not depend on the order of windows or the number of ranks.
+    The fp64 sum is twice an fp32 Hessian; :meth:`hessian` turns it into the fp32 one and frees it, so the
+    solver's peak (the Hessian and its three working copies) stays the largest moment.
+    """
 
     def __init__(self, in_features: int, *, device: torch.device | str = "cpu") -> None:
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.count = 0
 
     def add(self, inputs: torch.Tensor) -> None:
-        """Add calibration inputs of shape (..., in); every leading index is one row (token)."""
+        """Add one calibration window's inputs of shape (..., in); every leading index is one row (token)."""
         rows = inputs.reshape(-1, inputs.shape[-1]).to(device=self.sum.device, dtype=torch.float32)  # (n, in)
-        self.sum.addmm_(rows.t(), rows)
+        add_window(self.sum, rows, rows)
         self.count += rows.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        """``H = 2/N sum x x^T`` (fp32, in x in), computed in place: the accumulator is used up.
+        """``H = 2/N sum x x^T`` (fp32, in x in); the accumulator is used up (its fp64 sum freed).
 
         Raises:
             QuantizationError: no rows were added, or the Hessian was already taken.
@@ -57,9 +89,24 @@ class HessianAccumulator:
             raise QuantizationError("no calibration rows reached this linear; check the calibration data")
         if self.count < 0:
             raise QuantizationError("this Hessian was already taken; accumulate into a new HessianAccumulator")
-        hessian = self.sum.mul_(2.0 / self.count)  # in place: no second (in, in) buffer
-        self.count = -1
-        return hessian
+        return take_mean(self)
+
+
+class Summed(Protocol):
+    """An accumulator: an fp64 ``sum`` and a row ``count`` (:class:`HessianAccumulator`, fp-target's cross term)."""
+
+    sum: torch.Tensor
+    count: int
+
+
+def take_mean(accumulator: Summed) -> torch.Tensor:
+    """``2/N`` times an accumulator's fp64 sum, as fp32; the sum is freed and the accumulator used up."""
+    total = accumulator.sum.mul_(2.0 / accumulator.count)  # in place: no second fp64 buffer
+    accumulator.sum = torch.empty(0, dtype=torch.float64, device=total.device)
+    accumulator.count = -1
+    result = total.to(torch.float32)
+    del total
+    return result
 
 
 @dataclass
