@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo fuzz fuzz-verify bench bench-join bench-download bench-load bench-quant bench-kernels bench-quant-memory bench-quant-dist bench-cpu-peers gpu-check venv-gptqmodel venv-vllm venv-llamacpp interop lint clean
+.PHONY: install test test-slow demo fuzz fuzz-verify bench bench-join bench-download bench-load bench-quant bench-kernels bench-quant-memory bench-quant-dist bench-quant-time bench-cpu-peers gpu-check venv-gptqmodel venv-vllm venv-llamacpp interop lint clean
 
 install: $(STAMP)
 
@@ -72,6 +72,11 @@ bench-quant-memory: $(STAMP)
 # Distributed quantization: 1 vs 2 ranks (torchrun, gloo, one thread each), communication share, KL ratio.
 bench-quant-dist: $(STAMP)
 	$(PY) scripts/bench_quant_dist.py
+
+# fp-target's quantization time against plain GPTQ's on bench-quant's models, in alternating repeated runs
+# (BENCH_QUANT_TIME_ARGS="--steps 100 --repeats 7 --cases 4:32", for example).
+bench-quant-time: $(STAMP)
+	$(PY) scripts/bench_quant_time.py $(BENCH_QUANT_TIME_ARGS)
 
 # GPTQModel, our side-by-side peer, in a venv of its own (torch pinned; GPTQModel needs
 # GPTQMODEL_CPU_WORKERS=2 on two cores, which the scripts set). transformers + optimum go in the same

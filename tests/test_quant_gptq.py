@@ -188,7 +188,10 @@ def test_hessian_blocks_cover_every_row_and_free_the_fp64_sum(monkeypatch: pytes
     from gptq_tools.quant import gptq as gptq_module
 
     windows = _windows(count=3, inp=40)
-    monkeypatch.setattr(gptq_module, "ACCUMULATE_BLOCK_ELEMENTS", 7 * 40)  # blocks of 7 rows, the last one 5
+    assert gptq_module.block_rows(128) == 128 and gptq_module.block_rows(4096) == 512  # 4 MiB; an eighth
+    assert gptq_module.block_rows(57344) == (1 << 24) // 57344  # at most 64 MiB
+    monkeypatch.setattr(gptq_module, "BLOCK_MIN_ELEMENTS", 7 * 40)
+    monkeypatch.setattr(gptq_module, "BLOCK_MAX_ELEMENTS", 7 * 40)  # blocks of 7 rows, the last one 5
     accumulator = HessianAccumulator(40)
     for window in windows:
         accumulator.add(window)

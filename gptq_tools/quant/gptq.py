@@ -34,27 +34,36 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 
-#: Elements of one fp32 block of a window's ``x^T x`` (64 MiB): the block is added to the fp64 sum and freed.
-ACCUMULATE_BLOCK_ELEMENTS = 1 << 24
+#: Bounds on one fp32 block of a window's ``x^T x`` (4 and 64 MiB): the block is added to the fp64 sum and freed.
+BLOCK_MIN_ELEMENTS = 1 << 20
+BLOCK_MAX_ELEMENTS = 1 << 24
+
+
+def block_rows(width: int) -> int:
+    """Rows of a window's product computed at once: an eighth of them (a block the size of 1/16 of the fp64
+    sum), at least a 4 MiB block (small layers in one GEMM) and at most a 64 MiB one."""
+    rows = max(-(-width // 8), BLOCK_MIN_ELEMENTS // width)
+    return max(1, min(rows, BLOCK_MAX_ELEMENTS // width, width))
 
 
 def add_window(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
     """``total += left^T right``: one calibration window's contribution, the same bits in any run.
 
     The product is computed in fp32 (full GEMM speed, also on GPUs with slow fp64) a block of rows at a
-    time, and each block is added to the fp64 ``total``. A window's fp32 product depends only on that
-    window's rows, and fp64 adds fp32 values exactly unless their exponents span more than 29 bits, so the
-    sum of a run's windows does not depend on the order they are added in, nor on how they are split over
-    ranks and reduced: one process and ``torchrun`` ranks of any count get the same fp64 sum, hence the same
-    fp32 Hessian bit for bit. (An fp32 running sum rounds differently for each order; fp-target's
-    correction turned those last bits into different 3-bit scales, see docs/quantization-methods.md.)
+    time (:func:`block_rows`), and each block is added to the fp64 ``total``. A window's fp32 product
+    depends only on that window's rows, and fp64 adds fp32 values exactly unless their exponents span more
+    than 29 bits, so the sum of a run's windows does not depend on the order they are added in, nor on how
+    they are split over ranks and reduced: one process and ``torchrun`` ranks of any count get the same fp64
+    sum, hence the same fp32 Hessian bit for bit. (An fp32 running sum rounds differently for each order;
+    fp-target's correction turned those last bits into different 3-bit scales, see
+    docs/quantization-methods.md.)
 
     Args:
         total: fp64 (in, in), updated in place.
         left, right: fp32 (n, in) rows of one window.
     """
     width = left.shape[1]
-    step = max(1, ACCUMULATE_BLOCK_ELEMENTS // max(1, total.shape[1]))
+    step = block_rows(max(1, total.shape[1]))
     for start in range(0, width, step):
         stop = min(width, start + step)
         total[start:stop] += left[:, start:stop].t() @ right  # (rows, in) fp32 block, widened exactly
