@@ -197,10 +197,7 @@ def main() -> int:
     gptqmodel = None if args.no_gptqmodel or args.gptqmodel is None else args.gptqmodel.absolute()
     cases = QUICK if args.quick else tuple((bits, group) for bits in BITS for group in GROUPS)
     if args.cases:
-        try:
-            cases = tuple((int(b), int(g)) for b, g in (item.split(":") for item in args.cases.split(",")))
-        except ValueError:
-            parser.error(f"--cases {args.cases!r}: write BITS:GROUP pairs separated by commas, e.g. 2:128,3:-1")
+        cases = parse_cases(parser, args.cases)
     spec = replace(BENCH_SPEC, steps=args.steps)
     # case by case across the models (the 3-bit rows of every model first), saved after each case
     results = _earlier_results(args.out / "results.json", args.arch, spec.steps) if args.cases else \
@@ -216,6 +213,14 @@ def main() -> int:
                        if "bits" in row}, key=lambda case: (case[0], case[1] != -1, case[1]))
     print(_table(results, tuple(measured)))
     return 0
+
+
+def parse_cases(parser: argparse.ArgumentParser, text: str) -> tuple[tuple[int, int], ...]:
+    """``--cases BITS:GROUP[,BITS:GROUP...]`` as (bits, group) pairs; a malformed value is the parser's error."""
+    try:
+        return tuple((int(b), int(g)) for b, g in (item.split(":") for item in text.split(",")))
+    except ValueError:
+        parser.error(f"--cases {text!r}: write BITS:GROUP pairs separated by commas, e.g. 2:128,3:-1")
 
 
 def _earlier_results(path: Path, archs: list[str], steps: int) -> list[dict]:

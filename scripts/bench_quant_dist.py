@@ -29,13 +29,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
+from gptq_tools.quant.config import QuantizeConfig  # noqa: E402
+
+DEFAULT_METHOD = QuantizeConfig().method
+
 CHILD = """
 import json, sys, torch
 from gptq_tools.quant.config import QuantizeConfig
 from gptq_tools.quant.driver import quantize_model
 model, out, calib, nsamples, seqlen = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 bits, method = int(sys.argv[6]), sys.argv[7]
-config = QuantizeConfig(bits=bits, group_size=32, desc_act=True, **({"method": method} if method != "-" else {}))
+config = QuantizeConfig(bits=bits, group_size=32, desc_act=True, method=method)
 summary = quantize_model(model, out, calibration=calib, nsamples=nsamples, seqlen=seqlen, config=config,
                          single_file=True)
 print("RESULT " + json.dumps({"rank": summary.rank, "seconds": summary.seconds, "comm_seconds": summary.comm_seconds}))
@@ -43,7 +47,7 @@ print("RESULT " + json.dumps({"rank": summary.rank, "seconds": summary.seconds, 
 
 
 def _run(world: int, model: Path, out: Path, calib: Path, nsamples: int, seqlen: int, bits: int = 4,
-         method: str = "-") -> dict:
+         method: str = DEFAULT_METHOD) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTQ_TOOLS_DISABLE_PROGRESS": "1",
            "PYTHONPATH": str(REPO_ROOT)}
@@ -125,8 +129,8 @@ def main() -> int:
     parser.add_argument("--arch", nargs="*", default=["opt", "bloom", "llama"],
                         help="trained tiny models (none: --arch alone)")
     parser.add_argument("--bits", nargs="+", type=int, default=[4, 3])
-    parser.add_argument("--method", default="-", choices=["-", "fp-target", "gptq"],
-                        help="quantization method (default: QuantizeConfig's default, fp-target)")
+    parser.add_argument("--method", default=DEFAULT_METHOD, choices=["fp-target", "gptq"],
+                        help=f"quantization method (default: QuantizeConfig's, {DEFAULT_METHOD})")
     parser.add_argument("--steps", type=int, default=800, help="training steps of the tiny models (800: make "
                         "bench-quant's models)")
     parser.add_argument("--synthetic", nargs=2, type=int, metavar=("HIDDEN", "LAYERS"),

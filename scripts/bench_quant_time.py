@@ -61,12 +61,8 @@ def main() -> int:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     warnings.filterwarnings("ignore")
-    cases = tuple((bits, group) for bits in BITS for group in GROUPS)
-    if args.cases:
-        try:
-            cases = tuple((int(b), int(g)) for b, g in (item.split(":") for item in args.cases.split(",")))
-        except ValueError:
-            parser.error(f"--cases {args.cases!r}: write BITS:GROUP pairs separated by commas, e.g. 2:128,3:-1")
+    cases = bench_quant.parse_cases(parser, args.cases) if args.cases else \
+        tuple((bits, group) for bits in BITS for group in GROUPS)
     args.out.mkdir(parents=True, exist_ok=True)
     spec = replace(BENCH_SPEC, steps=args.steps)
     results = []

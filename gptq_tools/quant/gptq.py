@@ -63,7 +63,7 @@ def add_window(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> 
         left, right: fp32 (n, in) rows of one window.
     """
     width = left.shape[1]
-    step = block_rows(max(1, total.shape[1]))
+    step = block_rows(width)
     for start in range(0, width, step):
         stop = min(width, start + step)
         total[start:stop] += left[:, start:stop].t() @ right  # (rows, in) fp32 block, widened exactly
@@ -113,9 +113,7 @@ def take_mean(accumulator: Summed) -> torch.Tensor:
     total = accumulator.sum.mul_(2.0 / accumulator.count)  # in place: no second fp64 buffer
     accumulator.sum = torch.empty(0, dtype=torch.float64, device=total.device)
     accumulator.count = -1
-    result = total.to(torch.float32)
-    del total
-    return result
+    return total.to(torch.float32)  # the fp64 sum is freed with ``total`` on return
 
 
 @dataclass
